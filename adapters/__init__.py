@@ -1,0 +1,59 @@
+"""The model side of monaserve: Mona adapters on a frozen timm Swin, task heads, and adapter packages.
+
+Importable without FastAPI.
+"""
+
+from .accounting import AdapterBudget, adapter_budget, mona_parameters, paper_eq6_parameters
+from .bank import MonaBank
+from .compat import check_compatible, expected_shapes
+from .fingerprint import fingerprint_module
+from .heads import ClassifyHead, build_head
+from .manifest import FORMAT, TASK_NAME_PATTERN, BackboneRef, ClassifyHeadConfig, InputSpec, Manifest, validate_task_name
+from .mona import INNER_DIM, FoldedMona, Mona, fold_mona
+from .package import AdapterError, AdapterPackage, IncompatibleAdapterError, PackageFormatError
+from .swin import (
+    SUPPORTED_BACKBONES,
+    Backbone,
+    BackboneError,
+    adapter_modules,
+    create_swin,
+    forward_pyramid,
+    inject_mona,
+)
+from .task_model import MonaTaskModel
+
+__all__ = [
+    "FORMAT",
+    "INNER_DIM",
+    "SUPPORTED_BACKBONES",
+    "TASK_NAME_PATTERN",
+    "AdapterBudget",
+    "AdapterError",
+    "AdapterPackage",
+    "Backbone",
+    "BackboneError",
+    "BackboneRef",
+    "ClassifyHead",
+    "ClassifyHeadConfig",
+    "FoldedMona",
+    "IncompatibleAdapterError",
+    "InputSpec",
+    "Manifest",
+    "Mona",
+    "MonaBank",
+    "MonaTaskModel",
+    "PackageFormatError",
+    "adapter_budget",
+    "adapter_modules",
+    "build_head",
+    "check_compatible",
+    "create_swin",
+    "expected_shapes",
+    "fingerprint_module",
+    "fold_mona",
+    "forward_pyramid",
+    "inject_mona",
+    "mona_parameters",
+    "paper_eq6_parameters",
+    "validate_task_name",
+]

@@ -1,0 +1,66 @@
+"""Does an adapter package fit the backbone it is about to run on? Every mismatch is named."""
+
+from __future__ import annotations
+
+import torch
+
+from .fingerprint import short
+from .heads import build_head
+from .manifest import Manifest
+from .mona import Mona
+from .package import AdapterPackage, IncompatibleAdapterError
+from .swin import Backbone, block_dims
+
+MAX_LISTED = 5
+
+
+def expected_shapes(manifest: Manifest, backbone: Backbone) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape that a package with `manifest` must hold for `backbone`."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    with torch.device("meta"):
+        by_width = {dim: Mona(dim, manifest.mona_inner_dim) for _, dim in block_dims(backbone.model)}
+        head = build_head(manifest, backbone.num_features)
+    for path, dim in block_dims(backbone.model):
+        for position in ("mona1", "mona2"):
+            for name, tensor in by_width[dim].state_dict().items():
+                shapes[f"{path}.{position}.{name}"] = tuple(tensor.shape)
+    for name, tensor in head.state_dict().items():
+        shapes[f"head.{name}"] = tuple(tensor.shape)
+    return shapes
+
+
+def _listing(names: list[str]) -> str:
+    more = f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
+    return ", ".join(names[:MAX_LISTED]) + more
+
+
+def check_compatible(package: AdapterPackage, backbone: Backbone) -> None:
+    """Raise `IncompatibleAdapterError` unless `package` was made for exactly this backbone and layout."""
+    manifest = package.manifest
+    who = f"adapter {manifest.name!r} v{manifest.version}"
+    if manifest.backbone.name.split(".", 1)[0] != backbone.name:
+        raise IncompatibleAdapterError(
+            f"{who} was trained on backbone {manifest.backbone.name!r}; this server runs {backbone.name!r}"
+        )
+    if manifest.backbone.fingerprint != backbone.fingerprint:
+        raise IncompatibleAdapterError(
+            f"{who} was trained on other weights of {backbone.name}: its backbone fingerprint is "
+            f"{short(manifest.backbone.fingerprint)}, this server's is {short(backbone.fingerprint)}"
+        )
+    expected = expected_shapes(manifest, backbone)
+    problems = []
+    missing = sorted(expected.keys() - package.tensors.keys())
+    if missing:
+        problems.append(f"missing tensors: {_listing(missing)}")
+    unexpected = sorted(package.tensors.keys() - expected.keys())
+    if unexpected:
+        problems.append(f"unexpected tensors: {_listing(unexpected)}")
+    wrong = sorted(
+        f"{name} is {tuple(package.tensors[name].shape)}, expected {shape}"
+        for name, shape in expected.items()
+        if name in package.tensors and tuple(package.tensors[name].shape) != shape
+    )
+    if wrong:
+        problems.append(f"wrong shapes: {_listing(wrong)}")
+    if problems:
+        raise IncompatibleAdapterError(f"{who} does not fit {backbone.name}: " + "; ".join(problems))

@@ -1,0 +1,21 @@
+"""Classification head: pooled final features -> LayerNorm -> Linear."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ClassifyHead(nn.Module):
+    """One task's classifier over the backbone's last (normed) stage, average-pooled."""
+
+    def __init__(self, in_dim: int, num_classes: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_dim, num_classes)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Logits `(B, num_classes)` from the NHWC pyramid; only the last level is used."""
+        pooled = features[-1].mean(dim=(1, 2))
+        return self.fc(self.dropout(self.norm(pooled)))

@@ -1,0 +1,151 @@
+"""timm Swin backbones: creation from the hub, a local file or a seed, and Mona injection into every block."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
+from torch import nn
+
+from .fingerprint import fingerprint_module
+
+SUPPORTED_BACKBONES = (
+    "swin_tiny_patch4_window7_224",
+    "swin_small_patch4_window7_224",
+    "swin_base_patch4_window7_224",
+    "swin_large_patch4_window7_224",
+    "swin_base_patch4_window12_384",
+    "swin_large_patch4_window12_384",
+)
+"""timm architectures (optionally with a `.tag` naming pretrained weights) that Mona is injected into."""
+
+HUB = "hub"
+RANDOM = "random"
+
+
+class BackboneError(ValueError):
+    """A backbone name or weights source that cannot be used."""
+
+
+def architecture(name: str) -> str:
+    """The timm architecture of `name` (`swin_base_patch4_window7_224.ms_in22k` -> without the tag)."""
+    arch = name.split(".", 1)[0]
+    if arch not in SUPPORTED_BACKBONES:
+        raise BackboneError(f"unsupported backbone {name!r}; supported: {', '.join(SUPPORTED_BACKBONES)}")
+    return arch
+
+
+def create_swin(name: str, weights: str | Path = RANDOM, seed: int = 0, **kwargs) -> SwinTransformer:
+    """Create a headless timm Swin.
+
+    `weights` is `"hub"` (timm's pretrained weights from the Hugging Face hub), `"random"` (initialised
+    from `seed`, for offline use and tests), or a path to a local `.safetensors`/`.pth` file (read by
+    timm with `weights_only=True`, and converted from the original Swin layout when needed).
+    """
+    import timm
+
+    architecture(name)
+    kwargs.setdefault("num_classes", 0)
+    if weights == RANDOM:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = timm.create_model(name, pretrained=False, **kwargs)
+    elif weights == HUB:
+        model = timm.create_model(name, pretrained=True, **kwargs)
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise BackboneError(f"backbone weights file not found: {path}")
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+    return model.eval()
+
+
+def block_dims(model: SwinTransformer) -> list[tuple[str, int]]:
+    """Each Swin block's module path and channel width, in forward order."""
+    return [
+        (f"layers.{i}.blocks.{j}", block.norm1.normalized_shape[0])
+        for i, stage in enumerate(model.layers)
+        for j, block in enumerate(stage.blocks)
+    ]
+
+
+@dataclass
+class Backbone:
+    """A frozen Swin with the fingerprint of its weights; the one instance all tasks share."""
+
+    name: str
+    model: SwinTransformer
+    fingerprint: str
+
+    @classmethod
+    def load(cls, name: str, weights: str | Path = RANDOM, seed: int = 0, **kwargs) -> Backbone:
+        """Create the model, freeze it, and fingerprint its weights."""
+        model = create_swin(name, weights, seed, **kwargs)
+        model.requires_grad_(False)
+        return cls(name=architecture(name), model=model, fingerprint=fingerprint_module(model))
+
+    @property
+    def num_features(self) -> int:
+        return self.model.num_features
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return tuple(self.model.patch_embed.img_size)
+
+
+class MonaSwinBlock(SwinTransformerBlock):
+    """timm's Swin block with an adapter after the attention residual and after the MLP residual.
+
+    Built by `inject_mona` from an existing block (its class is swapped), so timm's own submodules and
+    their state-dict names stay as they are. `slots` routes per-sample adapter slots to a `MonaBank`.
+    """
+
+    mona1: nn.Module
+    mona2: nn.Module
+
+    def forward(self, x: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self._attn(self.norm1(x)))
+        x = self.mona1(x, slots)
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return self.mona2(x, slots)
+
+
+def inject_mona(model: SwinTransformer, make_adapter: Callable[[int], nn.Module]) -> None:
+    """Add `make_adapter(width)` as `mona1` and `mona2` to every block of every stage, in place."""
+    if not isinstance(model, SwinTransformer):
+        raise TypeError(f"expected a timm SwinTransformer, got {type(model).__name__}")
+    for path, dim in block_dims(model):
+        block = model.get_submodule(path)
+        if type(block) is not SwinTransformerBlock:
+            raise TypeError(f"{path} is a {type(block).__name__}, not a plain timm SwinTransformerBlock")
+        block.mona1 = make_adapter(dim)
+        block.mona2 = make_adapter(dim)
+        block.__class__ = MonaSwinBlock
+
+
+def adapter_modules(model: SwinTransformer) -> dict[str, nn.Module]:
+    """The injected adapters by module path (`layers.0.blocks.0.mona1`, ...)."""
+    return {
+        f"{path}.{position}": getattr(model.get_submodule(path), position)
+        for path, _ in block_dims(model)
+        for position in ("mona1", "mona2")
+    }
+
+
+def forward_pyramid(model: SwinTransformer, images: torch.Tensor, slots: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Run the backbone and return each stage's NHWC output; the last is passed through the final norm.
+
+    This is timm's `forward_intermediates(norm=True)` with `slots` threaded into every block.
+    """
+    x = model.patch_embed(images)
+    features = []
+    for stage in model.layers:
+        x = stage.downsample(x)
+        for block in stage.blocks:
+            x = block(x, slots)
+        features.append(x)
+    features[-1] = model.norm(features[-1])
+    return features

@@ -1,0 +1,52 @@
+"""One task's trainable model: the frozen backbone with reference Mona adapters and the task's head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .compat import check_compatible
+from .heads import build_head
+from .manifest import Manifest
+from .mona import Mona
+from .package import AdapterPackage
+from .swin import Backbone, forward_pyramid, inject_mona
+
+BACKBONE_PREFIX = "backbone."
+
+
+class MonaTaskModel(nn.Module):
+    """Backbone (frozen) + Mona after every attention and MLP residual + head; only adapters and head train.
+
+    Takes ownership of `backbone.model`: the adapters are injected into it in place.
+    """
+
+    def __init__(self, backbone: Backbone, manifest: Manifest) -> None:
+        super().__init__()
+        self.manifest = manifest
+        self.backbone_info = backbone
+        backbone.model.requires_grad_(False)
+        inject_mona(backbone.model, lambda dim: Mona(dim, manifest.mona_inner_dim))
+        self.backbone = backbone.model
+        self.head = build_head(manifest, backbone.num_features)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(forward_pyramid(self.backbone, images))
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors under their package names."""
+        return {name.removeprefix(BACKBONE_PREFIX): p for name, p in self.named_parameters() if p.requires_grad}
+
+    def to_package(self, manifest: Manifest | None = None) -> AdapterPackage:
+        """Package the current adapter and head weights (float32) under `manifest` (default: the model's)."""
+        tensors = {name: t.detach().float().cpu().clone() for name, t in self.adapter_tensors().items()}
+        return AdapterPackage(manifest=manifest or self.manifest, tensors=tensors)
+
+    @torch.no_grad()
+    def load_package(self, package: AdapterPackage) -> None:
+        """Load a package's weights after checking that it fits this model's backbone."""
+        check_compatible(package, self.backbone_info)
+        params = dict(self.named_parameters())
+        for name, tensor in package.tensors.items():
+            target = params[name if name.startswith("head.") else BACKBONE_PREFIX + name]
+            target.copy_(tensor)

@@ -1,0 +1,1 @@
+"""A light Python client for monaserve; imports no torch."""

@@ -1,0 +1,119 @@
+"""The backbone engine: one frozen Swin on one device, K adapter slots, and mixed-task batches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from monaserve.adapters import (
+    INNER_DIM,
+    AdapterPackage,
+    Backbone,
+    IncompatibleAdapterError,
+    Manifest,
+    Mona,
+    MonaBank,
+    adapter_modules,
+    build_head,
+    check_compatible,
+    fold_mona,
+    forward_pyramid,
+    inject_mona,
+)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, float32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class Engine:
+    """Runs one shared backbone for every task; each sample of a batch names its task by slot id.
+
+    Frozen layers run once for the whole batch; every Mona position is a `MonaBank` that applies each
+    sample's own folded adapter; each task's head runs on its slice. The caller (the registry) decides
+    which package sits in which slot and must not overwrite a slot that an in-flight batch uses.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_slots: int,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        inner_dim: int = INNER_DIM,
+    ) -> None:
+        if num_slots < 1:
+            raise ValueError("an engine needs at least one adapter slot")
+        self.backbone = backbone
+        self.device = torch.device(device)
+        self.dtype = dtype or default_dtype(self.device)
+        self.inner_dim = inner_dim
+        inject_mona(backbone.model, lambda dim: MonaBank(dim, inner_dim, num_slots))
+        self.model = backbone.model.to(self.device, self.dtype).eval()
+        self.banks: dict[str, MonaBank] = adapter_modules(self.model)
+        self.heads: list[nn.Module | None] = [None] * num_slots
+        self.manifests: list[Manifest | None] = [None] * num_slots
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.heads)
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise IndexError(f"slot {slot} out of range 0..{self.num_slots - 1}")
+
+    def install(self, slot: int, package: AdapterPackage) -> None:
+        """Fold `package` and place it in `slot`. Everything is prepared before the slot is touched."""
+        self._check_slot(slot)
+        check_compatible(package, self.backbone)
+        manifest = package.manifest
+        if manifest.mona_inner_dim != self.inner_dim:
+            raise IncompatibleAdapterError(
+                f"adapter {manifest.name!r} uses Mona inner dim {manifest.mona_inner_dim}; this engine runs {self.inner_dim}"
+            )
+        head = build_head(manifest, self.backbone.num_features)
+        head.load_state_dict(package.subset("head."))
+        folded = {}
+        for path, bank in self.banks.items():
+            mona = Mona(bank.dim, self.inner_dim)
+            mona.load_state_dict(package.subset(f"{path}."))
+            folded[path] = fold_mona(mona)
+        for path, bank in self.banks.items():
+            bank.write(slot, folded[path])
+        self.heads[slot] = head.to(self.device, self.dtype).eval()
+        self.manifests[slot] = manifest
+
+    def evict(self, slot: int) -> None:
+        """Empty `slot`: its adapters become the identity and its head is dropped."""
+        self._check_slot(slot)
+        for bank in self.banks.values():
+            bank.clear(slot)
+        self.heads[slot] = None
+        self.manifests[slot] = None
+
+    @torch.inference_mode()
+    def run(self, images: torch.Tensor, slots: Sequence[int] | torch.Tensor) -> list[torch.Tensor]:
+        """Run a mixed batch: `images` `(B, 3, H, W)` normalised, `slots[i]` the slot of image i.
+
+        Returns each image's head output in float32 on the CPU, in batch order.
+        """
+        slot_ids = torch.as_tensor(slots, dtype=torch.long)
+        if slot_ids.shape != (images.shape[0],):
+            raise ValueError(f"need one slot per image: {images.shape[0]} images, slots of shape {tuple(slot_ids.shape)}")
+        used = slot_ids.unique().tolist()
+        for slot in used:
+            self._check_slot(slot)
+            if self.heads[slot] is None:
+                raise LookupError(f"slot {slot} holds no adapter")
+        features = forward_pyramid(self.model, images.to(self.device, self.dtype), slot_ids.to(self.device))
+        outputs: list[torch.Tensor | None] = [None] * len(slot_ids)
+        for slot in used:
+            index = (slot_ids == slot).nonzero().squeeze(1)
+            device_index = index.to(self.device)
+            result = self.heads[slot]([level[device_index] for level in features]).float().cpu()
+            for i, row in zip(index.tolist(), result):
+                outputs[i] = row
+        return outputs
