@@ -25,7 +25,7 @@ METADATA_KEY = "monaserve.manifest"
 MAX_PACKAGE_BYTES = 512 * 2**20
 MAX_HEADER_BYTES = 32 * 2**20
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_FOREIGN_MAGIC = {b"\x80": "a Python pickle", b"PK\x03\x04": "a zip archive (torch.save format)"}
+_FOREIGN_MAGIC = {b"\x80": "a Python pickle", b"PK\x03\x04": "a zip archive (the torch.save format)"}
 
 
 class AdapterError(ValueError):
@@ -46,25 +46,27 @@ def _describe(error: ValidationError) -> str:
     )
 
 
+def _not_safetensors(data: bytes, why: str) -> PackageFormatError:
+    """An error for a file that is not safetensors, saying what it looks like when that is recognisable."""
+    looks = next((f"; it looks like {what}" for magic, what in _FOREIGN_MAGIC.items() if data.startswith(magic)), "")
+    return PackageFormatError(f"not a safetensors file: {why}{looks} (adapter packages are safetensors only)")
+
+
 def _read_header(data: bytes) -> dict:
     """The safetensors JSON header, checked for size before it is parsed."""
-    for magic, what in _FOREIGN_MAGIC.items():
-        if data.startswith(magic):
-            raise PackageFormatError(f"not a safetensors file: looks like {what}; adapter packages are safetensors only")
     if len(data) < 8:
-        raise PackageFormatError(f"not a safetensors file: {len(data)} bytes is too short for a header")
+        raise _not_safetensors(data, f"{len(data)} bytes is too short for a header")
     (length,) = struct.unpack("<Q", data[:8])
     if length > min(MAX_HEADER_BYTES, len(data) - 8):
-        raise PackageFormatError(
-            f"not a safetensors file: header length {length} exceeds the file ({len(data)} bytes) "
-            f"or the {MAX_HEADER_BYTES} byte limit"
+        raise _not_safetensors(
+            data, f"header length {length} exceeds the file ({len(data)} bytes) or the {MAX_HEADER_BYTES} byte limit"
         )
     try:
         header = json.loads(data[8 : 8 + length])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PackageFormatError(f"not a safetensors file: header is not JSON ({exc})") from None
+        raise _not_safetensors(data, f"header is not JSON ({exc})") from None
     if not isinstance(header, dict):
-        raise PackageFormatError("not a safetensors file: header is not a JSON object")
+        raise _not_safetensors(data, "header is not a JSON object")
     return header
 
 

@@ -138,14 +138,15 @@ def adapter_modules(model: SwinTransformer) -> dict[str, nn.Module]:
 def forward_pyramid(model: SwinTransformer, images: torch.Tensor, slots: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Run the backbone and return each stage's NHWC output; the last is passed through the final norm.
 
-    This is timm's `forward_intermediates(norm=True)` with `slots` threaded into every block.
+    This is timm's `forward_intermediates(norm=True)` with `slots` threaded into every (injected) block;
+    without `slots` it also runs a plain or single-task model.
     """
     x = model.patch_embed(images)
     features = []
     for stage in model.layers:
         x = stage.downsample(x)
         for block in stage.blocks:
-            x = block(x, slots)
+            x = block(x) if slots is None else block(x, slots)
         features.append(x)
     features[-1] = model.norm(features[-1])
     return features
