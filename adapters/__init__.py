@@ -10,7 +10,7 @@ from .fingerprint import fingerprint_module
 from .heads import ClassifyHead, build_head
 from .manifest import FORMAT, TASK_NAME_PATTERN, BackboneRef, ClassifyHeadConfig, InputSpec, Manifest, validate_task_name
 from .mona import INNER_DIM, FoldedMona, Mona, fold_mona
-from .package import AdapterError, AdapterPackage, IncompatibleAdapterError, PackageFormatError
+from .package import AdapterError, AdapterPackage, IncompatibleAdapterError, PackageFormatError, read_manifest
 from .swin import (
     SUPPORTED_BACKBONES,
     Backbone,
@@ -55,5 +55,6 @@ __all__ = [
     "inject_mona",
     "mona_parameters",
     "paper_eq6_parameters",
+    "read_manifest",
     "validate_task_name",
 ]

@@ -52,22 +52,69 @@ def _not_safetensors(data: bytes, why: str) -> PackageFormatError:
     return PackageFormatError(f"not a safetensors file: {why}{looks} (adapter packages are safetensors only)")
 
 
-def _read_header(data: bytes) -> dict:
-    """The safetensors JSON header, checked for size before it is parsed."""
-    if len(data) < 8:
-        raise _not_safetensors(data, f"{len(data)} bytes is too short for a header")
-    (length,) = struct.unpack("<Q", data[:8])
-    if length > min(MAX_HEADER_BYTES, len(data) - 8):
+def _header_length(first: bytes, size: int) -> int:
+    """The header length from a file's first 8 bytes, checked against the file size and the limit."""
+    if size < 8:
+        raise _not_safetensors(first, f"{size} bytes is too short for a header")
+    (length,) = struct.unpack("<Q", first[:8])
+    if length > min(MAX_HEADER_BYTES, size - 8):
         raise _not_safetensors(
-            data, f"header length {length} exceeds the file ({len(data)} bytes) or the {MAX_HEADER_BYTES} byte limit"
+            first, f"header length {length} exceeds the file ({size} bytes) or the {MAX_HEADER_BYTES} byte limit"
         )
+    return length
+
+
+def _parse_header(first: bytes, raw: bytes) -> dict:
+    """The safetensors JSON header from its raw bytes."""
     try:
-        header = json.loads(data[8 : 8 + length])
+        header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _not_safetensors(data, f"header is not JSON ({exc})") from None
+        raise _not_safetensors(first, f"header is not JSON ({exc})") from None
     if not isinstance(header, dict):
-        raise _not_safetensors(data, "header is not a JSON object")
+        raise _not_safetensors(first, "header is not a JSON object")
     return header
+
+
+def _manifest_from(header: dict) -> Manifest:
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or METADATA_KEY not in metadata:
+        raise PackageFormatError(f"no manifest: the safetensors header metadata has no {METADATA_KEY!r} entry")
+    try:
+        return Manifest.model_validate_json(metadata[METADATA_KEY])
+    except ValidationError as exc:
+        raise PackageFormatError(f"invalid manifest: {_describe(exc)}") from None
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """A package's manifest from its header alone, without reading the tensors."""
+    path = Path(path)
+    with path.open("rb") as f:
+        first = f.read(8)
+        length = _header_length(first, path.stat().st_size)
+        return _manifest_from(_parse_header(first, f.read(length)))
+
+
+def atomic_write(path: str | Path, data: bytes, overwrite: bool = True) -> Path:
+    """Write `data` to a temp file in the same folder, fsync it, then move it into place.
+
+    Readers never see half a file. With `overwrite=False` the final step is a hard link, which fails
+    with `FileExistsError` if `path` exists, so two writers of one immutable version cannot both win.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
 
 
 @dataclass(frozen=True)
@@ -90,38 +137,21 @@ class AdapterPackage:
         return safetensors.torch.save(tensors, metadata={METADATA_KEY: self.manifest.model_dump_json()})
 
     def save(self, path: str | Path) -> Path:
-        """Write atomically: a temp file in the same folder, fsynced, then renamed over `path`."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.to_bytes())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        """Write atomically (see `atomic_write`), replacing any file at `path`."""
+        return atomic_write(path, self.to_bytes())
 
     @classmethod
     def from_bytes(cls, data: bytes) -> AdapterPackage:
         """Parse and validate a package; raises `PackageFormatError` naming the problem."""
         if len(data) > MAX_PACKAGE_BYTES:
             raise PackageFormatError(f"package is {len(data)} bytes; the limit is {MAX_PACKAGE_BYTES}")
-        header = _read_header(data)
+        length = _header_length(data[:8], len(data))
+        header = _parse_header(data[:8], data[8 : 8 + length])
         try:
             tensors = safetensors.torch.load(data)
         except Exception as exc:  # safetensors raises its own error type from Rust
             raise PackageFormatError(f"not a valid safetensors file: {exc}") from None
-        metadata = header.get("__metadata__") or {}
-        if METADATA_KEY not in metadata:
-            raise PackageFormatError(f"no manifest: the safetensors header metadata has no {METADATA_KEY!r} entry")
-        try:
-            manifest = Manifest.model_validate_json(metadata[METADATA_KEY])
-        except ValidationError as exc:
-            raise PackageFormatError(f"invalid manifest: {_describe(exc)}") from None
+        manifest = _manifest_from(header)
         bad_dtype = sorted(f"{n} ({t.dtype})" for n, t in tensors.items() if t.dtype not in FLOAT_DTYPES)
         if bad_dtype:
             raise PackageFormatError(f"tensors must be float32/float16/bfloat16; not so: {', '.join(bad_dtype[:5])}")

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+ENV_PREFIX = "MONASERVE_"
 
 
 def _add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +78,33 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Start the HTTP server; exits 1 if the backbone cannot be loaded."""
+    from .http_server import run
+    from .runtime import ServeConfig
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fields = {f.name for f in dataclasses.fields(ServeConfig)}
+    config = ServeConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    config.weights = _backbone_weights(args)
+    return run(config, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def apply_env_defaults(parser: argparse.ArgumentParser) -> None:
+    """Let `MONASERVE_<OPTION>` set the default of every `--option` (flags take 1/true/yes)."""
+    for action in parser._actions:
+        option = next((o for o in action.option_strings if o.startswith("--")), None)
+        if option is None or option == "--help":
+            continue
+        value = os.environ.get(ENV_PREFIX + option[2:].upper().replace("-", "_"))
+        if value is None:
+            continue
+        if action.nargs == 0:
+            action.default = value.strip().lower() in ("1", "true", "yes", "on")
+        else:
+            action.default = action.type(value) if action.type else value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monaserve", description="Multi-adapter vision inference server.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -82,6 +115,34 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--num-classes", type=int, default=1000, help="classes for the classify head figure")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(handler=cmd_info)
+
+    serve = commands.add_parser("serve", help="start the HTTP server")
+    _add_backbone_arguments(serve)
+    add = serve.add_argument
+    add("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in containers)")
+    add("--port", type=int, default=8000)
+    add("--store", type=Path, default=Path("var/adapters"), help="adapter store directory")
+    add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add("--gpu-slots", type=int, default=16, help="adapter slots on the device")
+    add("--gpu-adapter-mb", type=float, default=None, help="device memory budget for adapters (default: slots only)")
+    add("--cpu-cache-mb", type=float, default=1024.0, help="CPU cache of loaded packages")
+    add("--max-batch", type=int, default=32, help="images per engine batch")
+    add("--max-delay-ms", type=float, default=5.0, help="longest wait for a batch to fill")
+    add("--max-queue", type=int, default=512, help="images waiting before requests get 503")
+    add("--request-timeout-s", type=float, default=30.0, help="per-request deadline (504 after it)")
+    add("--preload", default="", help="tasks to load at start-up: 'all' or a comma-separated list")
+    add("--admin-token", default=None, help="bearer token for /v1/adapters (prefer MONASERVE_ADMIN_TOKEN)")
+    add("--insecure-admin", action="store_true", help="serve the admin routes without a token")
+    add("--max-image-bytes", type=int, default=20 * 2**20)
+    add("--max-image-pixels", type=int, default=40_000_000)
+    add("--max-images-per-request", type=int, default=64)
+    add("--max-request-mb", type=float, default=64.0, help="body limit of inference requests")
+    add("--decode-threads", type=int, default=4)
+    add("--drain-delay-s", type=float, default=0.0, help="on SIGTERM, stay up this long with readiness false")
+    add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(handler=cmd_serve)
+    for sub in (info, serve):
+        apply_env_defaults(sub)
     return parser
 
 

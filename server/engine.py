@@ -61,6 +61,15 @@ class Engine:
     def num_slots(self) -> int:
         return len(self.heads)
 
+    @property
+    def slot_nbytes(self) -> int:
+        """Device bytes one slot of folded adapters takes across all Mona positions."""
+        return sum(buf[0].numel() * buf.element_size() for bank in self.banks.values() for buf in bank.buffers())
+
+    def head_nbytes(self, slot: int) -> int:
+        head = self.heads[slot]
+        return 0 if head is None else sum(p.numel() * p.element_size() for p in head.parameters())
+
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:
             raise IndexError(f"slot {slot} out of range 0..{self.num_slots - 1}")
@@ -85,6 +94,12 @@ class Engine:
             bank.write(slot, folded[path])
         self.heads[slot] = head.to(self.device, self.dtype).eval()
         self.manifests[slot] = manifest
+
+    @torch.inference_mode()
+    def warmup(self, batch_size: int = 1) -> None:
+        """Run the backbone once at its input size so first requests do not pay for lazy initialisation."""
+        images = torch.zeros(batch_size, 3, *self.backbone.input_size, device=self.device, dtype=self.dtype)
+        forward_pyramid(self.model, images, torch.zeros(batch_size, dtype=torch.long, device=self.device))
 
     def evict(self, slot: int) -> None:
         """Empty `slot`: its adapters become the identity and its head is dropped."""

@@ -1,0 +1,350 @@
+"""The HTTP API (FastAPI): inference, adapter management, health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from monaserve.adapters import AdapterError
+from monaserve.adapters.package import MAX_PACKAGE_BYTES
+
+from . import postprocess
+from .errors import BadRequest, Forbidden, PayloadTooLarge, ServeError, Unauthorized, UnsupportedMedia
+from .runtime import Runtime
+from .schemas import (
+    AdapterList,
+    CacheView,
+    ClassifyResponse,
+    DeviceView,
+    ErrorBody,
+    Health,
+    ImagesRequest,
+    Kind,
+    LoadRequest,
+    TaskView,
+    Timings,
+    UnloadResponse,
+    VersionView,
+)
+
+log = logging.getLogger(__name__)
+ADMIN_PREFIX = "/v1/adapters"
+ERROR_RESPONSES = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 413, 415, 422, 503, 504, 507)}
+IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "required": ["image"],
+                }
+            },
+            "application/json": {"schema": ImagesRequest.model_json_schema()},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/webp": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+PACKAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """Refuses request bodies over a limit with 413, by Content-Length or while streaming.
+
+    Adapter uploads get the package limit; every other route gets `default_limit`.
+    """
+
+    def __init__(self, app: ASGIApp, default_limit: int, upload_limit: int) -> None:
+        self.app, self.default_limit, self.upload_limit = app, default_limit, upload_limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.upload_limit if scope["path"].startswith(ADMIN_PREFIX) else self.default_limit
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._refuse(send, limit)
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _TooLarge()
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send, limit)
+
+    @staticmethod
+    async def _refuse(send: Send, limit: int) -> None:
+        response = error_response(413, PayloadTooLarge.code, f"request body exceeds {limit} bytes")
+        await response({"type": "http"}, None, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def read_images(request: Request, max_images: int) -> list[bytes]:
+    """Image files from a multipart form (`image` fields), JSON base64 (`images`), or a raw image body."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        form = await request.form(max_files=max_images + 1, max_fields=max_images + 16)
+        files = [f for f in form.getlist("image") if not isinstance(f, str)]
+        if not files:
+            raise BadRequest("multipart body has no file in an 'image' field")
+        if len(files) > max_images:
+            raise PayloadTooLarge(f"{len(files)} images in one request; the limit is {max_images}")
+        return [await f.read() for f in files]
+    if content_type == "application/json":
+        try:
+            body = ImagesRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise BadRequest(f"invalid JSON body: {exc.errors(include_url=False)[0]['msg']} (expected {{\"images\": [base64, ...]}})") from None
+        if len(body.images) > max_images:
+            raise PayloadTooLarge(f"{len(body.images)} images in one request; the limit is {max_images}")
+        images = []
+        for i, encoded in enumerate(body.images):
+            try:
+                images.append(base64.b64decode(encoded, validate=True))
+            except (binascii.Error, ValueError):
+                raise BadRequest(f"images[{i}] is not valid base64") from None
+        return images
+    if content_type.startswith("image/") or content_type == "application/octet-stream":
+        return [await request.body()]
+    raise UnsupportedMedia(
+        f"unsupported content type {content_type or '(none)'!r}: send multipart/form-data, application/json or an image"
+    )
+
+
+def create_app(runtime: Runtime) -> FastAPI:
+    config = runtime.config
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        start = asyncio.create_task(runtime.start())
+        yield
+        if not start.done():
+            start.cancel()
+        await runtime.stop()
+
+    app = FastAPI(
+        title="monaserve",
+        summary="One frozen Swin backbone, many Mona-adapted tasks.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.add_middleware(
+        BodyLimit, default_limit=int(config.max_request_mb * 2**20), upload_limit=MAX_PACKAGE_BYTES + 2**20
+    )
+
+    @app.exception_handler(ServeError)
+    async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, exc.headers())
+
+    @app.exception_handler(AdapterError)
+    async def adapter_error(request: Request, exc: AdapterError) -> JSONResponse:
+        return error_response(422, "invalid_adapter", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return error_response(422, "invalid_request", problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, f"http_{exc.status_code}", str(exc.detail), exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal", f"internal error: {type(exc).__name__}")
+
+    async def require_admin(authorization: str | None = Header(default=None)) -> None:
+        token = config.admin_token
+        if token is None:
+            if config.insecure_admin:
+                return
+            raise Forbidden("the admin API is off: start the server with --admin-token (or MONASERVE_ADMIN_TOKEN)")
+        if not authorization or not authorization.startswith("Bearer "):
+            raise Unauthorized("admin routes need 'Authorization: Bearer <token>'")
+        if not hmac.compare_digest(authorization.removeprefix("Bearer ").encode(), token.encode()):
+            raise Forbidden("invalid admin token")
+
+    def registry():
+        runtime.require_ready()
+        return runtime.registry
+
+    # ---- inference -----------------------------------------------------------------------------
+
+    @app.post(
+        "/v1/tasks/{task}/{kind}",
+        response_model=ClassifyResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra=IMAGE_BODY,
+        summary="Run images through a task",
+        tags=["inference"],
+    )
+    async def infer(
+        task: str,
+        kind: Kind,
+        request: Request,
+        version: int | None = Query(default=None, ge=1, description="pin an adapter version"),
+        top_k: int = Query(default=5, ge=1, le=1000, description="classify: labels per image"),
+    ) -> ClassifyResponse:
+        status = 500
+        try:
+            images = await read_images(request, config.max_images_per_request)
+            result = await runtime.infer(task, kind, images, version)
+            status = 200
+        except ServeError as exc:
+            status = exc.status
+            raise
+        finally:
+            if runtime.registry is not None and task in runtime.registry.catalog:
+                runtime.metrics.requests.labels(task, kind, str(status)).inc()
+        timings = Timings(**{f"{k}_ms": round(v * 1000, 3) for k, v in result.timings_s.items()})
+        return ClassifyResponse(
+            task=task,
+            version=result.version,
+            results=[postprocess.classify(o, result.manifest, top_k) for o in result.outputs],
+            timings_ms=timings,
+        )
+
+    # ---- adapters --------------------------------------------------------------------------------
+
+    def task_view(name: str) -> TaskView:
+        reg = runtime.registry
+        entry = reg.catalog[name]
+        serving = entry.versions[entry.serving].manifest
+        versions = []
+        for version, info in sorted(entry.versions.items()):
+            resident = reg.residents.get((name, version))
+            versions.append(
+                VersionView(
+                    version=version,
+                    bytes=info.nbytes,
+                    created_at=info.manifest.created_at,
+                    location=reg.location((name, version)),
+                    slot=None if resident is None else resident.slot,
+                    serving=version == entry.serving,
+                )
+            )
+        return TaskView(
+            name=name,
+            kind=serving.kind,
+            enabled=entry.enabled,
+            serving_version=entry.serving,
+            labels=len(serving.labels),
+            input_size=serving.input.size,
+            versions=versions,
+        )
+
+    admin = {"dependencies": [Depends(require_admin)], "responses": ERROR_RESPONSES, "tags": ["adapters"]}
+
+    @app.get(ADMIN_PREFIX, response_model=AdapterList, summary="List tasks, versions and where they are loaded", **admin)
+    async def list_adapters() -> AdapterList:
+        reg = registry()
+        await reg.refresh()
+        engine = runtime.engine
+        return AdapterList(
+            tasks=[task_view(name) for name in sorted(reg.catalog)],
+            device=DeviceView(
+                device=str(engine.device),
+                dtype=str(engine.dtype).removeprefix("torch."),
+                slots=engine.num_slots,
+                slots_used=len(reg.residents),
+                slot_bytes=engine.slot_nbytes,
+                resident_bytes=reg.resident_bytes(),
+                budget_bytes=reg.gpu_budget_bytes,
+            ),
+            cpu_cache=CacheView(entries=len(reg.cpu_cache), bytes=reg.cpu_cache.nbytes, capacity_bytes=reg.cpu_cache.capacity),
+        )
+
+    @app.get(ADMIN_PREFIX + "/{task}", response_model=TaskView, summary="One task", **admin)
+    async def get_adapter(task: str) -> TaskView:
+        await registry().entry(task)
+        return task_view(task)
+
+    @app.put(
+        ADMIN_PREFIX + "/{task}",
+        response_model=TaskView,
+        status_code=201,
+        openapi_extra=PACKAGE_BODY,
+        summary="Upload a package (validated, stored, then hot-loaded)",
+        **admin,
+    )
+    async def upload_adapter(task: str, request: Request) -> TaskView:
+        reg = registry()
+        await reg.upload(task, await request.body())
+        return task_view(task)
+
+    @app.post(ADMIN_PREFIX + "/{task}/load", response_model=TaskView, summary="Load a stored version", **admin)
+    async def load_adapter(task: str, request: Request, version: int | None = Query(default=None, ge=1)) -> TaskView:
+        reg = registry()
+        body = await request.body()
+        if body.strip():
+            try:
+                version = LoadRequest.model_validate_json(body).version or version
+            except ValidationError as exc:
+                raise BadRequest(f"invalid JSON body: {exc.errors(include_url=False)[0]['msg']}") from None
+        await reg.load(task, version)
+        return task_view(task)
+
+    @app.delete(ADMIN_PREFIX + "/{task}", response_model=UnloadResponse, summary="Unload (and optionally purge)", **admin)
+    async def unload_adapter(task: str, purge: bool = Query(default=False)) -> UnloadResponse:
+        await registry().unload(task, purge=purge)
+        return UnloadResponse(task=task, unloaded=True, purged=purge)
+
+    # ---- health and metrics --------------------------------------------------------------------
+
+    @app.get("/health/live", response_model=Health, tags=["health"])
+    async def live() -> Health:
+        return Health(status="alive")
+
+    @app.get("/health/ready", response_model=Health, responses={503: {"model": Health}}, tags=["health"])
+    async def ready() -> Response:
+        if runtime.ready:
+            return JSONResponse(Health(status="ready").model_dump())
+        return JSONResponse(Health(status=runtime.state, detail=runtime.error).model_dump(), status_code=503)
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    async def metrics() -> Response:
+        return Response(runtime.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app

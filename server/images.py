@@ -1,0 +1,91 @@
+"""Image decoding with limits, and preprocessing to a task's input spec."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from monaserve.adapters import InputSpec
+
+from .errors import BadRequest, PayloadTooLarge, UnsupportedMedia
+
+FORMATS = ("JPEG", "PNG", "WEBP")
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 20 * 2**20
+    max_pixels: int = 40_000_000
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A preprocessed image and how it maps back to the original: original = (model - offset) / scale."""
+
+    tensor: torch.Tensor
+    original_size: tuple[int, int]  # (height, width)
+    scale: tuple[float, float]  # (y, x)
+    offset: tuple[int, int]  # (top, left)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in SIXTEEN_BIT_MODES:  # 16-bit grey: keep the high byte rather than clipping
+        grey = np.asarray(image, dtype=np.uint32) >> 8
+        image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, limits: ImageLimits, what: str = "image") -> Image.Image:
+    """Decode JPEG/PNG/WebP bytes to an upright RGB image (first frame, EXIF orientation applied).
+
+    Every failure is a `ServeError` with a 4xx status and says what was wrong with `what`.
+    """
+    if not data:
+        raise BadRequest(f"{what} is empty")
+    if len(data) > limits.max_bytes:
+        raise PayloadTooLarge(f"{what} is {len(data)} bytes; the limit is {limits.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+            width, height = image.size
+            if width * height > limits.max_pixels:
+                raise PayloadTooLarge(
+                    f"{what} is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}"
+                )
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PayloadTooLarge(f"{what} is too large to decode safely: {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise UnsupportedMedia(f"{what} is not a JPEG, PNG or WebP image") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadRequest(f"{what} is corrupt or truncated: {exc}") from None
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block should not lose the image: keep it as stored
+        pass
+    return _to_rgb(image)
+
+
+def preprocess(image: Image.Image, spec: InputSpec) -> Prepared:
+    """Resize (or letterbox) to `spec.size`, scale to [0, 1] and normalise with `spec.mean`/`spec.std`."""
+    target_h, target_w = spec.size
+    width, height = image.size
+    if spec.resize == "letterbox":
+        ratio = min(target_w / width, target_h / height)
+        new_w, new_h = max(1, round(width * ratio)), max(1, round(height * ratio))
+        top, left = (target_h - new_h) // 2, (target_w - new_w) // 2
+    else:
+        new_w, new_h, top, left = target_w, target_h, 0, 0
+    resized = np.asarray(image.resize((new_w, new_h), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+    mean = torch.tensor(spec.mean).view(3, 1, 1)
+    std = torch.tensor(spec.std).view(3, 1, 1)
+    tensor = torch.zeros(3, target_h, target_w)  # letterbox padding is the mean colour (0 after normalising)
+    tensor[:, top : top + new_h, left : left + new_w] = (torch.from_numpy(resized).permute(2, 0, 1) - mean) / std
+    return Prepared(tensor, (height, width), (new_h / height, new_w / width), (top, left))

@@ -1,0 +1,212 @@
+"""The running server: configuration, start-up in the background, the inference path, and drain."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from monaserve.adapters import Backbone, Manifest
+
+from .engine import Engine
+from .errors import NotReady, Timeout
+from .images import ImageLimits, Prepared, decode_image, preprocess
+from .metrics import Metrics
+from .registry import Registry
+from .scheduler import Job, Scheduler
+from .store import AdapterStore
+
+log = logging.getLogger(__name__)
+MiB = 2**20
+
+
+@dataclass
+class ServeConfig:
+    """Every `monaserve serve` option (each also read from `MONASERVE_<NAME>`)."""
+
+    backbone: str = "swin_tiny_patch4_window7_224"
+    weights: str = "hub"
+    seed: int = 0
+    store: Path = Path("var/adapters")
+    device: str = "auto"
+    gpu_slots: int = 16
+    gpu_adapter_mb: float | None = None
+    cpu_cache_mb: float = 1024.0
+    max_batch: int = 32
+    max_delay_ms: float = 5.0
+    max_queue: int = 512
+    request_timeout_s: float = 30.0
+    preload: str = ""
+    admin_token: str | None = None
+    insecure_admin: bool = False
+    max_image_bytes: int = 20 * MiB
+    max_image_pixels: int = 40_000_000
+    max_images_per_request: int = 64
+    max_request_mb: float = 64.0
+    decode_threads: int = 4
+    drain_delay_s: float = 0.0
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass(frozen=True)
+class Inference:
+    """One request's outputs, all from one adapter version."""
+
+    manifest: Manifest
+    version: int
+    outputs: list[torch.Tensor]
+    prepared: list[Prepared]
+    timings_s: dict[str, float]
+
+
+class Runtime:
+    """Owns the engine, registry and scheduler and the threads they run on."""
+
+    def __init__(self, config: ServeConfig, on_fatal: Callable[[], None] = lambda: None) -> None:
+        self.config = config
+        self.on_fatal = on_fatal
+        self.metrics = Metrics()
+        self.state: Literal["loading", "ready", "draining", "failed"] = "loading"
+        self.error: str | None = None
+        self.limits = ImageLimits(config.max_image_bytes, config.max_image_pixels)
+        self.decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
+        self.loader = ThreadPoolExecutor(1, thread_name_prefix="loader")
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="engine")
+        self.engine: Engine | None = None
+        self.registry: Registry | None = None
+        self.scheduler: Scheduler | None = None
+        self._scheduler_task: asyncio.Task | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    async def start(self) -> None:
+        """Load the backbone, warm it, read the store, preload; then turn ready. Failure is fatal."""
+        config = self.config
+        try:
+            started = time.monotonic()
+            device = config.resolved_device()
+            backbone = await asyncio.to_thread(Backbone.load, config.backbone, config.weights, config.seed)
+            self.engine = await asyncio.to_thread(Engine, backbone, config.gpu_slots, device)
+            await asyncio.get_running_loop().run_in_executor(self.worker, self.engine.warmup)
+            if device.type == "cuda":
+                self.metrics.track_device_memory(lambda: torch.cuda.memory_allocated(device))
+            budget = None if config.gpu_adapter_mb is None else int(config.gpu_adapter_mb * MiB)
+            self.registry = Registry(
+                AdapterStore(config.store),
+                self.engine,
+                self.loader,
+                self.metrics,
+                cpu_cache_bytes=int(config.cpu_cache_mb * MiB),
+                gpu_budget_bytes=budget,
+                admission_timeout_s=config.request_timeout_s,
+            )
+            await self.registry.refresh()
+            self.scheduler = Scheduler(
+                self.engine.run,
+                self.worker,
+                self.metrics,
+                max_batch=config.max_batch,
+                max_delay_s=config.max_delay_ms / 1000,
+                max_queue=config.max_queue,
+            )
+            self._scheduler_task = asyncio.create_task(self.scheduler.run())
+            await self._preload()
+        except Exception as exc:
+            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            log.exception("start-up failed")
+            self.on_fatal()
+            return
+        self.state = "ready"
+        self.metrics.ready.set(1)
+        log.info(
+            "ready: %s on %s (%s), %d slots, %d tasks in %s, %.1f s",
+            backbone.name, device, self.engine.dtype, config.gpu_slots, len(self.registry.catalog), config.store,
+            time.monotonic() - started,
+        )
+
+    async def _preload(self) -> None:
+        wanted = self.config.preload.strip()
+        if not wanted:
+            return
+        tasks = sorted(self.registry.catalog) if wanted == "all" else [t.strip() for t in wanted.split(",") if t.strip()]
+        for task in tasks:
+            try:
+                await self.registry.load(task)
+            except Exception as exc:
+                log.error("preload of %r failed: %s", task, exc)
+
+    def begin_drain(self) -> None:
+        """Readiness goes false; requests already admitted still finish."""
+        if self.state == "ready":
+            self.state = "draining"
+            self.metrics.ready.set(0)
+
+    async def stop(self) -> None:
+        """Finish what is queued, then stop the threads."""
+        self.begin_drain()
+        if self.scheduler is not None:
+            self.scheduler.close()
+            await self._scheduler_task
+        for pool in (self.decode_pool, self.loader, self.worker):
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def require_ready(self) -> None:
+        if self.state == "loading":
+            raise NotReady("the server is still loading its backbone", retry_after_s=5)
+        if self.state != "ready":
+            raise NotReady(f"the server is {self.state}", retry_after_s=1)
+
+    async def infer(self, task: str, kind: str, images: list[bytes], version: int | None = None) -> Inference:
+        """Run `images` through `task` (one version for all of them), within the request timeout."""
+        self.require_ready()
+        timeout = self.config.request_timeout_s
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):
+                version, manifest = await self.registry.resolve(task, version, kind)
+                loop = asyncio.get_running_loop()
+                prepared = await asyncio.gather(
+                    *(
+                        loop.run_in_executor(self.decode_pool, self._prepare, data, manifest, f"image {i}")
+                        for i, data in enumerate(images)
+                    )
+                )
+                decoded = time.monotonic()
+                lease = await self.registry.acquire(task, version, manifest)
+                job = Job(
+                    [p.tensor for p in prepared],
+                    lease.slot,
+                    on_settled=functools.partial(self.registry.release, lease),
+                    future=loop.create_future(),
+                )
+                try:
+                    self.scheduler.submit(job)
+                except BaseException:
+                    self.registry.release(lease)
+                    raise
+                outputs = await job.future
+        except TimeoutError:
+            raise Timeout(f"request for {task!r} did not finish within {timeout:g} s") from None
+        total = time.monotonic() - started
+        timings = {"decode": decoded - started, "queue": job.queue_s, "inference": job.inference_s, "total": total}
+        for stage, seconds in timings.items():
+            self.metrics.latency.labels(task, stage).observe(seconds)
+        self.metrics.images.labels(task).inc(len(images))
+        return Inference(manifest, version, outputs, prepared, timings)
+
+    def _prepare(self, data: bytes, manifest: Manifest, what: str) -> Prepared:
+        return preprocess(decode_image(data, self.limits, what), manifest.input)

@@ -1,0 +1,103 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+Kind = Literal["classify", "detect", "segment"]
+Location = Literal["gpu", "cpu", "store"]
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="stable machine-readable code, e.g. unknown_task")
+    message: str = Field(description="what was wrong, for people")
+
+
+class ImagesRequest(BaseModel):
+    """JSON alternative to multipart: base64-encoded image files."""
+
+    images: list[str] = Field(min_length=1, description="base64 of each JPEG/PNG/WebP file")
+
+
+class LabelScore(BaseModel):
+    label: str
+    index: int
+    score: float
+
+
+class ClassifyResult(BaseModel):
+    top: list[LabelScore]
+
+
+class Timings(BaseModel):
+    decode_ms: float
+    queue_ms: float
+    inference_ms: float
+    total_ms: float
+
+
+class ClassifyResponse(BaseModel):
+    task: str
+    kind: Literal["classify"] = "classify"
+    version: int = Field(description="the adapter version that produced every result of this response")
+    results: list[ClassifyResult]
+    timings_ms: Timings
+
+
+class VersionView(BaseModel):
+    version: int
+    bytes: int
+    created_at: datetime
+    location: Location = Field(description="where it is loaded: gpu (in a slot), cpu (cached), or store only")
+    slot: int | None = None
+    serving: bool = Field(description="unpinned requests get this version")
+
+
+class TaskView(BaseModel):
+    name: str
+    kind: Kind
+    enabled: bool = Field(description="false after DELETE until the next load or upload")
+    serving_version: int
+    labels: int
+    input_size: tuple[int, int]
+    versions: list[VersionView]
+
+
+class DeviceView(BaseModel):
+    device: str
+    dtype: str
+    slots: int
+    slots_used: int
+    slot_bytes: int = Field(description="device bytes of one slot of folded Mona adapters")
+    resident_bytes: int = Field(description="bytes of adapters (slots in use plus heads) on the device")
+    budget_bytes: int | None = Field(description="--gpu-adapter-mb as bytes; null: slots are the only limit")
+
+
+class CacheView(BaseModel):
+    entries: int
+    bytes: int
+    capacity_bytes: int
+
+
+class AdapterList(BaseModel):
+    tasks: list[TaskView]
+    device: DeviceView
+    cpu_cache: CacheView
+
+
+class LoadRequest(BaseModel):
+    version: int | None = Field(default=None, ge=1, description="default: the newest stored version")
+
+
+class UnloadResponse(BaseModel):
+    task: str
+    unloaded: bool
+    purged: bool
+
+
+class Health(BaseModel):
+    status: str
+    detail: str | None = None
