@@ -23,3 +23,9 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_backbone(tiny_weights: Path) -> Backbone:
     """A fresh Backbone from `tiny_weights` (each test may inject into its own)."""
     return Backbone.load(TINY, tiny_weights)
+
+
+@pytest.fixture(scope="session")
+def shared_backbone(tiny_weights: Path) -> Backbone:
+    """A read-only Backbone from `tiny_weights`, for making manifests and packages (never inject into it)."""
+    return Backbone.load(TINY, tiny_weights)
