@@ -12,7 +12,8 @@ from .runtime import Runtime, ServeConfig
 
 class DrainingServer(uvicorn.Server):
     """On SIGTERM/SIGINT readiness goes false at once; uvicorn stops after `drain_delay_s` (so load
-    balancers notice first) and finishes in-flight requests. A second signal exits at once."""
+    balancers notice first) and finishes in-flight requests, and the process exits 0. A second signal
+    exits at once. (uvicorn's own handler would re-raise the signal after the drain.)"""
 
     def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
         super().__init__(config)
@@ -21,15 +22,13 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig, frame) -> None:
         if self._draining:
-            self.force_exit = True
-            return super().handle_exit(sig, frame)
+            self.force_exit = self.should_exit = True
+            return
         self._draining = True
         self.runtime.begin_drain()
-        delay = self.runtime.config.drain_delay_s
-        if delay > 0:
-            threading.Timer(delay, super().handle_exit, (sig, frame)).start()
-        else:
-            super().handle_exit(sig, frame)
+        timer = threading.Timer(self.runtime.config.drain_delay_s, setattr, (self, "should_exit", True))
+        timer.daemon = True
+        timer.start()
 
 
 def run(config: ServeConfig, host: str, port: int, log_level: str = "info") -> int:

@@ -150,7 +150,7 @@ class Runtime:
                 log.error("preload of %r failed: %s", task, exc)
 
     def begin_drain(self) -> None:
-        """Readiness goes false; requests already admitted still finish."""
+        """Readiness goes false so load balancers stop sending; requests that still arrive are served."""
         if self.state == "ready":
             self.state = "draining"
             self.metrics.ready.set(0)
@@ -167,7 +167,7 @@ class Runtime:
     def require_ready(self) -> None:
         if self.state == "loading":
             raise NotReady("the server is still loading its backbone", retry_after_s=5)
-        if self.state != "ready":
+        if self.state not in ("ready", "draining"):
             raise NotReady(f"the server is {self.state}", retry_after_s=1)
 
     async def infer(self, task: str, kind: str, images: list[bytes], version: int | None = None) -> Inference:
