@@ -68,8 +68,8 @@ def _parse_header(first: bytes, raw: bytes) -> dict:
     """The safetensors JSON header from its raw bytes."""
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _not_safetensors(first, f"header is not JSON ({exc})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _not_safetensors(first, f"header is not JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(header, dict):
         raise _not_safetensors(first, "header is not a JSON object")
     return header

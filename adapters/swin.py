@@ -82,7 +82,12 @@ class Backbone:
 
     @classmethod
     def load(cls, name: str, weights: str | Path = RANDOM, seed: int = 0, **kwargs) -> Backbone:
-        """Create the model, freeze it, and fingerprint its weights."""
+        """Create the model, freeze it, and fingerprint its weights.
+
+        The model accepts any input size that is a multiple of 32 (timm's `strict_img_size=False`:
+        attention masks follow the input), so each task can use its own size.
+        """
+        kwargs.setdefault("strict_img_size", False)
         model = create_swin(name, weights, seed, **kwargs)
         model.requires_grad_(False)
         return cls(name=architecture(name), model=model, fingerprint=fingerprint_module(model))

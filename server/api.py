@@ -21,6 +21,7 @@ from monaserve.adapters.package import MAX_PACKAGE_BYTES
 
 from . import postprocess
 from .errors import BadRequest, Forbidden, PayloadTooLarge, ServeError, Unauthorized, UnsupportedMedia
+from .registry import TaskEntry
 from .runtime import Runtime
 from .schemas import (
     AdapterList,
@@ -248,9 +249,9 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     # ---- adapters --------------------------------------------------------------------------------
 
-    def task_view(name: str) -> TaskView:
+    def task_view(entry: TaskEntry) -> TaskView:
         reg = runtime.registry
-        entry = reg.catalog[name]
+        name = entry.name
         serving = entry.versions[entry.serving].manifest
         versions = []
         for version, info in sorted(entry.versions.items()):
@@ -283,7 +284,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         await reg.refresh()
         engine = runtime.engine
         return AdapterList(
-            tasks=[task_view(name) for name in sorted(reg.catalog)],
+            tasks=[task_view(reg.catalog[name]) for name in sorted(reg.catalog)],
             device=DeviceView(
                 device=str(engine.device),
                 dtype=str(engine.dtype).removeprefix("torch."),
@@ -298,8 +299,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.get(ADMIN_PREFIX + "/{task}", response_model=TaskView, summary="One task", **admin)
     async def get_adapter(task: str) -> TaskView:
-        await registry().entry(task)
-        return task_view(task)
+        return task_view(await registry().entry(task))
 
     @app.put(
         ADMIN_PREFIX + "/{task}",
@@ -311,8 +311,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     )
     async def upload_adapter(task: str, request: Request) -> TaskView:
         reg = registry()
-        await reg.upload(task, await request.body())
-        return task_view(task)
+        return task_view(await reg.upload(task, await request.body()))
 
     @app.post(ADMIN_PREFIX + "/{task}/load", response_model=TaskView, summary="Load a stored version", **admin)
     async def load_adapter(task: str, request: Request, version: int | None = Query(default=None, ge=1)) -> TaskView:
@@ -323,8 +322,7 @@ def create_app(runtime: Runtime) -> FastAPI:
                 version = LoadRequest.model_validate_json(body).version or version
             except ValidationError as exc:
                 raise BadRequest(f"invalid JSON body: {exc.errors(include_url=False)[0]['msg']}") from None
-        await reg.load(task, version)
-        return task_view(task)
+        return task_view(await reg.load(task, version))
 
     @app.delete(ADMIN_PREFIX + "/{task}", response_model=UnloadResponse, summary="Unload (and optionally purge)", **admin)
     async def unload_adapter(task: str, purge: bool = Query(default=False)) -> UnloadResponse:

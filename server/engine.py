@@ -74,15 +74,20 @@ class Engine:
         if not 0 <= slot < self.num_slots:
             raise IndexError(f"slot {slot} out of range 0..{self.num_slots - 1}")
 
-    def install(self, slot: int, package: AdapterPackage) -> None:
-        """Fold `package` and place it in `slot`. Everything is prepared before the slot is touched."""
-        self._check_slot(slot)
+    def check(self, package: AdapterPackage) -> None:
+        """Raise `IncompatibleAdapterError` unless `package` can be installed in this engine."""
         check_compatible(package, self.backbone)
         manifest = package.manifest
         if manifest.mona_inner_dim != self.inner_dim:
             raise IncompatibleAdapterError(
                 f"adapter {manifest.name!r} uses Mona inner dim {manifest.mona_inner_dim}; this engine runs {self.inner_dim}"
             )
+
+    def install(self, slot: int, package: AdapterPackage) -> None:
+        """Fold `package` and place it in `slot`. Everything is prepared before the slot is touched."""
+        self._check_slot(slot)
+        self.check(package)
+        manifest = package.manifest
         head = build_head(manifest, self.backbone.num_features)
         head.load_state_dict(package.subset("head."))
         folded = {}

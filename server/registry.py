@@ -15,7 +15,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
-from monaserve.adapters import AdapterError, AdapterPackage, Manifest, check_compatible, validate_task_name
+from monaserve.adapters import AdapterError, AdapterPackage, Manifest, validate_task_name
 
 from .cache import LRUBytesCache
 from .engine import Engine
@@ -26,6 +26,7 @@ from .errors import (
     TaskUnloaded,
     UnknownTask,
     UnknownVersion,
+    VersionExists,
     WrongKind,
 )
 from .metrics import Metrics
@@ -53,10 +54,11 @@ class TaskEntry:
     enabled: bool = True
 
 
-@dataclass
+@dataclass(eq=False)
 class Resident:
     """A task version installed in a device slot; `refs` counts requests whose batches may use it."""
 
+    key: Key
     slot: int
     nbytes: int
     refs: int = 0
@@ -70,11 +72,22 @@ class Lease:
 
     task: str
     version: int
-    slot: int
     manifest: Manifest
+    resident: Resident
+
+    @property
+    def slot(self) -> int:
+        return self.resident.slot
 
 
 class Registry:
+    """Which task versions exist (catalog), which are cached in RAM, and which sit in device slots.
+
+    `residents` maps a task version to its current slot. A resident that must go while requests still
+    use it (unload, purge) is marked `evict_when_idle`; a purged one also leaves `residents` at once so
+    no new request finds its old weights.
+    """
+
     def __init__(
         self,
         store: AdapterStore,
@@ -95,9 +108,12 @@ class Registry:
         self.catalog: dict[str, TaskEntry] = {}
         self.residents: dict[Key, Resident] = {}
         self.free_slots = list(range(engine.num_slots))
+        self._reserved_bytes = 0
         self._known: dict[Key, VersionInfo] = {}
         self._loading: dict[Key, asyncio.Task] = {}
-        self._uploading: set[Key] = set()
+        self._generation: dict[str, int] = {}  # bumped by uploads and purges; store reads from before are stale
+        self._purges: dict[str, int] = {}
+        self._retiring: set[Resident] = set()
         self._slot_freed = asyncio.Event()
         metrics.slots_total.set(engine.num_slots)
         metrics.budget_bytes.set(gpu_budget_bytes or 0)
@@ -113,7 +129,7 @@ class Registry:
             if info is None:
                 try:
                     info = VersionInfo(self.store.manifest(task, version), self.store.size(task, version))
-                except (AdapterError, OSError) as exc:
+                except Exception as exc:  # any broken file: skip it, keep the others
                     self.metrics.store_errors.inc()
                     log.error("store: skipping %s/%s.safetensors: %s", task, version, exc)
                     continue
@@ -121,9 +137,13 @@ class Registry:
             infos[version] = info
         return infos
 
-    def _apply(self, task: str, infos: dict[int, VersionInfo]) -> TaskEntry | None:
-        """Merge a fresh read of `task` into the catalog; a new newest version becomes the serving one
-        (but not one this server is still uploading: that one switches over once it is in a slot)."""
+    async def _reread(self, task: str) -> TaskEntry | None:
+        """Read `task` from the store and merge it into the catalog, unless an upload or purge of the
+        task happened meanwhile (then the read is stale and the catalog already knows better)."""
+        generation = self._generation.get(task, 0)
+        infos = await asyncio.to_thread(self._read_task, task)
+        if self._generation.get(task, 0) != generation:
+            return self.catalog.get(task)
         entry = self.catalog.get(task)
         if not infos:
             self.catalog.pop(task, None)
@@ -131,7 +151,7 @@ class Registry:
         if entry is None:
             entry = self.catalog[task] = TaskEntry(task, infos, serving=max(infos))
             return entry
-        new = infos.keys() - entry.versions.keys() - {v for t, v in self._uploading if t == task}
+        new = infos.keys() - entry.versions.keys()
         entry.versions = infos
         if (new and max(new) > entry.serving) or entry.serving not in infos:
             entry.serving = max(infos)
@@ -141,7 +161,7 @@ class Registry:
         """Re-read the whole store into the catalog."""
         tasks = await asyncio.to_thread(self.store.tasks)
         for task in set(tasks) | self.catalog.keys():
-            self._apply(task, await asyncio.to_thread(self._read_task, task))
+            await self._reread(task)
 
     async def entry(self, task: str, version: int | None = None) -> TaskEntry:
         """The catalog entry for `task`, pulled from the store on a miss (also for an unknown version)."""
@@ -151,7 +171,7 @@ class Registry:
             raise BadRequest(str(exc)) from None
         entry = self.catalog.get(task)
         if entry is None or (version is not None and version not in entry.versions):
-            entry = self._apply(task, await asyncio.to_thread(self._read_task, task))
+            entry = await self._reread(task)
         if entry is None:
             raise UnknownTask(f"unknown task {task!r}")
         return entry
@@ -186,26 +206,27 @@ class Registry:
             if resident is not None:  # else it was evicted between the load and now: load again
                 resident.refs += 1
                 resident.last_used = time.monotonic()
-                return Lease(task, version, resident.slot, manifest)
+                return Lease(task, version, manifest, resident)
 
     def release(self, lease: Lease) -> None:
-        resident = self.residents.get((lease.task, lease.version))
-        if resident is None:
-            return
+        resident = lease.resident
         resident.refs -= 1
         resident.last_used = time.monotonic()
         if resident.refs == 0:
             if resident.evict_when_idle:
-                self._evict((lease.task, lease.version))
+                self._evict(resident)
             self._slot_freed.set()
 
-    async def ensure_loaded(self, key: Key) -> None:
-        """Install `key` in a slot unless it is there; concurrent callers share one load."""
+    async def ensure_loaded(self, key: Key, package: AdapterPackage | None = None) -> None:
+        """Install `key` in a slot unless it is there; concurrent callers share one load.
+
+        Without `package` the package comes from the CPU cache or the store.
+        """
         if key in self.residents:
             return
         load = self._loading.get(key)
         if load is None:
-            load = self._loading[key] = asyncio.ensure_future(self._load(key))
+            load = self._loading[key] = asyncio.ensure_future(self._load(key, package))
             load.add_done_callback(functools.partial(self._load_finished, key))
         await asyncio.shield(load)
 
@@ -218,16 +239,22 @@ class Registry:
         return await asyncio.get_running_loop().run_in_executor(self.loader, fn, *args)
 
     def _read_package(self, key: Key) -> AdapterPackage:
-        package = AdapterPackage.from_bytes(self.store.read(*key))
-        check_compatible(package, self.engine.backbone)
+        try:
+            data = self.store.read(*key)
+        except FileNotFoundError:
+            raise UnknownVersion(f"task {key[0]!r} version {key[1]} is no longer in the store") from None
+        package = AdapterPackage.from_bytes(data)
+        self.engine.check(package)
         return package
 
-    async def _load(self, key: Key) -> None:
+    async def _load(self, key: Key, package: AdapterPackage | None) -> None:
         started = time.monotonic()
-        package = self.cpu_cache.get(key)
+        purges = self._purges.get(key[0], 0)
         if package is None:
-            package = await self._in_loader(self._read_package, key)
-            self._cache(key, package)
+            package = self.cpu_cache.get(key)
+            if package is None:
+                package = await self._in_loader(self._read_package, key)
+                self._cache(key, package)
         head_values = sum(t.numel() for name, t in package.tensors.items() if name.startswith("head."))
         nbytes = self.engine.slot_nbytes + head_values * self.engine.dtype.itemsize
         slot = await self._admit(key, nbytes)
@@ -237,10 +264,15 @@ class Registry:
             self.free_slots.append(slot)
             self._slot_freed.set()
             raise
-        self.residents[key] = Resident(slot=slot, nbytes=nbytes)
+        finally:
+            self._reserved_bytes -= nbytes
+        resident = self.residents[key] = Resident(key, slot, nbytes)
+        if self._purges.get(key[0], 0) != purges:  # purged while loading: these weights are gone
+            self._retire(resident)
         self.metrics.adapter_loads.labels(key[0]).inc()
         self.metrics.adapter_load_seconds.observe(time.monotonic() - started)
         self._update_gauges()
+        self._slot_freed.set()  # an idle resident appeared: a waiting admission may evict it
         log.info("loaded %s v%s into slot %s (%.1f ms)", *key, slot, 1e3 * (time.monotonic() - started))
 
     def _cache(self, key: Key, package: AdapterPackage) -> None:
@@ -248,14 +280,19 @@ class Registry:
         self.metrics.cpu_cache_bytes.set(self.cpu_cache.nbytes)
 
     def resident_bytes(self) -> int:
-        return sum(r.nbytes for r in self.residents.values())
+        """Bytes of adapters in slots, including ones being installed and retired ones still in use."""
+        in_use = sum(r.nbytes for r in self.residents.values()) + sum(r.nbytes for r in self._retiring)
+        return in_use + self._reserved_bytes
 
     def _fits(self, nbytes: int) -> bool:
         budget_ok = self.gpu_budget_bytes is None or self.resident_bytes() + nbytes <= self.gpu_budget_bytes
         return bool(self.free_slots) and budget_ok
 
     async def _admit(self, key: Key, nbytes: int) -> int:
-        """Take a free slot with room in the byte budget, evicting idle adapters (LRU) as needed."""
+        """Take a free slot with room in the byte budget, evicting idle adapters (LRU) as needed.
+
+        The bytes stay reserved until the caller's install ends (see `_load`).
+        """
         if self.gpu_budget_bytes is not None and nbytes > self.gpu_budget_bytes:
             raise AdapterTooLarge(
                 f"{key[0]!r} v{key[1]} needs {nbytes / 2**20:.1f} MiB on the device; "
@@ -263,14 +300,15 @@ class Registry:
             )
         deadline = time.monotonic() + self.admission_timeout_s
         while not self._fits(nbytes):
-            idle = [k for k, r in self.residents.items() if r.refs == 0]
+            idle = [r for r in self.residents.values() if r.refs == 0]
             if idle:
-                self._evict(min(idle, key=lambda k: self.residents[k].last_used))
+                self._evict(min(idle, key=lambda r: r.last_used))
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise Overloaded(
-                    f"no adapter slot free for {key[0]!r}: all {self.engine.num_slots} slots are in use by in-flight requests",
+                    f"no room on the device for {key[0]!r}: all {self.engine.num_slots} slots (or the adapter "
+                    "budget) are held by in-flight requests",
                     retry_after_s=1,
                 )
             self._slot_freed.clear()
@@ -278,19 +316,32 @@ class Registry:
                 await asyncio.wait_for(self._slot_freed.wait(), remaining)
             except TimeoutError:
                 pass
+        self._reserved_bytes += nbytes
         return self.free_slots.pop(0)
 
-    def _evict(self, key: Key) -> None:
-        resident = self.residents.pop(key)
+    def _evict(self, resident: Resident) -> None:
+        if self.residents.get(resident.key) is resident:
+            del self.residents[resident.key]
+        self._retiring.discard(resident)
         self.engine.evict(resident.slot)
         self.free_slots.append(resident.slot)
-        self.metrics.adapter_evictions.labels(key[0]).inc()
+        self.metrics.adapter_evictions.labels(resident.key[0]).inc()
         self._update_gauges()
         self._slot_freed.set()
-        log.info("evicted %s v%s from slot %s", *key, resident.slot)
+        log.info("evicted %s v%s from slot %s", *resident.key, resident.slot)
+
+    def _retire(self, resident: Resident) -> None:
+        """Make `resident` unreachable for new requests now, and free its slot once idle."""
+        if resident.refs == 0:
+            self._evict(resident)
+            return
+        if self.residents.get(resident.key) is resident:
+            del self.residents[resident.key]
+        resident.evict_when_idle = True
+        self._retiring.add(resident)
 
     def _update_gauges(self) -> None:
-        self.metrics.slots_used.set(len(self.residents))
+        self.metrics.slots_used.set(self.engine.num_slots - len(self.free_slots))
         self.metrics.resident_bytes.set(self.resident_bytes())
 
     # ---- administration ------------------------------------------------------------------------
@@ -299,34 +350,44 @@ class Registry:
         package = AdapterPackage.from_bytes(data)
         if package.manifest.name != task:
             raise AdapterError(f"the package is for task {package.manifest.name!r}, not {task!r}")
-        check_compatible(package, self.engine.backbone)
+        self.engine.check(package)
         return package
 
-    async def upload(self, task: str, data: bytes) -> Manifest:
-        """Validate fully, store atomically, load into a slot, then switch unpinned requests to it."""
+    async def upload(self, task: str, data: bytes) -> TaskEntry:
+        """Validate fully, load into a slot, store atomically, then switch unpinned requests to it.
+
+        Nothing is stored unless the package validated and loaded; a failure leaves the task as it was.
+        """
         try:
             validate_task_name(task)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         package = await self._in_loader(self._validate_upload, task, data)
-        key = (task, package.manifest.version)
-        self._uploading.add(key)
+        version = package.manifest.version
+        key = (task, version)
+        if version in await asyncio.to_thread(self.store.versions, task):
+            raise VersionExists(f"version {version} of {task!r} already exists; versions are immutable")
+        await self.ensure_loaded(key, package)
         try:
-            await asyncio.to_thread(self.store.write, task, key[1], data)
-            info = self._known[key] = VersionInfo(package.manifest, len(data))
-            entry = self.catalog.get(task)
-            if entry is None:
-                entry = self.catalog[task] = TaskEntry(task, {key[1]: info}, serving=key[1])
-            entry.versions[key[1]] = info
-            self._cache(key, package)
-            await self.ensure_loaded(key)
-        finally:
-            self._uploading.discard(key)
-        if not entry.enabled or key[1] > entry.serving:
-            entry.serving = key[1]
+            await asyncio.to_thread(self.store.write, task, version, data)
+        except BaseException:
+            if key in self.residents:  # the store is the truth: drop what we loaded
+                self._retire(self.residents[key])
+            raise
+        info = self._known[key] = VersionInfo(package.manifest, len(data))
+        self._generation[task] = self._generation.get(task, 0) + 1
+        entry = self.catalog.get(task)
+        if entry is None:
+            entry = self.catalog[task] = TaskEntry(task, {}, serving=version)
+        entry.versions[version] = info
+        if not entry.enabled or version > entry.serving:
+            entry.serving = version
         entry.enabled = True
-        log.info("uploaded %s v%s (%d bytes); serving v%s", task, key[1], len(data), entry.serving)
-        return package.manifest
+        self._cache(key, package)
+        if key in self.residents:
+            self.residents[key].evict_when_idle = False
+        log.info("uploaded %s v%s (%d bytes); serving v%s", task, version, len(data), entry.serving)
+        return entry
 
     async def load(self, task: str, version: int | None = None) -> TaskEntry:
         """Load a stored version (default: the newest) into a slot and serve it to unpinned requests."""
@@ -335,26 +396,33 @@ class Registry:
         if version not in entry.versions:
             raise UnknownVersion(f"task {task!r} has no version {version}; versions: {sorted(entry.versions)}")
         await self.ensure_loaded((task, version))
+        entry = await self.entry(task, version)  # it may have changed while loading
+        if (task, version) in self.residents:
+            self.residents[(task, version)].evict_when_idle = False
         entry.serving, entry.enabled = version, True
         return entry
 
     async def unload(self, task: str, purge: bool = False) -> None:
         """Stop serving `task`: free its slots (at once, or when in-flight requests finish) and its cache.
 
-        With `purge`, delete every stored version too.
+        With `purge`, delete every stored version too; requests already running finish on the old weights.
         """
         entry = await self.entry(task)
         entry.enabled = False
-        for key in [k for k in self.residents if k[0] == task]:
-            if self.residents[key].refs == 0:
-                self._evict(key)
+        for resident in [r for r in self.residents.values() if r.key[0] == task]:
+            if purge:
+                self._retire(resident)
+            elif resident.refs == 0:
+                self._evict(resident)
             else:
-                self.residents[key].evict_when_idle = True
+                resident.evict_when_idle = True
         for version in entry.versions:
             self.cpu_cache.pop((task, version))
         self.metrics.cpu_cache_bytes.set(self.cpu_cache.nbytes)
         if purge:
-            await asyncio.to_thread(self.store.delete, task)
+            self._purges[task] = self._purges.get(task, 0) + 1
+            self._generation[task] = self._generation.get(task, 0) + 1
+            self.catalog.pop(task, None)
             for version in entry.versions:
                 self._known.pop((task, version), None)
-            self.catalog.pop(task, None)
+            await asyncio.to_thread(self.store.delete, task)

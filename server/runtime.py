@@ -124,6 +124,7 @@ class Runtime:
                 max_queue=config.max_queue,
             )
             self._scheduler_task = asyncio.create_task(self.scheduler.run())
+            self._scheduler_task.add_done_callback(self._scheduler_stopped)
             await self._preload()
         except Exception as exc:
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
@@ -137,6 +138,13 @@ class Runtime:
             backbone.name, device, self.engine.dtype, config.gpu_slots, len(self.registry.catalog), config.store,
             time.monotonic() - started,
         )
+
+    def _scheduler_stopped(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.state, self.error = "failed", f"scheduler stopped: {task.exception()!r}"
+            self.metrics.ready.set(0)
+            log.error("the scheduler stopped", exc_info=task.exception())
+            self.on_fatal()
 
     async def _preload(self) -> None:
         wanted = self.config.preload.strip()
@@ -160,7 +168,7 @@ class Runtime:
         self.begin_drain()
         if self.scheduler is not None:
             self.scheduler.close()
-            await self._scheduler_task
+            await asyncio.gather(self._scheduler_task, return_exceptions=True)  # a failure was logged already
         for pool in (self.decode_pool, self.loader, self.worker):
             pool.shutdown(wait=True, cancel_futures=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -14,6 +15,7 @@ import torch
 from .errors import Overloaded
 from .metrics import Metrics
 
+log = logging.getLogger(__name__)
 RunBatch = Callable[[torch.Tensor, list[int]], list[torch.Tensor]]
 
 
@@ -56,7 +58,10 @@ class Job:
             elif self.pending == 0:
                 self.future.set_result(self.outputs)
         if self.pending == 0:
-            self.on_settled()
+            try:
+                self.on_settled()
+            except Exception:  # releasing must never take the scheduler down with it
+                log.exception("releasing a finished job failed")
 
 
 @dataclass

@@ -19,6 +19,7 @@ from monaserve.adapters import (
     IncompatibleAdapterError,
     PackageFormatError,
     check_compatible,
+    read_manifest,
     validate_task_name,
 )
 from monaserve.adapters import package as package_module
@@ -38,6 +39,14 @@ def raw_with_manifest(package: AdapterPackage, manifest_json: str | None) -> byt
 
 def manifest_dict(package: AdapterPackage) -> dict:
     return json.loads(package.manifest.model_dump_json())
+
+
+def test_manifest_from_the_header_alone(tmp_path, package):
+    path = package.save(tmp_path / "1.safetensors")
+    assert read_manifest(path) == package.manifest
+    (tmp_path / "bad").write_bytes(b"\x80\x04junk")
+    with pytest.raises(PackageFormatError, match="not a safetensors file"):
+        read_manifest(tmp_path / "bad")
 
 
 def test_round_trip_through_a_file(tmp_path, package, tiny_backbone):
@@ -159,6 +168,7 @@ def _torch_save_bytes(obj, zipfile: bool) -> bytes:
         (lambda p: struct.pack("<Q", 2**40) + b"{}", "header length 1099511627776 exceeds"),
         (lambda p: struct.pack("<Q", 4) + b"\xff\xfe{}", "header is not JSON"),
         (lambda p: struct.pack("<Q", 2) + b"[]", "header is not a JSON object"),
+        (lambda p: struct.pack("<Q", 200_000) + b"[" * 200_000, "header is not JSON"),
         (lambda p: p.to_bytes()[:-100], "not a valid safetensors file"),
     ],
 )

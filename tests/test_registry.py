@@ -1,0 +1,144 @@
+"""The registry in process: uploads that cannot load, stale store reads, purges in flight, byte budgets."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from helpers import random_adapter_tensors, random_package
+from monaserve.adapters import AdapterPackage, IncompatibleAdapterError, expected_shapes
+from monaserve.server.engine import Engine
+from monaserve.server.errors import AdapterTooLarge, UnknownTask, UnknownVersion
+from monaserve.server.metrics import Metrics
+from monaserve.server.registry import Registry
+from monaserve.server.store import AdapterStore
+
+
+def make_registry(backbone, store_dir, slots=4, budget=None) -> Registry:
+    return Registry(
+        AdapterStore(store_dir),
+        Engine(backbone, num_slots=slots),
+        ThreadPoolExecutor(1),
+        Metrics(),
+        cpu_cache_bytes=2**30,
+        gpu_budget_bytes=budget,
+        admission_timeout_s=5,
+    )
+
+
+def test_an_upload_that_cannot_load_stores_nothing(tiny_backbone, shared_backbone, tmp_path):
+    async def scenario():
+        registry = make_registry(tiny_backbone, tmp_path)
+        await registry.upload("pets", random_package(shared_backbone, "pets", seed=1).to_bytes())
+        manifest = random_package(shared_backbone, "pets", seed=2, version=2).manifest
+        narrow = manifest.model_copy(update={"mona_inner_dim": 32})
+        tensors = random_adapter_tensors(expected_shapes(narrow, shared_backbone), seed=0)
+        with pytest.raises(IncompatibleAdapterError, match="inner dim 32"):
+            await registry.upload("pets", AdapterPackage(narrow, tensors).to_bytes())
+        assert registry.store.versions("pets") == [1]
+        assert registry.catalog["pets"].serving == 1
+        entry = await registry.upload("pets", random_package(shared_backbone, "pets", seed=2, version=2).to_bytes())
+        assert (entry.serving, sorted(entry.versions)) == (2, [1, 2])
+
+    asyncio.run(scenario())
+
+
+def test_an_adapter_over_the_budget_is_refused_before_it_is_stored(tiny_backbone, shared_backbone, tmp_path):
+    async def scenario():
+        registry = make_registry(tiny_backbone, tmp_path, budget=2**20)
+        with pytest.raises(AdapterTooLarge):
+            await registry.upload("big", random_package(shared_backbone, "big", seed=1).to_bytes())
+        assert registry.store.versions("big") == [] and "big" not in registry.catalog
+
+    asyncio.run(scenario())
+
+
+def test_store_reads_that_overlap_uploads_never_win(tiny_backbone, shared_backbone, tmp_path):
+    async def scenario():
+        registry = make_registry(tiny_backbone, tmp_path)
+        await registry.upload("t", random_package(shared_backbone, "t", seed=0).to_bytes())
+        for version in range(2, 8):
+            data = random_package(shared_backbone, "t", seed=version, version=version).to_bytes()
+            await asyncio.gather(registry.refresh(), registry.upload("t", data), registry.refresh())
+            entry = registry.catalog["t"]
+            assert entry.serving == version and sorted(entry.versions) == list(range(1, version + 1))
+            version_now, _ = await registry.resolve("t", kind="classify")
+            assert version_now == version
+
+    asyncio.run(scenario())
+
+
+def test_purge_and_reupload_while_a_request_holds_the_old_weights(tiny_backbone, shared_backbone, tmp_path):
+    async def scenario():
+        registry = make_registry(tiny_backbone, tmp_path)
+        old = random_package(shared_backbone, "p", seed=1, num_labels=5)
+        await registry.upload("p", old.to_bytes())
+        version, manifest = await registry.resolve("p")
+        held = await registry.acquire("p", version, manifest)
+        await registry.unload("p", purge=True)
+        with pytest.raises(UnknownTask):
+            await registry.resolve("p")
+        with pytest.raises(UnknownVersion):  # a request that resolved before the purge cannot reload it
+            await registry.acquire("p", version, manifest)
+        new = random_package(shared_backbone, "p", seed=2, num_labels=3)
+        await registry.upload("p", new.to_bytes())
+        version, manifest = await registry.resolve("p")
+        fresh = await registry.acquire("p", version, manifest)
+        assert fresh.slot != held.slot
+        assert registry.engine.manifests[fresh.slot].labels == new.manifest.labels
+        assert registry.engine.manifests[held.slot].labels == old.manifest.labels  # still running on it
+        registry.release(held)
+        assert registry.engine.manifests[held.slot] is None and held.slot in registry.free_slots
+        registry.release(fresh)
+        assert registry.residents[("p", 1)] is fresh.resident
+
+    asyncio.run(scenario())
+
+
+def test_concurrent_loads_respect_the_byte_budget(tiny_backbone, shared_backbone, tmp_path):
+    async def scenario():
+        for name in ("a", "b"):
+            random_package(shared_backbone, name, seed=1).save(tmp_path / name / "1.safetensors")
+        registry = make_registry(tiny_backbone, tmp_path, slots=4)
+        await registry.ensure_loaded(("a", 1))
+        per_adapter = registry.resident_bytes()
+        registry._evict(registry.residents[("a", 1)])
+        registry.gpu_budget_bytes = int(per_adapter * 1.5)
+        peaks = []
+        original = registry.engine.install
+
+        def watching_install(slot, package):
+            peaks.append(registry.resident_bytes())
+            original(slot, package)
+
+        registry.engine.install = watching_install
+        await asyncio.gather(registry.ensure_loaded(("a", 1)), registry.ensure_loaded(("b", 1)))
+        assert max(peaks) <= registry.gpu_budget_bytes
+        assert len(registry.residents) == 1 and registry.resident_bytes() <= registry.gpu_budget_bytes
+
+    asyncio.run(scenario())
+
+
+def test_load_after_unload_keeps_a_resident_that_requests_still_hold(tiny_backbone, shared_backbone, tmp_path):
+    async def scenario():
+        registry = make_registry(tiny_backbone, tmp_path)
+        await registry.upload("u", random_package(shared_backbone, "u", seed=1).to_bytes())
+        version, manifest = await registry.resolve("u")
+        lease = await registry.acquire("u", version, manifest)
+        await registry.unload("u")
+        await registry.load("u")
+        registry.release(lease)
+        assert ("u", 1) in registry.residents and registry.catalog["u"].enabled
+
+    asyncio.run(scenario())
+
+
+def test_tasks_may_use_their_own_input_size(tiny_backbone, shared_backbone):
+    engine = Engine(tiny_backbone, num_slots=1)
+    package = random_package(shared_backbone, "wide", seed=3)
+    engine.install(0, package)
+    outputs = engine.run(torch.randn(2, 3, 256, 320), [0, 0])
+    assert [tuple(o.shape) for o in outputs] == [(5,), (5,)]
