@@ -7,8 +7,18 @@ from .accounting import AdapterBudget, adapter_budget, mona_parameters, paper_eq
 from .bank import MonaBank
 from .compat import check_compatible, expected_shapes
 from .fingerprint import fingerprint_module
-from .heads import ClassifyHead, build_head
-from .manifest import FORMAT, TASK_NAME_PATTERN, BackboneRef, ClassifyHeadConfig, InputSpec, Manifest, validate_task_name
+from .heads import ClassifyHead, DetectHead, SegmentHead, build_head, head_tensors, load_head
+from .manifest import (
+    FORMAT,
+    TASK_NAME_PATTERN,
+    BackboneRef,
+    ClassifyHeadConfig,
+    DetectHeadConfig,
+    InputSpec,
+    Manifest,
+    SegmentHeadConfig,
+    validate_task_name,
+)
 from .mona import INNER_DIM, FoldedMona, Mona, fold_mona
 from .package import AdapterError, AdapterPackage, IncompatibleAdapterError, PackageFormatError, read_manifest
 from .swin import (
@@ -35,6 +45,8 @@ __all__ = [
     "BackboneRef",
     "ClassifyHead",
     "ClassifyHeadConfig",
+    "DetectHead",
+    "DetectHeadConfig",
     "FoldedMona",
     "IncompatibleAdapterError",
     "InputSpec",
@@ -43,6 +55,8 @@ __all__ = [
     "MonaBank",
     "MonaTaskModel",
     "PackageFormatError",
+    "SegmentHead",
+    "SegmentHeadConfig",
     "adapter_budget",
     "adapter_modules",
     "build_head",
@@ -52,7 +66,9 @@ __all__ = [
     "fingerprint_module",
     "fold_mona",
     "forward_pyramid",
+    "head_tensors",
     "inject_mona",
+    "load_head",
     "mona_parameters",
     "paper_eq6_parameters",
     "read_manifest",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .fingerprint import short
-from .heads import build_head
+from .heads import build_head, head_tensors
 from .manifest import Manifest
 from .mona import Mona
 from .package import AdapterPackage, IncompatibleAdapterError
@@ -19,12 +19,12 @@ def expected_shapes(manifest: Manifest, backbone: Backbone) -> dict[str, tuple[i
     shapes: dict[str, tuple[int, ...]] = {}
     with torch.device("meta"):
         by_width = {dim: Mona(dim, manifest.mona_inner_dim) for _, dim in block_dims(backbone.model)}
-        head = build_head(manifest, backbone.num_features)
+        head = build_head(manifest, backbone.stage_dims)
     for path, dim in block_dims(backbone.model):
         for position in ("mona1", "mona2"):
             for name, tensor in by_width[dim].state_dict().items():
                 shapes[f"{path}.{position}.{name}"] = tuple(tensor.shape)
-    for name, tensor in head.state_dict().items():
+    for name, tensor in head_tensors(head).items():
         shapes[f"head.{name}"] = tuple(tensor.shape)
     return shapes
 

@@ -97,6 +97,11 @@ class Backbone:
         return self.model.num_features
 
     @property
+    def stage_dims(self) -> list[int]:
+        """Channel width of each stage's output, shallow to deep."""
+        return [stage.blocks[-1].norm1.normalized_shape[0] for stage in self.model.layers]
+
+    @property
     def input_size(self) -> tuple[int, int]:
         return tuple(self.model.patch_embed.img_size)
 

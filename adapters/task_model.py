@@ -6,13 +6,11 @@ import torch
 from torch import nn
 
 from .compat import check_compatible
-from .heads import build_head
+from .heads import build_head, head_tensors, load_head
 from .manifest import Manifest
 from .mona import Mona
 from .package import AdapterPackage
 from .swin import Backbone, forward_pyramid, inject_mona
-
-BACKBONE_PREFIX = "backbone."
 
 
 class MonaTaskModel(nn.Module):
@@ -28,14 +26,16 @@ class MonaTaskModel(nn.Module):
         backbone.model.requires_grad_(False)
         inject_mona(backbone.model, lambda dim: Mona(dim, manifest.mona_inner_dim))
         self.backbone = backbone.model
-        self.head = build_head(manifest, backbone.num_features)
+        self.head = build_head(manifest, backbone.stage_dims)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(forward_pyramid(self.backbone, images))
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
-        """The trainable tensors under their package names."""
-        return {name.removeprefix(BACKBONE_PREFIX): p for name, p in self.named_parameters() if p.requires_grad}
+        """What a package holds, under package names: the trainable backbone tensors (the adapters) and the head."""
+        tensors = {name: p for name, p in self.backbone.named_parameters() if p.requires_grad}
+        tensors.update({f"head.{name}": t for name, t in head_tensors(self.head).items()})
+        return tensors
 
     def to_package(self, manifest: Manifest | None = None) -> AdapterPackage:
         """Package the current adapter and head weights (float32) under `manifest` (default: the model's)."""
@@ -46,7 +46,8 @@ class MonaTaskModel(nn.Module):
     def load_package(self, package: AdapterPackage) -> None:
         """Load a package's weights after checking that it fits this model's backbone."""
         check_compatible(package, self.backbone_info)
-        params = dict(self.named_parameters())
+        params = dict(self.backbone.named_parameters())
         for name, tensor in package.tensors.items():
-            target = params[name if name.startswith("head.") else BACKBONE_PREFIX + name]
-            target.copy_(tensor)
+            if not name.startswith("head."):
+                params[name].copy_(tensor)
+        load_head(self.head, package.subset("head."))

@@ -21,6 +21,7 @@ from monaserve.adapters import (
     fold_mona,
     forward_pyramid,
     inject_mona,
+    load_head,
 )
 
 
@@ -88,8 +89,8 @@ class Engine:
         self._check_slot(slot)
         self.check(package)
         manifest = package.manifest
-        head = build_head(manifest, self.backbone.num_features)
-        head.load_state_dict(package.subset("head."))
+        head = build_head(manifest, self.backbone.stage_dims)
+        load_head(head, package.subset("head."))
         folded = {}
         for path, bank in self.banks.items():
             mona = Mona(bank.dim, self.inner_dim)
@@ -115,10 +116,11 @@ class Engine:
         self.manifests[slot] = None
 
     @torch.inference_mode()
-    def run(self, images: torch.Tensor, slots: Sequence[int] | torch.Tensor) -> list[torch.Tensor]:
+    def run(self, images: torch.Tensor, slots: Sequence[int] | torch.Tensor) -> list[HeadOutput]:
         """Run a mixed batch: `images` `(B, 3, H, W)` normalised, `slots[i]` the slot of image i.
 
-        Returns each image's head output in float32 on the CPU, in batch order.
+        Returns each image's head prediction on the CPU, in batch order: classify logits (float32),
+        detect `{boxes, scores, labels}` in input pixels, or segment class ids `(H, W)`.
         """
         slot_ids = torch.as_tensor(slots, dtype=torch.long)
         if slot_ids.shape != (images.shape[0],):
@@ -129,11 +131,20 @@ class Engine:
             if self.heads[slot] is None:
                 raise LookupError(f"slot {slot} holds no adapter")
         features = forward_pyramid(self.model, images.to(self.device, self.dtype), slot_ids.to(self.device))
-        outputs: list[torch.Tensor | None] = [None] * len(slot_ids)
+        outputs: list[HeadOutput | None] = [None] * len(slot_ids)
         for slot in used:
             index = (slot_ids == slot).nonzero().squeeze(1)
-            device_index = index.to(self.device)
-            result = self.heads[slot]([level[device_index] for level in features]).float().cpu()
-            for i, row in zip(index.tolist(), result):
-                outputs[i] = row
+            predictions = self.heads[slot].predict([level[index.to(self.device)] for level in features])
+            for i, prediction in zip(index.tolist(), predictions):
+                outputs[i] = _to_host(prediction)
         return outputs
+
+
+HeadOutput = torch.Tensor | dict[str, torch.Tensor]
+
+
+def _to_host(output: HeadOutput) -> HeadOutput:
+    """On the CPU, floating point as float32."""
+    if isinstance(output, dict):
+        return {name: _to_host(value) for name, value in output.items()}
+    return output.float().cpu() if output.is_floating_point() else output.cpu()

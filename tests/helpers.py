@@ -9,12 +9,14 @@ from monaserve.adapters import AdapterPackage, Backbone, BackboneRef, InputSpec,
 TINY = "swin_tiny_patch4_window7_224"
 
 
-def make_manifest(backbone: Backbone, name: str, num_labels: int = 5, version: int = 1, **fields) -> Manifest:
-    """A classify manifest for `backbone`."""
+def make_manifest(
+    backbone: Backbone, name: str, num_labels: int = 5, version: int = 1, kind: str = "classify", **fields
+) -> Manifest:
+    """A manifest of `kind` for `backbone`."""
     return Manifest(
         name=name,
         version=version,
-        kind="classify",
+        kind=kind,
         labels=[f"{name}-class-{i}" for i in range(num_labels)],
         backbone=BackboneRef(name=backbone.name, fingerprint=backbone.fingerprint),
         input=InputSpec(size=backbone.input_size),
@@ -31,6 +33,8 @@ def random_adapter_tensors(shapes: dict[str, tuple[int, ...]], seed: int) -> dic
         leaf = name.rsplit(".", 1)[-1]
         if name.endswith("norm.weight") or leaf == "gammax":
             tensors[name] = 1.0 + 0.2 * noise
+        elif leaf == "running_var":
+            tensors[name] = 0.5 + 0.2 * noise.abs()
         elif leaf == "gamma":
             tensors[name] = 0.5 * noise
         else:
@@ -38,9 +42,11 @@ def random_adapter_tensors(shapes: dict[str, tuple[int, ...]], seed: int) -> dic
     return tensors
 
 
-def random_package(backbone: Backbone, name: str, seed: int, num_labels: int = 5, version: int = 1) -> AdapterPackage:
+def random_package(
+    backbone: Backbone, name: str, seed: int, num_labels: int = 5, version: int = 1, kind: str = "classify"
+) -> AdapterPackage:
     """A complete, valid package with random weights for `backbone`."""
-    manifest = make_manifest(backbone, name, num_labels=num_labels, version=version)
+    manifest = make_manifest(backbone, name, num_labels=num_labels, version=version, kind=kind)
     tensors = random_adapter_tensors(expected_shapes(manifest, backbone), seed)
     return AdapterPackage(manifest=manifest, tensors=tensors)
 

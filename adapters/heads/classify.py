@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -19,3 +20,11 @@ class ClassifyHead(nn.Module):
         """Logits `(B, num_classes)` from the NHWC pyramid; only the last level is used."""
         pooled = features[-1].mean(dim=(1, 2))
         return self.fc(self.dropout(self.norm(pooled)))
+
+    def loss(self, features: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self(features), labels)
+
+    @torch.no_grad()
+    def predict(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Logits, one row per image."""
+        return list(self(features))
