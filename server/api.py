@@ -27,12 +27,14 @@ from .schemas import (
     AdapterList,
     CacheView,
     ClassifyResponse,
+    DetectResponse,
     DeviceView,
     ErrorBody,
     Health,
     ImagesRequest,
     Kind,
     LoadRequest,
+    SegmentResponse,
     TaskView,
     Timings,
     UnloadResponse,
@@ -215,7 +217,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.post(
         "/v1/tasks/{task}/{kind}",
-        response_model=ClassifyResponse,
+        response_model=ClassifyResponse | DetectResponse | SegmentResponse,
         responses=ERROR_RESPONSES,
         openapi_extra=IMAGE_BODY,
         summary="Run images through a task",
@@ -227,7 +229,9 @@ def create_app(runtime: Runtime) -> FastAPI:
         request: Request,
         version: int | None = Query(default=None, ge=1, description="pin an adapter version"),
         top_k: int = Query(default=5, ge=1, le=1000, description="classify: labels per image"),
-    ) -> ClassifyResponse:
+        min_score: float = Query(default=0.0, ge=0.0, le=1.0, description="detect: drop boxes scoring less"),
+        rle: bool = Query(default=False, description="segment: add per-class RLE"),
+    ) -> ClassifyResponse | DetectResponse | SegmentResponse:
         status = 500
         try:
             images = await read_images(request, config.max_images_per_request)
@@ -240,12 +244,13 @@ def create_app(runtime: Runtime) -> FastAPI:
             if runtime.registry is not None and task in runtime.registry.catalog:
                 runtime.metrics.requests.labels(task, kind, str(status)).inc()
         timings = Timings(**{f"{k}_ms": round(v * 1000, 3) for k, v in result.timings_s.items()})
-        return ClassifyResponse(
-            task=task,
-            version=result.version,
-            results=[postprocess.classify(o, result.manifest, top_k) for o in result.outputs],
-            timings_ms=timings,
-        )
+        manifest, pairs = result.manifest, list(zip(result.outputs, result.prepared))
+        common = {"task": task, "version": result.version, "timings_ms": timings}
+        if kind == "classify":
+            return ClassifyResponse(results=[postprocess.classify(o, manifest, top_k) for o, _ in pairs], **common)
+        if kind == "detect":
+            return DetectResponse(results=[postprocess.detect(o, manifest, p, min_score) for o, p in pairs], **common)
+        return SegmentResponse(results=[postprocess.segment(o, manifest, p, rle) for o, p in pairs], **common)
 
     # ---- adapters --------------------------------------------------------------------------------
 

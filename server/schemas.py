@@ -47,6 +47,51 @@ class ClassifyResponse(BaseModel):
     timings_ms: Timings
 
 
+class Detection(BaseModel):
+    label: str
+    index: int
+    score: float
+    box: tuple[float, float, float, float] = Field(description="x1, y1, x2, y2 in the original image's pixels")
+
+
+class DetectResult(BaseModel):
+    width: int
+    height: int
+    detections: list[Detection]
+
+
+class DetectResponse(BaseModel):
+    task: str
+    kind: Literal["detect"] = "detect"
+    version: int
+    results: list[DetectResult]
+    timings_ms: Timings
+
+
+class ClassArea(BaseModel):
+    label: str
+    index: int
+    pixels: int
+    rle: list[int] | None = Field(
+        default=None, description="COCO uncompressed RLE counts (column-major, starting with a 0-run); with ?rle=true"
+    )
+
+
+class SegmentResult(BaseModel):
+    width: int
+    height: int
+    mask_png: str = Field(description="base64 PNG (8-bit grey) whose pixel values are class indices")
+    classes: list[ClassArea]
+
+
+class SegmentResponse(BaseModel):
+    task: str
+    kind: Literal["segment"] = "segment"
+    version: int
+    results: list[SegmentResult]
+    timings_ms: Timings
+
+
 class VersionView(BaseModel):
     version: int
     bytes: int

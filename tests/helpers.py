@@ -12,14 +12,14 @@ TINY = "swin_tiny_patch4_window7_224"
 def make_manifest(
     backbone: Backbone, name: str, num_labels: int = 5, version: int = 1, kind: str = "classify", **fields
 ) -> Manifest:
-    """A manifest of `kind` for `backbone`."""
+    """A manifest of `kind` for `backbone` (input at the backbone's size unless `input` is given)."""
+    fields.setdefault("input", InputSpec(size=backbone.input_size))
     return Manifest(
         name=name,
         version=version,
         kind=kind,
         labels=[f"{name}-class-{i}" for i in range(num_labels)],
         backbone=BackboneRef(name=backbone.name, fingerprint=backbone.fingerprint),
-        input=InputSpec(size=backbone.input_size),
         **fields,
     )
 

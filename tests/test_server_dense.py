@@ -1,0 +1,99 @@
+"""Detect and segment through a real server: boxes and masks in the original image's pixels."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import TINY, make_manifest, random_adapter_tensors
+from monaserve.adapters import AdapterPackage, Backbone, InputSpec, expected_shapes
+from monaserve.server.engine import Engine
+from monaserve.server.images import ImageLimits, decode_image, preprocess
+from monaserve.server.postprocess import detect, segment
+from server_harness import ServerProcess, image_bytes
+
+
+def dense_package(backbone, name: str, kind: str, labels: int, seed: int, **input_spec) -> AdapterPackage:
+    manifest = make_manifest(backbone, name, num_labels=labels, kind=kind, input=InputSpec(**input_spec))
+    return AdapterPackage(manifest, random_adapter_tensors(expected_shapes(manifest, backbone), seed))
+
+
+@pytest.fixture(scope="module")
+def packages(shared_backbone):
+    return {
+        "boxes": dense_package(shared_backbone, "boxes", "detect", 3, seed=1, size=(256, 256), resize="letterbox"),
+        "masks": dense_package(shared_backbone, "masks", "segment", 4, seed=2, size=(224, 224)),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_weights, packages):
+    store = tmp_path_factory.mktemp("store")
+    for name, package in packages.items():
+        package.save(store / name / "1.safetensors")
+    with ServerProcess(tiny_weights, store, log=tmp_path_factory.mktemp("log") / "log") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def local(tiny_weights, packages):
+    engine = Engine(Backbone.load(TINY, tiny_weights), num_slots=2)
+    for slot, package in enumerate(packages.values()):
+        engine.install(slot, package)
+    return engine
+
+
+def local_result(engine, packages, task, data, **options):
+    slot = list(packages).index(task)
+    manifest = packages[task].manifest
+    prepared = preprocess(decode_image(data, ImageLimits()), manifest.input)
+    output = engine.run(prepared.tensor[None], [slot])[0]
+    if manifest.kind == "detect":
+        return detect(output, manifest, prepared, options.get("min_score", 0.0))
+    return segment(output, manifest, prepared, options.get("rle", False))
+
+
+def test_detect_returns_boxes_in_original_pixels(server, packages, local):
+    data = image_bytes(3, size=(320, 200))
+    with server.client() as client:
+        response = client.post("/v1/tasks/boxes/detect?min_score=0.3", files={"image": ("x.jpg", data)})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["kind"] == "detect" and body["version"] == 1
+    result = body["results"][0]
+    assert (result["width"], result["height"]) == (320, 200)
+    assert result["detections"], "random weights with biased logits give boxes"
+    for d in result["detections"]:
+        x1, y1, x2, y2 = d["box"]
+        assert 0 <= x1 <= x2 <= 320 and 0 <= y1 <= y2 <= 200
+        assert d["score"] >= 0.3 and d["label"] == packages["boxes"].manifest.labels[d["index"]]
+    expected = local_result(local, packages, "boxes", data, min_score=0.3)
+    assert len(expected.detections) == len(result["detections"])
+    top = expected.detections[0]
+    assert result["detections"][0]["box"] == pytest.approx(list(top.box), abs=0.05)
+
+
+def test_segment_returns_a_mask_at_the_original_size(server, packages, local):
+    data = image_bytes(4, size=(300, 180), fmt="PNG")
+    with server.client() as client:
+        response = client.post("/v1/tasks/masks/segment?rle=true", files={"image": ("x.png", data)})
+    assert response.status_code == 200, response.text
+    result = response.json()["results"][0]
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(result["mask_png"]))))
+    assert mask.shape == (180, 300) and mask.max() < 4
+    assert sum(c["pixels"] for c in result["classes"]) == 300 * 180
+    assert all(c["rle"] and sum(c["rle"]) == 300 * 180 for c in result["classes"])
+    expected = local_result(local, packages, "masks", data)
+    expected_mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(expected.mask_png))))
+    assert (mask == expected_mask).mean() > 0.999
+
+
+def test_each_route_refuses_the_other_kinds(server):
+    with server.client() as client:
+        wrong = client.post("/v1/tasks/masks/detect", files={"image": ("x", image_bytes(1))})
+        assert wrong.status_code == 409 and wrong.json()["message"].endswith("use /v1/tasks/masks/segment")
+        assert client.post("/v1/tasks/boxes/classify", files={"image": ("x", image_bytes(1))}).status_code == 409
