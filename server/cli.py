@@ -78,6 +78,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    """Write the synthetic shapes dataset in all three formats."""
+    from monaserve.adapters.data.shapes import write_shapes
+
+    out = write_shapes(args.out, num_images=args.images, size=args.size, seed=args.seed)
+    print(f"wrote {args.images} images to {out}/classify (ImageFolder), {out}/detect (COCO json), {out}/segment (masks)")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start the HTTP server; exits 1 if the backbone cannot be loaded."""
     from .http_server import run
@@ -115,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--num-classes", type=int, default=1000, help="classes for the classify head figure")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(handler=cmd_info)
+
+    demo = commands.add_parser("demo-data", help="write a synthetic dataset")
+    demo.add_argument("dataset", choices=["shapes"])
+    demo.add_argument("--out", type=Path, required=True, help="output folder")
+    demo.add_argument("--images", type=int, default=300)
+    demo.add_argument("--size", type=int, default=160, help="image side in pixels")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(handler=cmd_demo_data)
 
     serve = commands.add_parser("serve", help="start the HTTP server")
     _add_backbone_arguments(serve)
