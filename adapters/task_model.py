@@ -31,6 +31,15 @@ class MonaTaskModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(forward_pyramid(self.backbone, images))
 
+    def loss(self, images: torch.Tensor, targets) -> torch.Tensor:
+        """The head's training loss (class indices, detection targets or masks, in input pixels)."""
+        return self.head.loss(forward_pyramid(self.backbone, images), targets)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> list:
+        """One prediction per image, as the server's engine gives them."""
+        return self.head.predict(forward_pyramid(self.backbone, images))
+
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """What a package holds, under package names: the trainable backbone tensors (the adapters) and the head."""
         tensors = {name: p for name, p in self.backbone.named_parameters() if p.requires_grad}

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from monaserve.adapters import Manifest
+from monaserve.adapters.transforms import Prepared
 
-from .images import Prepared
 from .schemas import ClassArea, ClassifyResult, Detection, DetectResult, LabelScore, SegmentResult
 
 

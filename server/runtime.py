@@ -15,10 +15,11 @@ from typing import Literal
 import torch
 
 from monaserve.adapters import Backbone, Manifest
+from monaserve.adapters.transforms import Prepared, preprocess
 
 from .engine import Engine
 from .errors import NotReady, Timeout
-from .images import ImageLimits, Prepared, decode_image, preprocess
+from .images import ImageLimits, decode_image
 from .metrics import Metrics
 from .registry import Registry
 from .scheduler import Job, Scheduler

@@ -12,7 +12,7 @@ from PIL import Image
 
 from helpers import make_manifest
 from monaserve.adapters import InputSpec
-from monaserve.server.images import preprocess
+from monaserve.adapters.transforms import preprocess
 from monaserve.server.postprocess import detect, original_class_map, rle_encode, segment
 
 

@@ -14,7 +14,8 @@ from PIL import Image
 from helpers import TINY, random_package
 from monaserve.adapters import AdapterPackage, Backbone
 from monaserve.server.engine import Engine
-from monaserve.server.images import ImageLimits, decode_image, preprocess
+from monaserve.adapters.transforms import preprocess
+from monaserve.server.images import ImageLimits, decode_image
 from server_harness import TOKEN, ServerProcess, image_bytes
 
 TASKS = {"birds": 4, "cars": 6, "dogs": 3}

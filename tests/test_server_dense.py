@@ -12,7 +12,8 @@ from PIL import Image
 from helpers import TINY, make_manifest, random_adapter_tensors
 from monaserve.adapters import AdapterPackage, Backbone, InputSpec, expected_shapes
 from monaserve.server.engine import Engine
-from monaserve.server.images import ImageLimits, decode_image, preprocess
+from monaserve.adapters.transforms import preprocess
+from monaserve.server.images import ImageLimits, decode_image
 from monaserve.server.postprocess import detect, segment
 from server_harness import ServerProcess, image_bytes
 

@@ -7,9 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
+from ..transforms import IGNORE_INDEX
 from .base import to_nchw
-
-IGNORE_INDEX = 255
 
 
 def _conv(in_channels: int, out_channels: int, kernel_size: int) -> Conv2dNormActivation:

@@ -1,0 +1,148 @@
+"""Training data in the formats users already have: ImageFolder, COCO detection json, images + PNG masks."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..manifest import InputSpec
+from ..transforms import prepare_boxes, prepare_mask, preprocess
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and its label: a class index, `{boxes (xyxy), labels}`, or a mask path."""
+
+    path: Path
+    target: int | dict[str, torch.Tensor] | Path
+
+
+@dataclass
+class TaskData:
+    """The samples of one dataset and its class names (in label order)."""
+
+    kind: str
+    labels: list[str]
+    samples: list[Sample] = field(default_factory=list)
+
+    def split(self, val_fraction: float, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+        """A deterministic shuffle, then the last `val_fraction` (at least one sample) for validation."""
+        order = list(range(len(self.samples)))
+        random.Random(seed).shuffle(order)
+        n_val = max(1, round(len(order) * val_fraction)) if val_fraction > 0 else 0
+        train = [self.samples[i] for i in order[: len(order) - n_val]]
+        val = [self.samples[i] for i in order[len(order) - n_val :]]
+        return train, val
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def image_folder(root: str | Path) -> TaskData:
+    """`root/<class>/<image>`: classes are the sorted folder names."""
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"{root} has no class folders (expected root/<class>/<image>)")
+    data = TaskData("classify", classes)
+    for index, name in enumerate(classes):
+        data.samples += [Sample(path, index) for path in _images_in(root / name)]
+    return data
+
+
+def coco_detection(annotations: str | Path, images: str | Path | None = None) -> TaskData:
+    """A COCO json; images are `file_name`s under `images` (default: `images/` beside the json).
+
+    Category ids map to labels 0..K-1 in id order; crowd boxes are left out.
+    """
+    annotations = Path(annotations)
+    images = Path(images) if images else annotations.parent / "images"
+    coco = json.loads(annotations.read_text())
+    categories = sorted(coco["categories"], key=lambda c: c["id"])
+    label_of = {c["id"]: i for i, c in enumerate(categories)}
+    boxes: dict[int, list[tuple[list[float], int]]] = {image["id"]: [] for image in coco["images"]}
+    for a in coco["annotations"]:
+        if not a.get("iscrowd", 0):
+            x, y, w, h = a["bbox"]
+            boxes[a["image_id"]].append(([x, y, x + w, y + h], label_of[a["category_id"]]))
+    data = TaskData("detect", [c["name"] for c in categories])
+    for image in coco["images"]:
+        entries = boxes[image["id"]]
+        target = {
+            "boxes": torch.tensor([b for b, _ in entries], dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor([label for _, label in entries], dtype=torch.int64),
+            "image_id": torch.tensor(image["id"]),
+        }
+        data.samples.append(Sample(images / image["file_name"], target))
+    return data
+
+
+def image_masks(images: str | Path, masks: str | Path, labels: Sequence[str] | None = None) -> TaskData:
+    """`images/<stem>.*` with `masks/<stem>.png` of class ids; class names from `labels`, else from a
+    `classes.json` beside the folders."""
+    images, masks = Path(images), Path(masks)
+    if labels is None:
+        names_file = images.parent / "classes.json"
+        if not names_file.exists():
+            raise ValueError(f"class names needed: pass labels or write {names_file} (a JSON list, id order)")
+        labels = json.loads(names_file.read_text())
+    data = TaskData("segment", list(labels))
+    for path in _images_in(images):
+        mask = masks / f"{path.stem}.png"
+        if not mask.exists():
+            raise ValueError(f"no mask for {path.name}: expected {mask}")
+        data.samples.append(Sample(path, mask))
+    return data
+
+
+class TaskDataset(Dataset):
+    """Images prepared like the server prepares them, with targets mapped the same way.
+
+    With `augment`, images (and their boxes and masks) are flipped left-right at random.
+    """
+
+    def __init__(self, kind: str, samples: list[Sample], spec: InputSpec, augment: bool = False) -> None:
+        self.kind, self.samples, self.spec, self.augment = kind, samples, spec, augment
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        image = Image.open(sample.path).convert("RGB")
+        mask = Image.open(sample.target) if self.kind == "segment" else None
+        flip = self.augment and random.random() < 0.5
+        if flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mask is not None else None
+        prepared = preprocess(image, self.spec)
+        if self.kind == "classify":
+            return prepared.tensor, sample.target
+        if self.kind == "segment":
+            return prepared.tensor, prepare_mask(mask, prepared, self.spec)
+        boxes = sample.target["boxes"].clone()
+        if flip:
+            boxes[:, [0, 2]] = image.width - boxes[:, [2, 0]]
+        target = dict(sample.target, boxes=prepare_boxes(boxes, prepared))
+        return prepared.tensor, target
+
+
+def collate(batch: list[tuple[torch.Tensor, object]]):
+    """Stack images; stack class indices and masks; keep detection targets as a list."""
+    images = torch.stack([image for image, _ in batch])
+    targets = [target for _, target in batch]
+    if isinstance(targets[0], int):
+        return images, torch.tensor(targets)
+    if isinstance(targets[0], torch.Tensor):
+        return images, torch.stack(targets)
+    return images, targets

@@ -1,0 +1,228 @@
+"""Mona tuning: freeze the backbone, train Mona + head, evaluate, and write an adapter package."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import safetensors.torch
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .data.datasets import TaskData, TaskDataset, coco_detection, collate, image_folder, image_masks
+from .evaluate import evaluate
+from .manifest import BackboneRef, ClassifyHeadConfig, DetectHeadConfig, InputSpec, Manifest, SegmentHeadConfig
+from .package import AdapterPackage, atomic_write
+from .swin import Backbone
+from .task_model import MonaTaskModel
+
+Kind = Literal["classify", "detect", "segment"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything `monaserve train` takes."""
+
+    kind: Kind
+    data: Path  # ImageFolder root | COCO json | images folder
+    name: str
+    masks: Path | None = None  # segment: masks folder
+    images: Path | None = None  # detect: images folder (default: images/ beside the json)
+    version: int = 1
+    out: Path | None = None  # default: <name>-<version>.safetensors
+    backbone: str = "swin_tiny_patch4_window7_224"
+    weights: str = "hub"
+    seed: int = 0
+    input_size: int = 224
+    resize: Literal["resize", "letterbox"] = "resize"
+    head_channels: int = 256  # FPN (detect) or UperNet (segment) width
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    val_fraction: float = 0.2
+    workers: int = 2
+    device: str = "auto"
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+    max_steps: int | None = None  # stop early (quick runs and tests)
+    progress: bool = True
+
+    def package_path(self) -> Path:
+        return self.out or Path(f"{self.name}-{self.version}.safetensors")
+
+
+@dataclass
+class TrainResult:
+    package: AdapterPackage
+    path: Path
+    evaluation: dict[str, float]
+    untrained: dict[str, float]
+    losses: list[float] = field(default_factory=list)
+
+
+def load_data(config: TrainConfig) -> TaskData:
+    if config.kind == "classify":
+        return image_folder(config.data)
+    if config.kind == "detect":
+        return coco_detection(config.data, config.images)
+    if config.masks is None:
+        raise ValueError("segment training needs --masks (a folder of PNG class-id masks)")
+    return image_masks(config.data, config.masks)
+
+
+def head_config(kind: Kind, channels: int) -> ClassifyHeadConfig | DetectHeadConfig | SegmentHeadConfig:
+    if kind == "classify":
+        return ClassifyHeadConfig()
+    if kind == "detect":
+        return DetectHeadConfig(fpn_channels=channels)
+    return SegmentHeadConfig(channels=channels)
+
+
+def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
+    """Linear warm-up to the base rate over `warmup` steps, then cosine decay to zero at `total`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return factor
+
+
+def _to(targets, device: torch.device):
+    if isinstance(targets, list):
+        return [{k: v.to(device) for k, v in t.items()} for t in targets]
+    return targets.to(device)
+
+
+def save_checkpoint(path: Path, model: MonaTaskModel, optimizer: torch.optim.Optimizer, epoch: int, step: int) -> None:
+    """Adapter weights and AdamW state in one safetensors file (no pickle); counters in its metadata."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.adapter_tensors().items()}
+    state = optimizer.state_dict()
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).cpu().contiguous()
+    metadata = {"epoch": str(epoch), "step": str(step), "param_groups": json.dumps(state["param_groups"])}
+    atomic_write(path, safetensors.torch.save(tensors, metadata=metadata))
+
+
+def load_checkpoint(path: Path, model: MonaTaskModel, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+    """Restore what `save_checkpoint` wrote; returns (next epoch, step)."""
+    with safetensors.safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    with torch.no_grad():
+        for name, target in model.adapter_tensors().items():
+            target.copy_(tensors[f"model.{name}"])
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
+    return int(metadata["epoch"]) + 1, int(metadata["step"])
+
+
+def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
+    """Train Mona + head on `config.data`, evaluate on the held-out split, and write the package."""
+    started = time.monotonic()
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if config.device == "auto" else config.device)
+    torch.manual_seed(config.seed)
+    data = load_data(config)
+    train_samples, val_samples = data.split(config.val_fraction, config.seed)
+    backbone = Backbone.load(config.backbone, config.weights, config.seed)
+    spec = InputSpec(size=(config.input_size, config.input_size), resize=config.resize)
+    manifest = Manifest(
+        name=config.name,
+        version=config.version,
+        kind=config.kind,
+        labels=data.labels,
+        backbone=BackboneRef(name=backbone.name, fingerprint=backbone.fingerprint),
+        input=spec,
+        head=head_config(config.kind, config.head_channels),
+    )
+    model = MonaTaskModel(backbone, manifest).to(device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    head = sum(p.numel() for p in model.head.parameters())
+    log(f"{config.kind} task {config.name!r}: {len(train_samples)} train / {len(val_samples)} val images, "
+        f"{len(data.labels)} classes, device {device}")
+    log(f"parameters: trainable {trainable:,} (Mona {trainable - head:,} + head {head:,}), frozen {frozen:,}")
+
+    loader_args = {"batch_size": config.batch_size, "collate_fn": collate, "num_workers": config.workers,
+                   "persistent_workers": config.workers > 0}
+    train_loader = DataLoader(TaskDataset(config.kind, train_samples, spec, augment=True), shuffle=True,
+                              drop_last=len(train_samples) > config.batch_size, **loader_args)
+    val_loader = DataLoader(TaskDataset(config.kind, val_samples, spec), **loader_args)
+    total_steps = config.epochs * len(train_loader)
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, total_steps))
+    untrained = evaluate(model, val_loader, device)
+    log(f"untrained: {json.dumps({k: round(v, 4) for k, v in untrained.items()})}")
+
+    checkpoint = config.checkpoint_dir / "last.safetensors" if config.checkpoint_dir else None
+    first_epoch, step = 0, 0
+    if config.resume and checkpoint is not None and checkpoint.exists():
+        first_epoch, step = load_checkpoint(checkpoint, model, optimizer)
+        for _ in range(step):
+            scheduler.step()
+        log(f"resumed from {checkpoint} at epoch {first_epoch}, step {step}")
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    losses: list[float] = []
+    model.train()
+    for epoch in range(first_epoch, config.epochs):
+        if step >= total_steps:
+            break
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress, leave=False)
+        epoch_start, seen, epoch_losses = time.monotonic(), 0, []
+        for images, targets in bar:
+            with autocast:
+                loss = model.loss(images.to(device), _to(targets, device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            seen += len(images)
+            epoch_losses.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / (time.monotonic() - epoch_start):.1f}")
+            if step >= total_steps:
+                break
+        losses += epoch_losses
+        log(f"epoch {epoch + 1}: loss {sum(epoch_losses) / max(1, len(epoch_losses)):.4f}, "
+            f"{seen / (time.monotonic() - epoch_start):.1f} img/s")
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, model, optimizer, epoch, step)
+
+    evaluation = evaluate(model, val_loader, device)
+    log(f"trained: {json.dumps({k: round(v, 4) for k, v in evaluation.items()})}")
+    summary = {
+        "method": "mona",
+        "steps": step,
+        "epochs": config.epochs,
+        "train_images": len(train_samples),
+        "val_images": len(val_samples),
+        "trainable_parameters": trainable,
+        "frozen_parameters": frozen,
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+        "evaluation": evaluation,
+        "untrained_evaluation": untrained,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    package = model.to_package(manifest.model_copy(update={"training": summary}))
+    path = package.save(config.package_path())
+    log(f"wrote {path}")
+    return TrainResult(package, path, evaluation, untrained, losses)
