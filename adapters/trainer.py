@@ -46,6 +46,7 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.05
+    clip_grad_norm: float = 10.0
     warmup_steps: int = 20
     val_fraction: float = 0.2
     workers: int = 2
@@ -166,9 +167,9 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     total_steps = config.epochs * len(train_loader)
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                                  weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, total_steps))
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable_params, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = warmup_cosine(config.warmup_steps, total_steps)
     untrained = evaluate(model, val_loader, device)
     log(f"untrained: {json.dumps({k: round(v, 4) for k, v in untrained.items()})}")
 
@@ -176,8 +177,6 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     first_epoch, step = 0, 0
     if config.resume and checkpoint is not None and checkpoint.exists():
         first_epoch, step = load_checkpoint(checkpoint, model, optimizer)
-        for _ in range(step):
-            scheduler.step()
         log(f"resumed from {checkpoint} at epoch {first_epoch}, step {step}")
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -193,8 +192,10 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
                 loss = model.loss(images.to(device), _to(targets, device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable_params, config.clip_grad_norm)
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * schedule(step)
             optimizer.step()
-            scheduler.step()
             step += 1
             seen += len(images)
             epoch_losses.append(loss.item())

@@ -87,6 +87,18 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train Mona + head on a dataset and write an adapter package."""
+    from monaserve.adapters.trainer import TrainConfig, train
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    config.weights = _backbone_weights(args)
+    config.progress = not args.no_progress
+    train(config)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start the HTTP server; exits 1 if the backbone cannot be loaded."""
     from .http_server import run
@@ -133,6 +145,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=cmd_demo_data)
 
+    train = commands.add_parser("train", help="train a task's Mona adapters and head into a package")
+    train.add_argument("kind", choices=["classify", "detect", "segment"])
+    train.add_argument("data", type=Path, help="ImageFolder root (classify), COCO json (detect), images folder (segment)")
+    train.add_argument("--name", required=True, help="task name")
+    train.add_argument("--masks", type=Path, help="segment: folder of PNG class-id masks named like the images")
+    train.add_argument("--images", type=Path, help="detect: images folder (default: images/ beside the json)")
+    train.add_argument("--version", type=int, default=1)
+    train.add_argument("--out", type=Path, help="package path (default: NAME-VERSION.safetensors)")
+    _add_backbone_arguments(train)
+    for flag, kind, default, text in [
+        ("--input-size", int, 224, "square input side (multiple of 32)"),
+        ("--head-channels", int, 256, "FPN / UperNet width"),
+        ("--epochs", int, 10, ""),
+        ("--batch-size", int, 16, ""),
+        ("--lr", float, 1e-3, "peak AdamW learning rate"),
+        ("--weight-decay", float, 0.05, ""),
+        ("--clip-grad-norm", float, 10.0, "gradient norm clip"),
+        ("--warmup-steps", int, 20, "linear warm-up before the cosine decay"),
+        ("--val-fraction", float, 0.2, "held out for the final evaluation"),
+        ("--workers", int, 2, "data loader processes"),
+        ("--max-steps", int, None, "stop after this many steps"),
+    ]:
+        train.add_argument(flag, type=kind, default=default, help=text or None)
+    train.add_argument("--resize", choices=["resize", "letterbox"], default="resize")
+    train.add_argument("--device", default="auto")
+    train.add_argument("--checkpoint-dir", type=Path, help="checkpoint every epoch here")
+    train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(handler=cmd_train)
+
     serve = commands.add_parser("serve", help="start the HTTP server")
     _add_backbone_arguments(serve)
     add = serve.add_argument
@@ -158,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--drain-delay-s", type=float, default=0.0, help="on SIGTERM, stay up this long with readiness false")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(handler=cmd_serve)
-    for sub in (info, serve):
+    for sub in (info, train, serve):
         apply_env_defaults(sub)
     return parser
 

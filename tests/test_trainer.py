@@ -1,0 +1,102 @@
+"""`monaserve train`: each kind learns on tiny shapes data, resumes from checkpoints, and its packages serve."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from monaserve.adapters import AdapterPackage
+from monaserve.adapters.data.shapes import write_shapes
+from monaserve.adapters.trainer import TrainConfig, train
+from server_harness import TOKEN, ServerProcess, image_bytes
+
+KINDS = ("classify", "detect", "segment")
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    return write_shapes(tmp_path_factory.mktemp("shapes"), num_images=10, size=64, seed=1)
+
+
+def make_config(kind: str, shapes: Path, weights: Path, out: Path, **overrides) -> TrainConfig:
+    data = {"classify": shapes / "classify", "detect": shapes / "detect" / "annotations.json", "segment": shapes / "segment" / "images"}
+    settings = dict(
+        kind=kind, data=data[kind], name=f"shapes-{kind}", masks=shapes / "segment" / "masks" if kind == "segment" else None,
+        weights=str(weights), input_size=64, head_channels=32, batch_size=8, val_fraction=0.2, lr=5e-3,
+        warmup_steps=1, workers=0, progress=False, out=out / f"{kind}.safetensors",
+    )
+    if kind == "detect":
+        settings["lr"] = 1e-3
+    return TrainConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(shapes, tiny_weights, tmp_path_factory) -> dict[str, object]:
+    out = tmp_path_factory.mktemp("packages")
+    return {kind: train(make_config(kind, shapes, tiny_weights, out, epochs=8), log=lambda _: None) for kind in KINDS}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_loss_falls_and_the_package_records_the_evaluation(trained, kind):
+    result = trained[kind]
+    assert len(result.losses) == 8  # 8 training images, one batch per epoch
+    assert sum(result.losses[-3:]) / 3 < sum(result.losses[:3]) / 3
+    package = AdapterPackage.read(result.path)
+    training = package.manifest.training
+    assert training["evaluation"] == result.evaluation and training["untrained_evaluation"] == result.untrained
+    assert (training["train_images"], training["val_images"], training["steps"]) == (8, 2, 8)
+    assert set(result.evaluation) == {"classify": {"top1", "top5"}, "detect": {"mAP", "mAP50"}, "segment": {"mIoU", "pixel_accuracy"}}[kind]
+    assert training["trainable_parameters"] > 1_408_128  # Mona on Swin-T plus the head
+
+
+def test_trained_packages_hot_load_and_serve(trained, tiny_weights, tmp_path):
+    with ServerProcess(tiny_weights, tmp_path / "store", "--admin-token", TOKEN, log=tmp_path / "log") as server:
+        with server.client() as client:
+            for kind, result in trained.items():
+                assert client.put(f"/v1/adapters/shapes-{kind}", content=result.path.read_bytes()).status_code == 201
+                response = client.post(f"/v1/tasks/shapes-{kind}/{kind}", files={"image": ("x.png", image_bytes(1, size=(64, 64), fmt="PNG"))})
+                assert response.status_code == 200, response.text
+                assert response.json()["kind"] == kind
+
+
+def test_checkpoints_resume_where_they_stopped(shapes, tiny_weights, tmp_path):
+    messages: list[str] = []
+    first = make_config("classify", shapes, tiny_weights, tmp_path, epochs=2, checkpoint_dir=tmp_path / "ck")
+    train(first, log=messages.append)
+    assert (tmp_path / "ck" / "last.safetensors").exists()
+    resumed = make_config("classify", shapes, tiny_weights, tmp_path, epochs=3, checkpoint_dir=tmp_path / "ck", resume=True)
+    result = train(resumed, log=messages.append)
+    assert any(m.startswith("resumed from") and "epoch 2, step 2" in m for m in messages)
+    assert len(result.losses) == 1 and AdapterPackage.read(result.path).manifest.training["steps"] == 3
+
+
+def test_parameter_report_matches_the_reference_figures(shapes, tiny_weights, tmp_path):
+    messages: list[str] = []
+    train(make_config("classify", shapes, tiny_weights, tmp_path, max_steps=1), log=messages.append)
+    report = next(m for m in messages if m.startswith("parameters:"))
+    assert "Mona 1,408,128 + head 3,843" in report and "frozen 27,519,354" in report
+
+
+def test_cli(shapes, tiny_weights, tmp_path):
+    monaserve = str(Path(sys.executable).with_name("monaserve"))
+    out = tmp_path / "cli.safetensors"
+    command = [monaserve, "train", "segment", str(shapes / "segment" / "images"), "--masks", str(shapes / "segment" / "masks"),
+               "--name", "cli", "--weights", str(tiny_weights), "--input-size", "64", "--head-channels", "16",
+               "--max-steps", "1", "--batch-size", "4", "--workers", "0", "--no-progress", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "parameters: trainable" in result.stdout and out.exists()
+    missing = subprocess.run(command[:4] + command[6:], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "needs --masks" in missing.stderr
+
+
+def test_warmup_then_cosine_schedule():
+    from monaserve.adapters.trainer import warmup_cosine
+
+    factor = warmup_cosine(warmup=4, total=20)
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(4) == 1.0 and factor(12) == pytest.approx(0.5) and factor(20) == pytest.approx(0.0)
+    assert all(factor(s) >= factor(s + 1) for s in range(4, 20))
