@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -138,6 +139,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                           "cpu" if config.device == "auto" else config.device)
     torch.manual_seed(config.seed)
+    random.seed(config.seed)  # flips in the data pipeline
     data = load_data(config)
     train_samples, val_samples = data.split(config.val_fraction, config.seed)
     backbone = Backbone.load(config.backbone, config.weights, config.seed)
