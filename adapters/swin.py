@@ -26,6 +26,13 @@ HUB = "hub"
 RANDOM = "random"
 
 
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when present, else the CPU; anything else is a torch device string."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 class BackboneError(ValueError):
     """A backbone name or weights source that cannot be used."""
 

@@ -20,7 +20,7 @@ from .data.datasets import TaskData, TaskDataset, coco_detection, collate, image
 from .evaluate import evaluate
 from .manifest import BackboneRef, ClassifyHeadConfig, DetectHeadConfig, InputSpec, Manifest, SegmentHeadConfig
 from .package import AdapterPackage, atomic_write
-from .swin import Backbone
+from .swin import Backbone, resolve_device
 from .task_model import MonaTaskModel
 
 Kind = Literal["classify", "detect", "segment"]
@@ -136,8 +136,7 @@ def load_checkpoint(path: Path, model: MonaTaskModel, optimizer: torch.optim.Opt
 def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     """Train Mona + head on `config.data`, evaluate on the held-out split, and write the package."""
     started = time.monotonic()
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if config.device == "auto" else config.device)
+    device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)  # flips in the data pipeline
     data = load_data(config)

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 
 from monaserve.adapters import Backbone, Manifest
+from monaserve.adapters.swin import resolve_device
 from monaserve.adapters.transforms import Prepared, preprocess
 
 from .engine import Engine
@@ -55,10 +56,6 @@ class ServeConfig:
     decode_threads: int = 4
     drain_delay_s: float = 0.0
 
-    def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
 
 
 @dataclass(frozen=True)
@@ -99,7 +96,7 @@ class Runtime:
         config = self.config
         try:
             started = time.monotonic()
-            device = config.resolved_device()
+            device = resolve_device(config.device)
             backbone = await asyncio.to_thread(Backbone.load, config.backbone, config.weights, config.seed)
             self.engine = await asyncio.to_thread(Engine, backbone, config.gpu_slots, device)
             await asyncio.get_running_loop().run_in_executor(self.worker, self.engine.warmup)
