@@ -108,6 +108,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     fields = {f.name for f in dataclasses.fields(ServeConfig)}
     config = ServeConfig(**{k: v for k, v in vars(args).items() if k in fields})
     config.weights = _backbone_weights(args)
+    if args.demo:
+        from .demo import ensure_demo
+        from .store import AdapterStore
+
+        ensure_demo(AdapterStore(config.store), config.backbone, config.weights, config.seed, config.store.parent / "demo-data")
     return run(config, host=args.host, port=args.port, log_level=args.log_level)
 
 
@@ -199,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--decode-threads", type=int, default=4)
     add("--drain-delay-s", type=float, default=0.0, help="on SIGTERM, stay up this long with readiness false")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add("--demo", action="store_true", help="first train the shapes demo tasks into the store if they are missing")
     serve.set_defaults(handler=cmd_serve)
     for sub in (info, train, serve):
         apply_env_defaults(sub)

@@ -1,0 +1,22 @@
+"""The first-run demo trains its three tasks once per backbone, into the store the server reads."""
+
+from __future__ import annotations
+
+from monaserve.server.demo import DEMO_TASKS, ensure_demo, missing_demo_tasks
+from monaserve.server.store import AdapterStore
+
+
+def test_demo_trains_once_per_backbone(tmp_path, tiny_weights, shared_backbone):
+    store = AdapterStore(tmp_path / "store")
+    quick = {"steps": 1, "size": 64, "images": 12, "progress": False, "say": lambda _: None}
+    trained = ensure_demo(store, "swin_tiny_patch4_window7_224", str(tiny_weights), 0, tmp_path / "data", **quick)
+    assert trained == list(DEMO_TASKS)
+    for task, kind in DEMO_TASKS.items():
+        manifest = store.manifest(task, 1)
+        assert manifest.kind == kind and manifest.backbone.fingerprint == shared_backbone.fingerprint
+        assert manifest.training["steps"] == 1
+    assert missing_demo_tasks(store, shared_backbone.fingerprint) == []
+    assert ensure_demo(store, "swin_tiny_patch4_window7_224", str(tiny_weights), 0, tmp_path / "data", **quick) == []
+    # another backbone's weights: the demo trains again, as new versions beside the old ones
+    retrained = ensure_demo(store, "swin_tiny_patch4_window7_224", "random", 7, tmp_path / "data", **quick)
+    assert retrained == list(DEMO_TASKS) and all(store.versions(t) == [1, 2] for t in DEMO_TASKS)
