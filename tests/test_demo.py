@@ -20,3 +20,17 @@ def test_demo_trains_once_per_backbone(tmp_path, tiny_weights, shared_backbone):
     # another backbone's weights: the demo trains again, as new versions beside the old ones
     retrained = ensure_demo(store, "swin_tiny_patch4_window7_224", "random", 7, tmp_path / "data", **quick)
     assert retrained == list(DEMO_TASKS) and all(store.versions(t) == [1, 2] for t in DEMO_TASKS)
+
+
+def test_demo_adapters_beat_untrained_ones_on_held_out_data(tmp_path):
+    """The slower check: the demo's own training (random backbone, 100 steps each) clearly learns every kind."""
+    store = AdapterStore(tmp_path / "store")
+    ensure_demo(store, "swin_tiny_patch4_window7_224", "random", 0, tmp_path / "data", progress=False, say=lambda _: None)
+    gains = {}
+    for task in DEMO_TASKS:
+        training = store.manifest(task, 1).training
+        before, after = training["untrained_evaluation"], training["evaluation"]
+        gains[task] = {metric: after[metric] - before[metric] for metric in after}
+    assert gains["shapes-classify"]["top1"] >= 0.1, gains
+    assert gains["shapes-detect"]["mAP50"] > 0.01, gains
+    assert gains["shapes-segment"]["mIoU"] >= 0.15 and gains["shapes-segment"]["pixel_accuracy"] >= 0.3, gains
