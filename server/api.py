@@ -244,13 +244,18 @@ def create_app(runtime: Runtime) -> FastAPI:
             if runtime.registry is not None and task in runtime.registry.catalog:
                 runtime.metrics.requests.labels(task, kind, str(status)).inc()
         timings = Timings(**{f"{k}_ms": round(v * 1000, 3) for k, v in result.timings_s.items()})
-        manifest, pairs = result.manifest, list(zip(result.outputs, result.prepared))
         common = {"task": task, "version": result.version, "timings_ms": timings}
-        if kind == "classify":
-            return ClassifyResponse(results=[postprocess.classify(o, manifest, top_k) for o, _ in pairs], **common)
-        if kind == "detect":
-            return DetectResponse(results=[postprocess.detect(o, manifest, p, min_score) for o, p in pairs], **common)
-        return SegmentResponse(results=[postprocess.segment(o, manifest, p, rle) for o, p in pairs], **common)
+
+        def respond() -> ClassifyResponse | DetectResponse | SegmentResponse:
+            manifest, pairs = result.manifest, list(zip(result.outputs, result.prepared))
+            if kind == "classify":
+                return ClassifyResponse(results=[postprocess.classify(o, manifest, top_k) for o, _ in pairs], **common)
+            if kind == "detect":
+                return DetectResponse(results=[postprocess.detect(o, manifest, p, min_score) for o, p in pairs], **common)
+            return SegmentResponse(results=[postprocess.segment(o, manifest, p, rle) for o, p in pairs], **common)
+
+        # mask resizing and PNG encoding are CPU work: keep them off the event loop
+        return await asyncio.get_running_loop().run_in_executor(runtime.decode_pool, respond)
 
     # ---- adapters --------------------------------------------------------------------------------
 
