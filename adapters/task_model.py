@@ -41,8 +41,8 @@ class MonaTaskModel(nn.Module):
         return self.head.predict(forward_pyramid(self.backbone, images))
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
-        """What a package holds, under package names: the trainable backbone tensors (the adapters) and the head."""
-        tensors = {name: p for name, p in self.backbone.named_parameters() if p.requires_grad}
+        """What a package holds, under package names: the Mona adapters and the head."""
+        tensors = {name: p for name, p in self.backbone.named_parameters() if ".mona" in name}
         tensors.update({f"head.{name}": t for name, t in head_tensors(self.head).items()})
         return tensors
 

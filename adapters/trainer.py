@@ -24,6 +24,7 @@ from .swin import Backbone, resolve_device
 from .task_model import MonaTaskModel
 
 Kind = Literal["classify", "detect", "segment"]
+Method = Literal["mona", "head-only", "full"]
 
 
 @dataclass
@@ -33,6 +34,7 @@ class TrainConfig:
     kind: Kind
     data: Path  # ImageFolder root | COCO json | images folder
     name: str
+    baseline: Method = "mona"  # head-only / full: the paper's FIXED and FULL baselines
     masks: Path | None = None  # segment: masks folder
     images: Path | None = None  # detect: images folder (default: images/ beside the json)
     version: int = 1
@@ -63,8 +65,8 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    package: AdapterPackage
-    path: Path
+    package: AdapterPackage | None  # None for the full baseline, which changes the backbone
+    path: Path  # the package, or the full baseline's JSON report
     evaluation: dict[str, float]
     untrained: dict[str, float]
     losses: list[float] = field(default_factory=list)
@@ -78,6 +80,23 @@ def load_data(config: TrainConfig) -> TaskData:
     if config.masks is None:
         raise ValueError("segment training needs --masks (a folder of PNG class-id masks)")
     return image_masks(config.data, config.masks)
+
+
+def configure_method(model: MonaTaskModel, method: Method) -> None:
+    """Choose what trains. `mona`: adapters and head. `head-only` (the paper's FIXED): every Mona is made
+    the exact identity (`project2` zeroed) and frozen, so only the head trains and the package still serves.
+    `full` (the paper's FULL): the same identity adapters, and every backbone weight trains."""
+    if method == "mona":
+        return
+    for name, module in model.backbone.named_modules():
+        if name.endswith((".mona1", ".mona2")):
+            with torch.no_grad():
+                module.project2.weight.zero_()
+                module.project2.bias.zero_()
+            module.requires_grad_(False)
+    if method == "full":
+        for name, parameter in model.backbone.named_parameters():
+            parameter.requires_grad_(".mona" not in name)
 
 
 def head_config(kind: Kind, channels: int) -> ClassifyHeadConfig | DetectHeadConfig | SegmentHeadConfig:
@@ -153,12 +172,17 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
         head=head_config(config.kind, config.head_channels),
     )
     model = MonaTaskModel(backbone, manifest).to(device)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    configure_method(model, config.baseline)
+    counts = {"Mona": 0, "backbone": 0, "head": 0}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            counts["head" if name.startswith("head.") else "Mona" if ".mona" in name else "backbone"] += p.numel()
+    trainable = sum(counts.values())
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    head = sum(p.numel() for p in model.head.parameters())
-    log(f"{config.kind} task {config.name!r}: {len(train_samples)} train / {len(val_samples)} val images, "
-        f"{len(data.labels)} classes, device {device}")
-    log(f"parameters: trainable {trainable:,} (Mona {trainable - head:,} + head {head:,}), frozen {frozen:,}")
+    log(f"{config.kind} task {config.name!r} ({config.baseline}): {len(train_samples)} train / {len(val_samples)} "
+        f"val images, {len(data.labels)} classes, device {device}")
+    parts = " + ".join(f"{part} {n:,}" for part, n in counts.items() if n)
+    log(f"parameters: trainable {trainable:,} ({parts}), frozen {frozen:,}")
 
     loader_args = {"batch_size": config.batch_size, "collate_fn": collate, "num_workers": config.workers,
                    "persistent_workers": config.workers > 0}
@@ -212,7 +236,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     evaluation = evaluate(model, val_loader, device)
     log(f"trained: {json.dumps({k: round(v, 4) for k, v in evaluation.items()})}")
     summary = {
-        "method": "mona",
+        "method": config.baseline,
         "steps": step,
         "epochs": config.epochs,
         "train_images": len(train_samples),
@@ -224,6 +248,11 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
         "untrained_evaluation": untrained,
         "seconds": round(time.monotonic() - started, 1),
     }
+    if config.baseline == "full":  # the backbone changed: no package can ride on the shared one
+        path = config.package_path().with_suffix(".json")
+        atomic_write(path, json.dumps(summary, indent=2).encode())
+        log(f"wrote {path} (the full baseline retrains the backbone, so it is a report, not a servable package)")
+        return TrainResult(None, path, evaluation, untrained, losses)
     package = model.to_package(manifest.model_copy(update={"training": summary}))
     path = package.save(config.package_path())
     log(f"wrote {path}")

@@ -174,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     ]:
         train.add_argument(flag, type=kind, default=default, help=text or None)
     train.add_argument("--resize", choices=["resize", "letterbox"], default="resize")
+    train.add_argument(
+        "--baseline", choices=["mona", "head-only", "full"], default="mona",
+        help="mona (default), or the paper's FIXED (head only) or FULL (whole backbone) baseline",
+    )
     train.add_argument("--device", default="auto")
     train.add_argument("--checkpoint-dir", type=Path, help="checkpoint every epoch here")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")

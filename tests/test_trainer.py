@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from monaserve.adapters import AdapterPackage
+from monaserve.adapters import AdapterPackage, check_compatible
 from monaserve.adapters.data.shapes import write_shapes
-from monaserve.adapters.trainer import TrainConfig, train
+from monaserve.adapters.trainer import TrainConfig, train, warmup_cosine
 from server_harness import TOKEN, ServerProcess, image_bytes
 
 KINDS = ("classify", "detect", "segment")
@@ -94,9 +95,28 @@ def test_cli(shapes, tiny_weights, tmp_path):
 
 
 def test_warmup_then_cosine_schedule():
-    from monaserve.adapters.trainer import warmup_cosine
-
     factor = warmup_cosine(warmup=4, total=20)
     assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert factor(4) == 1.0 and factor(12) == pytest.approx(0.5) and factor(20) == pytest.approx(0.0)
     assert all(factor(s) >= factor(s + 1) for s in range(4, 20))
+
+
+def test_head_only_baseline_trains_the_head_and_still_serves(shapes, tiny_weights, tmp_path, shared_backbone):
+    messages: list[str] = []
+    result = train(make_config("classify", shapes, tiny_weights, tmp_path, max_steps=2, baseline="head-only"), log=messages.append)
+    assert "parameters: trainable 3,843 (head 3,843), frozen" in next(m for m in messages if m.startswith("parameters:"))
+    package = AdapterPackage.read(result.path)
+    assert package.manifest.training["method"] == "head-only"
+    project2 = [t for name, t in package.tensors.items() if ".project2." in name]
+    assert project2 and all(not t.any() for t in project2)  # every Mona is the identity
+    check_compatible(package, shared_backbone)
+
+
+def test_full_baseline_trains_the_backbone_and_reports(shapes, tiny_weights, tmp_path):
+    messages: list[str] = []
+    result = train(make_config("classify", shapes, tiny_weights, tmp_path, max_steps=1, baseline="full"), log=messages.append)
+    report = next(m for m in messages if m.startswith("parameters:"))
+    assert "backbone 27,519,354 + head 3,843" in report
+    assert result.package is None and result.path.suffix == ".json"
+    summary = json.loads(result.path.read_text())
+    assert summary["method"] == "full" and set(summary["evaluation"]) == {"top1", "top5"}
