@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from monaserve.adapters import AdapterPackage, check_compatible
+from monaserve.adapters import AdapterPackage, InputSpec, check_compatible
+from monaserve.adapters.data.datasets import TaskDataset, coco_detection, image_masks
 from monaserve.adapters.data.shapes import write_shapes
 from monaserve.adapters.trainer import TrainConfig, train, warmup_cosine
 from server_harness import TOKEN, ServerProcess, image_bytes
@@ -120,3 +123,22 @@ def test_full_baseline_trains_the_backbone_and_reports(shapes, tiny_weights, tmp
     assert result.package is None and result.path.suffix == ".json"
     summary = json.loads(result.path.read_text())
     assert summary["method"] == "full" and set(summary["evaluation"]) == {"top1", "top5"}
+
+
+def test_augmentation_keeps_boxes_and_masks_on_their_pixels(shapes):
+    spec = InputSpec(size=(64, 64))
+    random.seed(3)
+    detect = coco_detection(shapes / "detect" / "annotations.json")
+    masks = image_masks(shapes / "segment" / "images", shapes / "segment" / "masks")
+    plain_boxes = TaskDataset("detect", detect.samples, spec)[0][1]["boxes"]
+    plain_mask = TaskDataset("segment", masks.samples, spec)[0][1]
+    seen_flip = False
+    for _ in range(20):
+        image, target = TaskDataset("detect", detect.samples, spec, augment=True)[0]
+        flipped = plain_boxes.clone()
+        flipped[:, [0, 2]] = 64 - plain_boxes[:, [2, 0]]
+        assert torch.allclose(target["boxes"], plain_boxes) or torch.allclose(target["boxes"], flipped)
+        seen_flip |= torch.allclose(target["boxes"], flipped) and not torch.allclose(flipped, plain_boxes)
+        _, mask = TaskDataset("segment", masks.samples, spec, augment=True)[0]
+        assert torch.equal(mask, plain_mask) or torch.equal(mask, plain_mask.flip(-1))
+    assert seen_flip
