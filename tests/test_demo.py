@@ -31,6 +31,6 @@ def test_demo_adapters_beat_untrained_ones_on_held_out_data(tmp_path):
         training = store.manifest(task, 1).training
         before, after = training["untrained_evaluation"], training["evaluation"]
         gains[task] = {metric: after[metric] - before[metric] for metric in after}
-    assert gains["shapes-classify"]["top1"] >= 0.1, gains
-    assert gains["shapes-detect"]["mAP50"] > 0.01, gains
+    assert gains["shapes-classify"]["top1"] >= 0.08, gains
+    assert gains["shapes-detect"]["mAP50"] > 0.005, gains
     assert gains["shapes-segment"]["mIoU"] >= 0.15 and gains["shapes-segment"]["pixel_accuracy"] >= 0.3, gains
