@@ -69,7 +69,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("paper eq. (6)", f"{budget.paper_eq6_parameters:,} ({budget.paper_eq6_percent:.2f}%)"),
         ("folded per task", f"{budget.folded_parameters:,} values in a GPU slot "
          f"({budget.folded_parameters * 2 / 2**20:.1f} MiB bf16)"),
-        (f"classify head", f"{head:,} ({args.num_classes} classes)"),
+        ("classify head", f"{head:,} ({args.num_classes} classes)"),
         ("package (fp32)", f"{(budget.mona_parameters + head) * 4 / 2**20:.1f} MiB per task version"),
     ]
     width = max(len(name) for name, _ in rows)
