@@ -4,7 +4,7 @@ Importable without FastAPI.
 """
 
 from .accounting import AdapterBudget, adapter_budget, mona_parameters, paper_eq6_parameters
-from .bank import MonaBank
+from .bank import DENSE_RUN_LIMIT, MonaBank, SlotRouting, SlotRun
 from .compat import check_compatible, expected_shapes
 from .fingerprint import fingerprint_module
 from .heads import ClassifyHead, DetectHead, SegmentHead, build_head, head_tensors, load_head
@@ -19,7 +19,7 @@ from .manifest import (
     SegmentHeadConfig,
     validate_task_name,
 )
-from .mona import INNER_DIM, FoldedMona, Mona, fold_mona
+from .mona import INNER_DIM, FoldedMona, Mona, fold_mona, fold_mona_state
 from .package import AdapterError, AdapterPackage, IncompatibleAdapterError, PackageFormatError, read_manifest
 from .swin import (
     SUPPORTED_BACKBONES,
@@ -33,6 +33,7 @@ from .swin import (
 from .task_model import MonaTaskModel
 
 __all__ = [
+    "DENSE_RUN_LIMIT",
     "FORMAT",
     "INNER_DIM",
     "SUPPORTED_BACKBONES",
@@ -57,6 +58,8 @@ __all__ = [
     "PackageFormatError",
     "SegmentHead",
     "SegmentHeadConfig",
+    "SlotRouting",
+    "SlotRun",
     "adapter_budget",
     "adapter_modules",
     "build_head",
@@ -65,6 +68,7 @@ __all__ = [
     "expected_shapes",
     "fingerprint_module",
     "fold_mona",
+    "fold_mona_state",
     "forward_pyramid",
     "head_tensors",
     "inject_mona",

@@ -18,7 +18,7 @@ def expected_shapes(manifest: Manifest, backbone: Backbone) -> dict[str, tuple[i
     """Tensor name -> shape that a package with `manifest` must hold for `backbone`."""
     shapes: dict[str, tuple[int, ...]] = {}
     with torch.device("meta"):
-        by_width = {dim: Mona(dim, manifest.mona_inner_dim) for _, dim in block_dims(backbone.model)}
+        by_width = {dim: Mona(dim, manifest.mona_inner_dim) for dim in {dim for _, dim in block_dims(backbone.model)}}
         head = build_head(manifest, backbone.stage_dims)
     for path, dim in block_dims(backbone.model):
         for position in ("mona1", "mona2"):

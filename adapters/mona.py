@@ -9,6 +9,7 @@ affine and both scales inside the down projection.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -53,8 +54,8 @@ class Mona(nn.Module):
         self.dropout = nn.Dropout(p=dropout)
         self.project2 = nn.Linear(inner_dim, dim)
 
-    def forward(self, x: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
-        """Adapt `x`; `slots` is accepted for interface parity with `MonaBank` and ignored (one task)."""
+    def forward(self, x: torch.Tensor, routing: object = None) -> torch.Tensor:
+        """Adapt `x`; `routing` is accepted for interface parity with `MonaBank` and ignored (one task)."""
         h = self.norm(x) * self.gamma + x * self.gammax
         h = self.project1(h).permute(0, 3, 1, 2)
         h = self.adapter_conv(h).permute(0, 2, 3, 1)
@@ -88,10 +89,15 @@ def _pad_to(kernel: torch.Tensor, size: int) -> torch.Tensor:
     return F.pad(kernel, (pad, pad, pad, pad))
 
 
-@torch.no_grad()
 def fold_mona(mona: Mona) -> FoldedMona:
     """Fold a trained `Mona` into `FoldedMona`; computed in float64, returned in float32."""
-    p = {name: t.detach().to(torch.float64) for name, t in mona.state_dict().items()}
+    return fold_mona_state(mona.state_dict())
+
+
+@torch.no_grad()
+def fold_mona_state(state: Mapping[str, torch.Tensor]) -> FoldedMona:
+    """`fold_mona` on a `Mona` state dict (names as in `Mona.state_dict()`), without building the module."""
+    p = {name: t.detach().to(torch.float64) for name, t in state.items()}
     w1, b1 = p["project1.weight"], p["project1.bias"]
     ln_scale = p["norm.weight"] * p["gamma"]
     scaled_down = w1 * ln_scale

@@ -10,6 +10,7 @@ import torch
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from torch import nn
 
+from .bank import SlotRouting
 from .fingerprint import fingerprint_module
 
 SUPPORTED_BACKBONES = (
@@ -117,17 +118,17 @@ class MonaSwinBlock(SwinTransformerBlock):
     """timm's Swin block with an adapter after the attention residual and after the MLP residual.
 
     Built by `inject_mona` from an existing block (its class is swapped), so timm's own submodules and
-    their state-dict names stay as they are. `slots` routes per-sample adapter slots to a `MonaBank`.
+    their state-dict names stay as they are. `routing` carries per-sample adapter slots to a `MonaBank`.
     """
 
     mona1: nn.Module
     mona2: nn.Module
 
-    def forward(self, x: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routing: SlotRouting | None = None) -> torch.Tensor:
         x = x + self.drop_path1(self._attn(self.norm1(x)))
-        x = self.mona1(x, slots)
+        x = self.mona1(x, routing)
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return self.mona2(x, slots)
+        return self.mona2(x, routing)
 
 
 def inject_mona(model: SwinTransformer, make_adapter: Callable[[int], nn.Module]) -> None:
@@ -152,18 +153,20 @@ def adapter_modules(model: SwinTransformer) -> dict[str, nn.Module]:
     }
 
 
-def forward_pyramid(model: SwinTransformer, images: torch.Tensor, slots: torch.Tensor | None = None) -> list[torch.Tensor]:
+def forward_pyramid(
+    model: SwinTransformer, images: torch.Tensor, routing: SlotRouting | None = None
+) -> list[torch.Tensor]:
     """Run the backbone and return each stage's NHWC output; the last is passed through the final norm.
 
-    This is timm's `forward_intermediates(norm=True)` with `slots` threaded into every (injected) block;
-    without `slots` it also runs a plain or single-task model.
+    This is timm's `forward_intermediates(norm=True)` with `routing` threaded into every (injected) block;
+    without `routing` it also runs a plain or single-task model.
     """
     x = model.patch_embed(images)
     features = []
     for stage in model.layers:
         x = stage.downsample(x)
         for block in stage.blocks:
-            x = block(x) if slots is None else block(x, slots)
+            x = block(x) if routing is None else block(x, routing)
         features.append(x)
     features[-1] = model.norm(features[-1])
     return features

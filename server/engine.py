@@ -8,17 +8,18 @@ import torch
 from torch import nn
 
 from monaserve.adapters import (
+    DENSE_RUN_LIMIT,
     INNER_DIM,
     AdapterPackage,
     Backbone,
     IncompatibleAdapterError,
     Manifest,
-    Mona,
     MonaBank,
+    SlotRouting,
     adapter_modules,
     build_head,
     check_compatible,
-    fold_mona,
+    fold_mona_state,
     forward_pyramid,
     inject_mona,
     load_head,
@@ -45,6 +46,7 @@ class Engine:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         inner_dim: int = INNER_DIM,
+        dense_run_limit: int = DENSE_RUN_LIMIT,
     ) -> None:
         if num_slots < 1:
             raise ValueError("an engine needs at least one adapter slot")
@@ -52,7 +54,7 @@ class Engine:
         self.device = torch.device(device)
         self.dtype = dtype or default_dtype(self.device)
         self.inner_dim = inner_dim
-        inject_mona(backbone.model, lambda dim: MonaBank(dim, inner_dim, num_slots))
+        inject_mona(backbone.model, lambda dim: MonaBank(dim, inner_dim, num_slots, dense_run_limit=dense_run_limit))
         self.model = backbone.model.to(self.device, self.dtype).eval()
         self.banks: dict[str, MonaBank] = adapter_modules(self.model)
         self.heads: list[nn.Module | None] = [None] * num_slots
@@ -91,11 +93,8 @@ class Engine:
         manifest = package.manifest
         head = build_head(manifest, self.backbone.stage_dims)
         load_head(head, package.subset("head."))
-        folded = {}
-        for path, bank in self.banks.items():
-            mona = Mona(bank.dim, self.inner_dim)
-            mona.load_state_dict(package.subset(f"{path}."))
-            folded[path] = fold_mona(mona)
+        # check() has verified every tensor's name and shape, so the state dicts fold directly
+        folded = {path: fold_mona_state(package.subset(f"{path}.")) for path in self.banks}
         for path, bank in self.banks.items():
             bank.write(slot, folded[path])
         self.heads[slot] = head.to(self.device, self.dtype).eval()
@@ -105,7 +104,7 @@ class Engine:
     def warmup(self, batch_size: int = 1) -> None:
         """Run the backbone once at its input size so first requests do not pay for lazy initialisation."""
         images = torch.zeros(batch_size, 3, *self.backbone.input_size, device=self.device, dtype=self.dtype)
-        forward_pyramid(self.model, images, torch.zeros(batch_size, dtype=torch.long, device=self.device))
+        forward_pyramid(self.model, images, SlotRouting.of([0] * batch_size, self.device))
 
     def evict(self, slot: int) -> None:
         """Empty `slot`: its adapters become the identity and its head is dropped."""
@@ -125,17 +124,20 @@ class Engine:
         slot_ids = torch.as_tensor(slots, dtype=torch.long)
         if slot_ids.shape != (images.shape[0],):
             raise ValueError(f"need one slot per image: {images.shape[0]} images, slots of shape {tuple(slot_ids.shape)}")
-        used = slot_ids.unique().tolist()
-        for slot in used:
+        for slot in slot_ids.unique().tolist():
             self._check_slot(slot)
             if self.heads[slot] is None:
                 raise LookupError(f"slot {slot} holds no adapter")
-        features = forward_pyramid(self.model, images.to(self.device, self.dtype), slot_ids.to(self.device))
+        # Sort by slot so each task is one contiguous run: dense adapter ops and head inputs are slices.
+        order = torch.argsort(slot_ids, stable=True)
+        routing = SlotRouting.of(slot_ids[order], self.device)
+        images = images.to(self.device, self.dtype)[order.to(self.device)]
+        features = forward_pyramid(self.model, images, routing)
         outputs: list[HeadOutput | None] = [None] * len(slot_ids)
-        for slot in used:
-            index = (slot_ids == slot).nonzero().squeeze(1)
-            predictions = self.heads[slot].predict([level[index.to(self.device)] for level in features])
-            for i, prediction in zip(index.tolist(), predictions):
+        positions = order.tolist()
+        for slot, start, stop in routing.runs:
+            predictions = self.heads[slot].predict([level[start:stop] for level in features])
+            for i, prediction in zip(positions[start:stop], predictions):
                 outputs[i] = _to_host(prediction)
         return outputs
 

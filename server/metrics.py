@@ -38,6 +38,12 @@ class Metrics:
             registry=r,
         )
         self.batch_size = Histogram("monaserve_batch_size", "Images per engine batch.", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_seconds = Histogram(
+            "monaserve_batch_seconds",
+            "Engine time per batch: backbone, adapters, heads and the copy to the host.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.batch_tasks = Histogram(
             "monaserve_batch_tasks", "Distinct adapter slots per engine batch.", buckets=BATCH_BUCKETS, registry=r
         )

@@ -158,6 +158,7 @@ class Scheduler:
                 item.job.settle(item.index, error=exc)
             return
         finished = time.monotonic()
+        self.metrics.batch_seconds.observe(finished - started)
         self.metrics.batch_size.observe(len(live))
         self.metrics.batch_tasks.observe(len({item.job.slot for item in live}))
         for item, output in zip(live, outputs):

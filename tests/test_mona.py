@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import randomize_
-from monaserve.adapters import SUPPORTED_BACKBONES, Mona, MonaBank, create_swin, fold_mona, mona_parameters
+from monaserve.adapters import SUPPORTED_BACKBONES, Mona, MonaBank, SlotRouting, create_swin, fold_mona, mona_parameters
 from monaserve.adapters.swin import block_dims
 
 
@@ -122,8 +122,10 @@ def test_folded_equals_reference(backbone, dim, side):
     bank.write(0, fold_mona(mona))
     x = 3.0 * torch.randn(2, side, side, dim) + torch.randn(dim)  # per-channel offsets, as in Swin streams
     expected = mona(x)
-    actual = bank(x, torch.zeros(2, dtype=torch.long))
-    assert (actual - expected).abs().max().item() < 1e-5 * max(1.0, expected.abs().max().item())
+    tolerance = 1e-5 * max(1.0, expected.abs().max().item())
+    assert (bank(x, SlotRouting.of([0, 0])) - expected).abs().max().item() < tolerance
+    bank.dense_run_limit = 0  # the gathered per-sample path
+    assert (bank(x, SlotRouting.of([0, 0])) - expected).abs().max().item() < tolerance
 
 
 def test_folded_on_non_square_map():
@@ -131,31 +133,40 @@ def test_folded_on_non_square_map():
     bank = MonaBank(128, 64, num_slots=1)
     bank.write(0, fold_mona(mona))
     x = torch.randn(3, 5, 11, 128)
-    torch.testing.assert_close(bank(x, torch.zeros(3, dtype=torch.long)), mona(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bank(x, SlotRouting.of([0, 0, 0])), mona(x), rtol=1e-5, atol=1e-5)
 
 
 def test_empty_slot_is_identity():
     bank = MonaBank(96, 64, num_slots=4)
     x = torch.randn(2, 7, 7, 96)
-    assert torch.equal(bank(x, torch.tensor([0, 3])), x)
+    assert torch.equal(bank(x, SlotRouting.of([0, 3])), x)
 
 
-def test_bank_routes_each_sample_to_its_own_slot():
+@pytest.mark.parametrize("dense_run_limit", [0, 8], ids=["per-sample", "dense-runs"])
+def test_bank_routes_each_sample_to_its_own_slot(dense_run_limit):
     monas = [randomize_(Mona(192), seed=s).eval() for s in range(3)]
-    bank = MonaBank(192, 64, num_slots=3)
+    bank = MonaBank(192, 64, num_slots=3, dense_run_limit=dense_run_limit)
     for slot, mona in enumerate(monas):
         bank.write(slot, fold_mona(mona))
-    x = torch.randn(5, 14, 14, 192)
-    slots = torch.tensor([2, 0, 1, 2, 0])
-    out = bank(x, slots)
-    for i, slot in enumerate(slots.tolist()):
+    x = torch.randn(6, 14, 14, 192)
+    slots = [2, 2, 0, 1, 1, 2]  # four runs: unsorted batches work on every path
+    out = bank(x, SlotRouting.of(slots))
+    for i, slot in enumerate(slots):
         torch.testing.assert_close(out[i : i + 1], monas[slot](x[i : i + 1]), rtol=1e-5, atol=1e-5)
     bank.clear(2)
-    assert torch.equal(bank(x[:1], torch.tensor([2])), x[:1])
+    assert torch.equal(bank(x[:1], SlotRouting.of([2])), x[:1])
+
+
+def test_routing_finds_runs_of_equal_slots():
+    routing = SlotRouting.of(torch.tensor([3, 3, 0, 1, 1, 1, 3]))
+    assert [tuple(run) for run in routing.runs] == [(3, 0, 2), (0, 2, 3), (1, 3, 6), (3, 6, 7)]
+    assert len(routing) == 7 and routing.slots.dtype == torch.long
+    with pytest.raises(ValueError, match="at least one sample"):
+        SlotRouting.of([])
 
 
 def test_bank_requires_slots():
-    with pytest.raises(ValueError, match="slot id"):
+    with pytest.raises(ValueError, match="SlotRouting"):
         MonaBank(96, 64, 2)(torch.randn(1, 7, 7, 96))
 
 
