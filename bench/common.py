@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("MONASERVE_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
+"""Where results go: bench/results, or $MONASERVE_BENCH_RESULTS (the tests' smoke runs)."""
 
 
 def device_name(device: torch.device) -> str:
