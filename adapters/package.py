@@ -14,6 +14,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import safetensors.torch
 import torch
@@ -89,9 +90,14 @@ def read_manifest(path: str | Path) -> Manifest:
     """A package's manifest from its header alone, without reading the tensors."""
     path = Path(path)
     with path.open("rb") as f:
-        first = f.read(8)
-        length = _header_length(first, path.stat().st_size)
-        return _manifest_from(_parse_header(first, f.read(length)))
+        return read_manifest_from(f, path.stat().st_size)
+
+
+def read_manifest_from(file: BinaryIO, size: int) -> Manifest:
+    """`read_manifest` on an open binary file (local or remote) of `size` bytes, positioned at its start."""
+    first = file.read(8)
+    length = _header_length(first, size)
+    return _manifest_from(_parse_header(first, file.read(length)))
 
 
 def atomic_write(path: str | Path, data: bytes, overwrite: bool = True) -> Path:

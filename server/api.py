@@ -42,6 +42,7 @@ from .schemas import (
 )
 
 log = logging.getLogger(__name__)
+REPLICA_HEADER = "X-Monaserve-Replica"
 ADMIN_PREFIX = "/v1/adapters"
 ERROR_RESPONSES = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 413, 415, 422, 503, 504, 507)}
 IMAGE_BODY = {
@@ -155,6 +156,25 @@ async def read_images(request: Request, max_images: int) -> list[bytes]:
     )
 
 
+class ReplicaHeader:
+    """ASGI middleware: every HTTP response names the replica that made it (`X-Monaserve-Replica`)."""
+
+    def __init__(self, app: ASGIApp, replica: str) -> None:
+        self.app = app
+        self.header = (REPLICA_HEADER.lower().encode(), replica.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_tagged(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_tagged)
+
+
 def create_app(runtime: Runtime) -> FastAPI:
     config = runtime.config
 
@@ -175,6 +195,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.add_middleware(
         BodyLimit, default_limit=int(config.max_request_mb * 2**20), upload_limit=MAX_PACKAGE_BYTES + 2**20
     )
+    app.add_middleware(ReplicaHeader, replica=config.replica_id)
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> JSONResponse:

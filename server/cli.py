@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -108,11 +109,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     fields = {f.name for f in dataclasses.fields(ServeConfig)}
     config = ServeConfig(**{k: v for k, v in vars(args).items() if k in fields})
     config.weights = _backbone_weights(args)
+    config.replica_id = args.replica_id or f"{socket.gethostname()}:{args.port}"
     if args.demo:
         from .demo import ensure_demo
         from .store import AdapterStore
 
-        ensure_demo(AdapterStore(config.store), config.backbone, config.weights, config.seed, config.store.parent / "demo-data")
+        ensure_demo(AdapterStore(config.store), config.backbone, config.weights, config.seed, args.demo_data)
     return run(config, host=args.host, port=args.port, log_level=args.log_level)
 
 
@@ -189,7 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     add = serve.add_argument
     add("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in containers)")
     add("--port", type=int, default=8000)
-    add("--store", type=Path, default=Path("var/adapters"), help="adapter store directory")
+    add("--store", default="var/adapters", help="adapter store: a directory, or an fsspec URL such as s3://bucket/prefix")
+    add("--catalog-refresh-s", type=float, default=10.0, help="re-read the store this often (0: only on a miss)")
+    add("--replica-id", default=None, help="this replica's name in responses and metrics (default: host:port)")
+    add("--demo-data", type=Path, default=Path("var/demo-data"), help="where --demo writes its training images")
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add("--gpu-slots", type=int, default=16, help="adapter slots on the device")
     add("--gpu-adapter-mb", type=float, default=None, help="device memory budget for adapters (default: slots only)")

@@ -63,7 +63,8 @@ def ensure_demo(
             kind=kind, data=path, masks=masks, name=task, version=version, backbone=backbone, weights=weights,
             seed=seed, input_size=size, head_channels=64, epochs=1000, max_steps=steps, batch_size=8,
             lr=1e-3 if kind == "detect" else 5e-3, warmup_steps=10, workers=0, progress=progress,
-            out=store.path(task, version),
+            out=data_dir / f"{task}-{version}.safetensors",
         )
         train(config, log=say)
+        store.write(task, version, config.out.read_bytes())
     return missing

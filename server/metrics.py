@@ -70,6 +70,7 @@ class Metrics:
         self.device_memory = Gauge(
             "monaserve_device_memory_bytes", "Device memory allocated by the engine (CUDA only).", registry=r
         )
+        self.replica = Gauge("monaserve_replica", "1, labelled with this replica's id.", ["replica"], registry=r)
         self.ready = Gauge("monaserve_ready", "1 when the server is ready to serve.", registry=r)
 
     def track_device_memory(self, read: Callable[[], float]) -> None:

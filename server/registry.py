@@ -42,6 +42,7 @@ Location = Literal["gpu", "cpu", "store"]
 class VersionInfo:
     manifest: Manifest
     nbytes: int
+    signature: str  # the stored file's; a different one means the version was purged and stored anew
 
 
 @dataclass
@@ -123,12 +124,12 @@ class Registry:
     def _read_task(self, task: str) -> dict[int, VersionInfo]:
         """Versions of `task` in the store (runs in a thread). Unreadable files are logged and skipped."""
         infos = {}
-        for version in self.store.versions(task):
+        for version, stored in self.store.versions(task).items():
             key = (task, version)
             info = self._known.get(key)
-            if info is None:
+            if info is None or info.signature != stored.signature:
                 try:
-                    info = VersionInfo(self.store.manifest(task, version), self.store.size(task, version))
+                    info = VersionInfo(self.store.manifest(task, version), stored.size, stored.signature)
                 except Exception as exc:  # any broken file: skip it, keep the others
                     self.metrics.store_errors.inc()
                     log.error("store: skipping %s/%s.safetensors: %s", task, version, exc)
@@ -145,6 +146,9 @@ class Registry:
         if self._generation.get(task, 0) != generation:
             return self.catalog.get(task)
         entry = self.catalog.get(task)
+        if entry is not None:  # versions purged or replaced in the store (by this or another replica)
+            gone = [v for v, info in entry.versions.items() if v not in infos or infos[v].signature != info.signature]
+            self._forget(task, gone)
         if not infos:
             self.catalog.pop(task, None)
             return None
@@ -153,9 +157,29 @@ class Registry:
             return entry
         new = infos.keys() - entry.versions.keys()
         entry.versions = infos
+        previous = entry.serving
         if (new and max(new) > entry.serving) or entry.serving not in infos:
             entry.serving = max(infos)
+        if entry.serving != previous and (task, previous) in self.residents and entry.enabled:
+            self._preload((task, entry.serving))  # the task is in use here: have the new version ready
         return entry
+
+    def _forget(self, task: str, versions: list[int]) -> None:
+        """Drop what this replica holds of versions that left the store: slots, cache and known headers."""
+        for version in versions:
+            key = (task, version)
+            if key in self.residents:
+                self._retire(self.residents[key])
+            self.cpu_cache.pop(key)
+            self._known.pop(key, None)
+        if versions:
+            self.metrics.cpu_cache_bytes.set(self.cpu_cache.nbytes)
+            log.info("store: %s v%s left the store; dropped here", task, ",".join(map(str, versions)))
+
+    def _preload(self, key: Key) -> None:
+        """Load `key` in the background; a failure is logged (and retried by the next request)."""
+        load = asyncio.ensure_future(self.ensure_loaded(key))
+        load.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     async def refresh(self) -> None:
         """Re-read the whole store into the catalog."""
@@ -369,12 +393,12 @@ class Registry:
             raise VersionExists(f"version {version} of {task!r} already exists; versions are immutable")
         await self.ensure_loaded(key, package)
         try:
-            await asyncio.to_thread(self.store.write, task, version, data)
+            stored = await asyncio.to_thread(self.store.write, task, version, data)
         except BaseException:
             if key in self.residents:  # the store is the truth: drop what we loaded
                 self._retire(self.residents[key])
             raise
-        info = self._known[key] = VersionInfo(package.manifest, len(data))
+        info = self._known[key] = VersionInfo(package.manifest, stored.size, stored.signature)
         self._generation[task] = self._generation.get(task, 0) + 1
         entry = self.catalog.get(task)
         if entry is None:

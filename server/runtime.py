@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -37,7 +36,7 @@ class ServeConfig:
     backbone: str = "swin_tiny_patch4_window7_224"
     weights: str = "hub"
     seed: int = 0
-    store: Path = Path("var/adapters")
+    store: str = "var/adapters"
     device: str = "auto"
     gpu_slots: int = 16
     gpu_adapter_mb: float | None = None
@@ -55,6 +54,8 @@ class ServeConfig:
     max_request_mb: float = 64.0
     decode_threads: int = 4
     drain_delay_s: float = 0.0
+    catalog_refresh_s: float = 10.0
+    replica_id: str = "monaserve"
 
 
 
@@ -86,6 +87,8 @@ class Runtime:
         self.registry: Registry | None = None
         self.scheduler: Scheduler | None = None
         self._scheduler_task: asyncio.Task | None = None
+        self._refresh_task: asyncio.Task | None = None
+        self.metrics.replica.labels(config.replica_id).set(1)
 
     @property
     def ready(self) -> bool:
@@ -129,6 +132,8 @@ class Runtime:
             log.exception("start-up failed")
             self.on_fatal()
             return
+        if config.catalog_refresh_s > 0:
+            self._refresh_task = asyncio.create_task(self._refresh_catalog())
         self.state = "ready"
         self.metrics.ready.set(1)
         log.info(
@@ -143,6 +148,16 @@ class Runtime:
             self.metrics.ready.set(0)
             log.error("the scheduler stopped", exc_info=task.exception())
             self.on_fatal()
+
+    async def _refresh_catalog(self) -> None:
+        """Re-read the store every `catalog_refresh_s`: other replicas' uploads and purges show up here."""
+        while True:
+            await asyncio.sleep(self.config.catalog_refresh_s)
+            try:
+                await self.registry.refresh()
+            except Exception as exc:  # a store outage must not stop serving what is loaded
+                self.metrics.store_errors.inc()
+                log.error("catalog refresh failed: %s", exc)
 
     async def _preload(self) -> None:
         wanted = self.config.preload.strip()
@@ -164,6 +179,8 @@ class Runtime:
     async def stop(self) -> None:
         """Finish what is queued, then stop the threads."""
         self.begin_drain()
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
         if self.scheduler is not None:
             self.scheduler.close()
             await asyncio.gather(self._scheduler_task, return_exceptions=True)  # a failure was logged already

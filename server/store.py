@@ -1,14 +1,22 @@
-"""The adapter store: a directory of `<task>/<version>.safetensors`, one immutable file per version."""
+"""The adapter store: `<task>/<version>.safetensors`, one immutable file per version, on any fsspec filesystem.
+
+A local or mounted directory (the default), or an object store such as `s3://bucket/prefix` (the `s3`
+extra; credentials and endpoint from the usual AWS environment variables). Replicas that share a store
+see each other's uploads and purges when they re-read it.
+"""
 
 from __future__ import annotations
 
 import logging
 import re
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-from monaserve.adapters import AdapterError, Manifest, read_manifest, validate_task_name
-from monaserve.adapters.package import atomic_write
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from monaserve.adapters import AdapterError, Manifest, validate_task_name
+from monaserve.adapters.package import atomic_write, read_manifest_from
 
 from .errors import VersionExists
 
@@ -16,41 +24,61 @@ log = logging.getLogger(__name__)
 VERSION_FILE = re.compile(r"^([1-9][0-9]{0,9})\.safetensors$")
 
 
+@dataclass(frozen=True)
+class StoredFile:
+    """One stored version: its size, and a signature that changes if the file is replaced."""
+
+    size: int
+    signature: str
+
+
 class AdapterStore:
-    """Packages on a local (or mounted, shared) directory; writes are atomic and never clobber a version."""
+    """Packages under one root; writes are atomic and never clobber an existing version.
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+    On a local filesystem the no-clobber write is a hard link that fails if the version exists. Object
+    stores write whole objects atomically, but the existence check and the write are two calls there, so
+    two replicas uploading the same new version at the same instant can both succeed (the later wins).
+    """
 
-    def path(self, task: str, version: int) -> Path:
-        return self.root / validate_task_name(task) / f"{int(version)}.safetensors"
+    def __init__(self, url: str | Path) -> None:
+        self.url = str(url)
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.root = self.root.rstrip("/")
+        self.local = isinstance(self.fs, LocalFileSystem)
+        if self.local:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+
+    def path(self, task: str, version: int) -> str:
+        return f"{self.root}/{validate_task_name(task)}/{int(version)}.safetensors"
 
     def tasks(self) -> list[str]:
         """Task folders with a valid name, sorted."""
         names = []
-        for entry in self.root.iterdir():
+        for entry in self._list(self.root):
+            if entry["type"] != "directory":
+                continue
+            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
             try:
-                if entry.is_dir():
-                    names.append(validate_task_name(entry.name))
+                names.append(validate_task_name(name))
             except ValueError:
-                log.warning("store: ignoring folder with an invalid task name: %r", entry.name)
+                log.warning("store: ignoring folder with an invalid task name: %r", name)
         return sorted(names)
 
-    def versions(self, task: str) -> list[int]:
-        """Versions of `task` present in the store, ascending."""
-        folder = self.root / validate_task_name(task)
-        if not folder.is_dir():
-            return []
-        return sorted(int(m.group(1)) for p in folder.iterdir() if (m := VERSION_FILE.match(p.name)))
-
-    def size(self, task: str, version: int) -> int:
-        return self.path(task, version).stat().st_size
+    def versions(self, task: str) -> dict[int, StoredFile]:
+        """Versions of `task` present in the store, ascending, with their size and signature."""
+        found = {}
+        for entry in self._list(f"{self.root}/{validate_task_name(task)}"):
+            match = VERSION_FILE.match(entry["name"].rsplit("/", 1)[-1])
+            if match and entry["type"] == "file":
+                found[int(match.group(1))] = StoredFile(int(entry["size"]), _signature(entry))
+        return dict(sorted(found.items()))
 
     def manifest(self, task: str, version: int) -> Manifest:
         """The manifest from the file's header; raises `AdapterError` if the file is not a valid package
         or its manifest disagrees with where it is stored."""
-        manifest = read_manifest(self.path(task, version))
+        path = self.path(task, version)
+        with self.fs.open(path, "rb") as f:
+            manifest = read_manifest_from(f, self.fs.size(path))
         if (manifest.name, manifest.version) != (task, version):
             raise AdapterError(
                 f"{task}/{version}.safetensors holds {manifest.name!r} v{manifest.version}; name and version must match its path"
@@ -58,15 +86,41 @@ class AdapterStore:
         return manifest
 
     def read(self, task: str, version: int) -> bytes:
-        return self.path(task, version).read_bytes()
+        return self.fs.cat_file(self.path(task, version))
 
-    def write(self, task: str, version: int, data: bytes) -> Path:
+    def write(self, task: str, version: int, data: bytes) -> StoredFile:
         """Store a new version atomically; an existing version is never overwritten."""
-        try:
-            return atomic_write(self.path(task, version), data, overwrite=False)
-        except FileExistsError:
-            raise VersionExists(f"version {version} of {task!r} already exists; versions are immutable") from None
+        path = self.path(task, version)
+        exists = VersionExists(f"version {version} of {task!r} already exists; versions are immutable")
+        if self.local:
+            try:
+                atomic_write(path, data, overwrite=False)
+            except FileExistsError:
+                raise exists from None
+        elif self.fs.exists(path):
+            raise exists
+        else:
+            self.fs.pipe_file(path, data)
+        self.fs.invalidate_cache(path)
+        info = self.fs.info(path)
+        return StoredFile(int(info["size"]), _signature(info))
 
     def delete(self, task: str) -> None:
         """Remove every version of `task`."""
-        shutil.rmtree(self.root / validate_task_name(task), ignore_errors=True)
+        folder = f"{self.root}/{validate_task_name(task)}"
+        if self.fs.exists(folder):
+            self.fs.rm(folder, recursive=True)
+
+    def _list(self, folder: str) -> list[dict]:
+        """Entries of `folder` as fsspec `ls` details, fresh (no listing cache); none if it is missing."""
+        self.fs.invalidate_cache(folder)
+        try:
+            return self.fs.ls(folder, detail=True)
+        except FileNotFoundError:
+            return []
+
+
+def _signature(entry: dict) -> str:
+    """What changes when a stored object is replaced: its ETag, or else its modification time, and size."""
+    stamp = entry.get("ETag") or entry.get("mtime") or entry.get("LastModified") or entry.get("created") or ""
+    return f"{entry['size']}:{stamp}"

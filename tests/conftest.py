@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,33 @@ def tiny_backbone(tiny_weights: Path) -> Backbone:
 def shared_backbone(tiny_weights: Path) -> Backbone:
     """A read-only Backbone from `tiny_weights`, for making manifests and packages (never inject into it)."""
     return Backbone.load(TINY, tiny_weights)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> dict[str, str]:
+    """A real S3 API (moto's server) on 127.0.0.1 with one bucket; returns the AWS environment to reach it."""
+    from moto.server import ThreadedMotoServer
+
+    from server_harness import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import s3fs
+
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("monaserve-test")
+    yield env
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()

@@ -19,7 +19,7 @@ def test_demo_trains_once_per_backbone(tmp_path, tiny_weights, shared_backbone):
     assert ensure_demo(store, "swin_tiny_patch4_window7_224", str(tiny_weights), 0, tmp_path / "data", **quick) == []
     # another backbone's weights: the demo trains again, as new versions beside the old ones
     retrained = ensure_demo(store, "swin_tiny_patch4_window7_224", "random", 7, tmp_path / "data", **quick)
-    assert retrained == list(DEMO_TASKS) and all(store.versions(t) == [1, 2] for t in DEMO_TASKS)
+    assert retrained == list(DEMO_TASKS) and all(list(store.versions(t)) == [1, 2] for t in DEMO_TASKS)
 
 
 def test_demo_adapters_beat_untrained_ones_on_held_out_data(tmp_path):

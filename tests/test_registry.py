@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from helpers import random_adapter_tensors, random_package
-from monaserve.adapters import AdapterPackage, IncompatibleAdapterError, expected_shapes
+from helpers import TINY, random_adapter_tensors, random_package
+from monaserve.adapters import AdapterPackage, Backbone, IncompatibleAdapterError, expected_shapes
 from monaserve.server.engine import Engine
 from monaserve.server.errors import AdapterTooLarge, UnknownTask, UnknownVersion
 from monaserve.server.metrics import Metrics
@@ -38,7 +38,7 @@ def test_an_upload_that_cannot_load_stores_nothing(tiny_backbone, shared_backbon
         tensors = random_adapter_tensors(expected_shapes(narrow, shared_backbone), seed=0)
         with pytest.raises(IncompatibleAdapterError, match="inner dim 32"):
             await registry.upload("pets", AdapterPackage(narrow, tensors).to_bytes())
-        assert registry.store.versions("pets") == [1]
+        assert list(registry.store.versions("pets")) == [1]
         assert registry.catalog["pets"].serving == 1
         entry = await registry.upload("pets", random_package(shared_backbone, "pets", seed=2, version=2).to_bytes())
         assert (entry.serving, sorted(entry.versions)) == (2, [1, 2])
@@ -51,7 +51,7 @@ def test_an_adapter_over_the_budget_is_refused_before_it_is_stored(tiny_backbone
         registry = make_registry(tiny_backbone, tmp_path, budget=2**20)
         with pytest.raises(AdapterTooLarge):
             await registry.upload("big", random_package(shared_backbone, "big", seed=1).to_bytes())
-        assert registry.store.versions("big") == [] and "big" not in registry.catalog
+        assert not registry.store.versions("big") and "big" not in registry.catalog
 
     asyncio.run(scenario())
 
@@ -142,3 +142,44 @@ def test_tasks_may_use_their_own_input_size(tiny_backbone, shared_backbone):
     engine.install(0, package)
     outputs = engine.run(torch.randn(2, 3, 256, 320), [0, 0])
     assert [tuple(o.shape) for o in outputs] == [(5,), (5,)]
+
+
+def test_replicas_sharing_a_store_see_uploads_purges_and_versions_stored_anew(tiny_weights, shared_backbone, tmp_path):
+    """Two registries on one store directory, as two replicas: B learns of A's changes on refresh."""
+
+    async def scenario():
+        a = make_registry(Backbone.load(TINY, tiny_weights), tmp_path)
+        b = make_registry(Backbone.load(TINY, tiny_weights), tmp_path)
+        await a.upload("pets", random_package(shared_backbone, "pets", seed=1).to_bytes())
+        await b.load("pets")
+        assert ("pets", 1) in b.residents
+
+        await a.upload("pets", random_package(shared_backbone, "pets", seed=2, version=2).to_bytes())
+        await b.refresh()
+        assert b.catalog["pets"].serving == 2
+        await asyncio.sleep(0.5)  # the new version preloads in the background where the task was in use
+        assert ("pets", 2) in b.residents
+
+        await a.unload("pets", purge=True)
+        await b.refresh()
+        assert "pets" not in b.catalog and not any(key[0] == "pets" for key in b.residents)
+        assert ("pets", 1) not in b.cpu_cache
+
+        # the same version number comes back with other weights: B must not serve what it had
+        await a.upload("pets", random_package(shared_backbone, "pets", seed=3, num_labels=7).to_bytes())
+        await b.refresh()
+        lease = await b.acquire("pets", 1, b.catalog["pets"].versions[1].manifest)
+        assert b.engine.manifests[lease.slot].labels == [f"pets-class-{i}" for i in range(7)]
+        b.release(lease)
+        old = b.residents[("pets", 1)]
+
+        # purged and stored anew between two refreshes of B: the file's signature gives it away
+        await a.unload("pets", purge=True)
+        await a.upload("pets", random_package(shared_backbone, "pets", seed=4, num_labels=3).to_bytes())
+        await b.refresh()
+        assert b.residents.get(("pets", 1)) is not old
+        lease = await b.acquire("pets", 1, b.catalog["pets"].versions[1].manifest)
+        assert len(b.engine.manifests[lease.slot].labels) == 3
+        b.release(lease)
+
+    asyncio.run(scenario())
