@@ -28,12 +28,14 @@ def free_port() -> int:
 class ServerProcess:
     """Starts `monaserve serve` with `args`, waits for readiness, and stops it (SIGTERM) on exit."""
 
-    def __init__(self, weights: Path, store: Path, *args: str, env: dict[str, str] | None = None, log: Path) -> None:
-        self.port = free_port()
+    def __init__(
+        self, weights: Path, store: Path | str, *args: str, env: dict[str, str] | None = None, log: Path, port: int | None = None
+    ) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         command = [MONASERVE, "serve", "--weights", str(weights), "--store", str(store), "--port", str(self.port), *args]
-        self._log = log.open("wb")
+        self._log = log.open("ab")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
     def wait_ready(self, timeout: float = 120.0) -> ServerProcess:
