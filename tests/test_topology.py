@@ -1,0 +1,125 @@
+"""Three replicas on one store behind nginx (deploy/nginx/nginx.conf), on loopback: propagation, failover, rejoin."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections import Counter
+
+import httpx
+
+from deploy_harness import Nginx
+from helpers import random_package
+from server_harness import TOKEN, ServerProcess, free_port, image_bytes
+
+REFRESH_S = 1.0
+JPEG = {"content-type": "image/jpeg"}
+REPLICA = "x-monaserve-replica"
+
+
+def wait_for(predicate, timeout: float, what: str) -> float:
+    """Poll `predicate` until true; returns the seconds it took."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(0.05)
+    raise AssertionError(f"{what} within {timeout} s")
+
+
+def test_three_replicas_behind_nginx(tmp_path, tiny_weights, shared_backbone):
+    image = image_bytes(0, size=(96, 96))
+    ports = [free_port() for _ in range(3)]
+
+    def replica(i: int) -> ServerProcess:
+        return ServerProcess(
+            tiny_weights, tmp_path / "store", "--catalog-refresh-s", str(REFRESH_S), "--replica-id", f"replica-{i}",
+            "--max-batch", "4", env={"MONASERVE_ADMIN_TOKEN": TOKEN}, log=tmp_path / f"replica-{i}.log", port=ports[i],
+        )
+
+    replicas = [replica(i) for i in range(3)]
+    figures: dict[str, object] = {}
+    try:
+        for server in replicas:
+            server.wait_ready(180)
+        (tmp_path / "nginx").mkdir()
+        with Nginx(ports, tmp_path / "nginx", free_port()) as nginx, httpx.Client(
+            base_url=nginx.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60
+        ) as gateway:
+            tasks = [f"task-{i}" for i in range(6)]
+            for i, task in enumerate(tasks):
+                gateway.put(f"/v1/adapters/{task}", content=random_package(shared_backbone, task, seed=i).to_bytes()).raise_for_status()
+
+            # every replica serves what was uploaded through any of them, and says who it is
+            for i, server in enumerate(replicas):
+                with server.client() as direct:
+                    response = direct.post("/v1/tasks/task-0/classify", content=image, headers=JPEG)
+                    assert response.status_code == 200 and response.json()["version"] == 1
+                    assert response.headers[REPLICA] == f"replica-{i}"
+
+            # a new version reaches every replica within the refresh period
+            started = time.monotonic()
+            gateway.put("/v1/adapters/task-0", content=random_package(shared_backbone, "task-0", seed=9, version=2).to_bytes()).raise_for_status()
+            propagation = []
+            for server in replicas:
+                with server.client() as direct:
+                    wait_for(lambda: direct.post("/v1/tasks/task-0/classify", content=image, headers=JPEG).json()["version"] == 2,
+                             10 * REFRESH_S, "every replica serves v2")
+                propagation.append(time.monotonic() - started)
+            figures["propagation_s"] = round(max(propagation), 2)
+
+            # which replica takes the most traffic (affinity hashes each task to one replica)
+            by_replica = Counter(
+                gateway.post(f"/v1/tasks/{task}/classify", content=image, headers=JPEG).headers[REPLICA] for task in tasks
+            )
+            victim = int(by_replica.most_common(1)[0][0].rsplit("-", 1)[1])
+
+            # a request loop through nginx while that replica is killed: nothing is lost
+            statuses: Counter[int] = Counter()
+            served_by: Counter[str] = Counter()
+            lock = threading.Lock()
+            stop = threading.Event()
+
+            def client_loop(offset: int) -> None:
+                with httpx.Client(base_url=nginx.url, timeout=60) as client:
+                    i = offset
+                    while not stop.is_set():
+                        response = client.post(f"/v1/tasks/{tasks[i % len(tasks)]}/classify", content=image, headers=JPEG)
+                        i += 1
+                        with lock:
+                            statuses[response.status_code] += 1
+                            if response.status_code == 200:
+                                served_by[response.headers[REPLICA]] += 1
+
+            loops = [threading.Thread(target=client_loop, args=(k,)) for k in range(4)]
+            for thread in loops:
+                thread.start()
+            time.sleep(3)
+            replicas[victim].process.send_signal(signal.SIGKILL)
+            replicas[victim].process.wait()
+            killed_at = sum(statuses.values())
+            time.sleep(6)
+            stop.set()
+            for thread in loops:
+                thread.join(120)
+            figures |= {"requests": sum(statuses.values()), "sent_after_kill": sum(statuses.values()) - killed_at,
+                        "failed": sum(n for code, n in statuses.items() if code != 200), "served_by": dict(served_by)}
+            assert statuses.keys() == {200}, f"lost requests: {dict(statuses)}"
+
+            # the killed replica comes back and rejoins: nginx sends its tasks to it again
+            replicas[victim].stop()
+            replicas[victim] = replica(victim).wait_ready(180)
+            rejoin = wait_for(
+                lambda: any(
+                    gateway.post(f"/v1/tasks/{task}/classify", content=image, headers=JPEG).headers[REPLICA] == f"replica-{victim}"
+                    for task in tasks
+                ),
+                60, "the restarted replica serves through nginx again",
+            )
+            figures["rejoin_s"] = round(rejoin, 1)
+    finally:
+        for server in replicas:
+            server.stop()
+    print("topology:", json.dumps(figures))
