@@ -8,6 +8,7 @@ import time
 import pytest
 
 from helpers import random_package
+from server_harness import TOKEN, ServerProcess, image_bytes
 from monaserve.adapters import AdapterError
 from monaserve.server.errors import VersionExists
 from monaserve.server.store import AdapterStore
@@ -69,3 +70,23 @@ def test_invalid_names_are_ignored_or_refused(store, shared_backbone):
     assert store.tasks() == ["pets"] and list(store.versions("pets")) == [1]
     with pytest.raises(ValueError):
         store.path("../etc", 1)
+
+
+def test_a_server_on_an_s3_store_serves_what_other_replicas_store(s3_endpoint, tiny_weights, shared_backbone, tmp_path):
+    """`monaserve serve --store s3://...`: its uploads land in the bucket, and a version another replica
+    writes there is served after the next catalog refresh."""
+    url = f"s3://monaserve-test/store-{next(_prefixes)}"
+    image = image_bytes(0, size=(64, 64))
+    args = ("--catalog-refresh-s", "0.5")
+    with ServerProcess(tiny_weights, url, *args, env={**s3_endpoint, "MONASERVE_ADMIN_TOKEN": TOKEN}, log=tmp_path / "log") as server:
+        with server.client() as client:
+            client.put("/v1/adapters/pets", content=random_package(shared_backbone, "pets", seed=1).to_bytes()).raise_for_status()
+            other_replica = AdapterStore(url)
+            assert list(other_replica.versions("pets")) == [1]
+            other_replica.write("pets", 2, random_package(shared_backbone, "pets", seed=2, version=2).to_bytes())
+            deadline = time.monotonic() + 30
+            while client.post("/v1/tasks/pets/classify", content=image, headers={"content-type": "image/jpeg"}).json()["version"] != 2:
+                assert time.monotonic() < deadline, "the version stored by another replica was never served"
+                time.sleep(0.1)
+            client.delete("/v1/adapters/pets", params={"purge": "true"}).raise_for_status()
+            assert other_replica.versions("pets") == {}
