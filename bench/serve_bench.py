@@ -73,6 +73,8 @@ def engine_counters(client: httpx.Client) -> dict[str, float]:
 
 
 def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 

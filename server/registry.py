@@ -114,6 +114,7 @@ class Registry:
         self._loading: dict[Key, asyncio.Task] = {}
         self._generation: dict[str, int] = {}  # bumped by uploads and purges; store reads from before are stale
         self._purges: dict[str, int] = {}
+        self._epochs: dict[Key, int] = {}  # bumped when a version's stored file leaves or changes
         self._retiring: set[Resident] = set()
         self._slot_freed = asyncio.Event()
         metrics.slots_total.set(engine.num_slots)
@@ -129,7 +130,7 @@ class Registry:
             info = self._known.get(key)
             if info is None or info.signature != stored.signature:
                 try:
-                    info = VersionInfo(self.store.manifest(task, version), stored.size, stored.signature)
+                    info = VersionInfo(self.store.manifest(task, version, stored.size), stored.size, stored.signature)
                 except Exception as exc:  # any broken file: skip it, keep the others
                     self.metrics.store_errors.inc()
                     log.error("store: skipping %s/%s.safetensors: %s", task, version, exc)
@@ -146,9 +147,13 @@ class Registry:
         if self._generation.get(task, 0) != generation:
             return self.catalog.get(task)
         entry = self.catalog.get(task)
+        in_use = entry is not None and entry.enabled and (task, entry.serving) in self.residents
         if entry is not None:  # versions purged or replaced in the store (by this or another replica)
-            gone = [v for v, info in entry.versions.items() if v not in infos or infos[v].signature != info.signature]
-            self._forget(task, gone)
+            gone = [v for v in entry.versions if v not in infos]
+            replaced = [v for v, info in entry.versions.items() if v in infos and infos[v].signature != info.signature]
+            self._forget(task, gone + replaced)
+            for version in gone:
+                self._known.pop((task, version), None)
         if not infos:
             self.catalog.pop(task, None)
             return None
@@ -160,21 +165,25 @@ class Registry:
         previous = entry.serving
         if (new and max(new) > entry.serving) or entry.serving not in infos:
             entry.serving = max(infos)
-        if entry.serving != previous and (task, previous) in self.residents and entry.enabled:
-            self._preload((task, entry.serving))  # the task is in use here: have the new version ready
+        if in_use and (entry.serving != previous or (task, entry.serving) not in self.residents):
+            self._preload((task, entry.serving))  # the task is in use here: have its served version ready
         return entry
 
     def _forget(self, task: str, versions: list[int]) -> None:
-        """Drop what this replica holds of versions that left the store: slots, cache and known headers."""
+        """Drop what this replica holds of versions whose stored file is gone or was replaced: slots
+        (also ones still loading: their epoch moves on) and cached packages."""
+        dropped = []
         for version in versions:
             key = (task, version)
+            self._epochs[key] = self._epochs.get(key, 0) + 1
+            if key in self.residents or key in self.cpu_cache:
+                dropped.append(str(version))
             if key in self.residents:
                 self._retire(self.residents[key])
             self.cpu_cache.pop(key)
-            self._known.pop(key, None)
-        if versions:
+        if dropped:
             self.metrics.cpu_cache_bytes.set(self.cpu_cache.nbytes)
-            log.info("store: %s v%s left the store; dropped here", task, ",".join(map(str, versions)))
+            log.info("store: %s v%s left or changed in the store; dropped here", task, ",".join(dropped))
 
     def _preload(self, key: Key) -> None:
         """Load `key` in the background; a failure is logged (and retried by the next request)."""
@@ -273,7 +282,7 @@ class Registry:
 
     async def _load(self, key: Key, package: AdapterPackage | None) -> None:
         started = time.monotonic()
-        purges = self._purges.get(key[0], 0)
+        purges, epoch = self._purges.get(key[0], 0), self._epochs.get(key, 0)
         if package is None:
             package = self.cpu_cache.get(key)
             if package is None:
@@ -291,8 +300,8 @@ class Registry:
         finally:
             self._reserved_bytes -= nbytes
         resident = self.residents[key] = Resident(key, slot, nbytes)
-        if self._purges.get(key[0], 0) != purges:  # purged while loading: these weights are gone
-            self._retire(resident)
+        if self._purges.get(key[0], 0) != purges or self._epochs.get(key, 0) != epoch:
+            self._retire(resident)  # purged or replaced while loading: these weights are gone
         self.metrics.adapter_loads.labels(key[0]).inc()
         self.metrics.adapter_load_seconds.observe(time.monotonic() - started)
         self._update_gauges()
@@ -391,6 +400,7 @@ class Registry:
         key = (task, version)
         if version in await asyncio.to_thread(self.store.versions, task):
             raise VersionExists(f"version {version} of {task!r} already exists; versions are immutable")
+        self._forget(task, [version])  # anything held here under this key predates a purge elsewhere
         await self.ensure_loaded(key, package)
         try:
             stored = await asyncio.to_thread(self.store.write, task, version, data)

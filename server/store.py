@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,12 +74,15 @@ class AdapterStore:
                 found[int(match.group(1))] = StoredFile(int(entry["size"]), _signature(entry))
         return dict(sorted(found.items()))
 
-    def manifest(self, task: str, version: int) -> Manifest:
+    def manifest(self, task: str, version: int, size: int | None = None) -> Manifest:
         """The manifest from the file's header; raises `AdapterError` if the file is not a valid package
-        or its manifest disagrees with where it is stored."""
+        or its manifest disagrees with where it is stored. `size` (from `versions`) saves a stat call."""
         path = self.path(task, version)
-        with self.fs.open(path, "rb") as f:
-            manifest = read_manifest_from(f, self.fs.size(path))
+        size = self.fs.size(path) if size is None else size
+        # no read-ahead on remote files: only the header is wanted, not a block of the tensors
+        options = {} if self.local else {"cache_type": "none"}
+        with self.fs.open(path, "rb", **options) as f:
+            manifest = read_manifest_from(f, size)
         if (manifest.name, manifest.version) != (task, version):
             raise AdapterError(
                 f"{task}/{version}.safetensors holds {manifest.name!r} v{manifest.version}; name and version must match its path"
@@ -108,7 +112,9 @@ class AdapterStore:
     def delete(self, task: str) -> None:
         """Remove every version of `task`."""
         folder = f"{self.root}/{validate_task_name(task)}"
-        if self.fs.exists(folder):
+        if self.local:  # NFS may keep .nfsXXXX files of open readers: what can go, goes
+            shutil.rmtree(folder, ignore_errors=True)
+        elif self.fs.exists(folder):
             self.fs.rm(folder, recursive=True)
 
     def _list(self, folder: str) -> list[dict]:
@@ -121,6 +127,8 @@ class AdapterStore:
 
 
 def _signature(entry: dict) -> str:
-    """What changes when a stored object is replaced: its ETag, or else its modification time, and size."""
-    stamp = entry.get("ETag") or entry.get("mtime") or entry.get("LastModified") or entry.get("created") or ""
+    """What changes when a stored object is replaced: its ETag or generation, or else its modification
+    time, and its size (key names differ between fsspec backends: s3fs, gcsfs, adlfs, local)."""
+    keys = ("ETag", "etag", "generation", "md5", "mtime", "LastModified", "last_modified", "updated", "created")
+    stamp = next((str(entry[k]) for k in keys if entry.get(k)), "")
     return f"{entry['size']}:{stamp}"

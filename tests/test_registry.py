@@ -183,3 +183,20 @@ def test_replicas_sharing_a_store_see_uploads_purges_and_versions_stored_anew(ti
         b.release(lease)
 
     asyncio.run(scenario())
+
+
+def test_an_upload_replaces_weights_held_from_before_a_purge_elsewhere(tiny_weights, shared_backbone, tmp_path):
+    """B holds v1; A purges the task; v1 comes back through B before B refreshed: B serves the new v1."""
+
+    async def scenario():
+        a = make_registry(Backbone.load(TINY, tiny_weights), tmp_path)
+        b = make_registry(Backbone.load(TINY, tiny_weights), tmp_path)
+        await b.upload("pets", random_package(shared_backbone, "pets", seed=1).to_bytes())
+        await a.refresh()
+        await a.unload("pets", purge=True)
+        await b.upload("pets", random_package(shared_backbone, "pets", seed=2, num_labels=6).to_bytes())
+        lease = await b.acquire("pets", 1, b.catalog["pets"].versions[1].manifest)
+        assert len(b.engine.manifests[lease.slot].labels) == 6
+        b.release(lease)
+
+    asyncio.run(scenario())
