@@ -35,6 +35,7 @@ from .schemas import (
     Kind,
     LoadRequest,
     SegmentResponse,
+    TaskInfo,
     TaskView,
     Timings,
     UnloadResponse,
@@ -277,6 +278,22 @@ def create_app(runtime: Runtime) -> FastAPI:
 
         # mask resizing and PNG encoding are CPU work: keep them off the event loop
         return await asyncio.get_running_loop().run_in_executor(runtime.decode_pool, respond)
+
+    def task_info(entry: TaskEntry) -> TaskInfo:
+        serving = entry.versions[entry.serving].manifest
+        return TaskInfo(
+            name=entry.name, kind=serving.kind, enabled=entry.enabled, serving_version=entry.serving,
+            versions=sorted(entry.versions), labels=serving.labels, input_size=serving.input.size,
+        )
+
+    @app.get("/v1/tasks", response_model=list[TaskInfo], summary="Tasks this server can run", tags=["inference"])
+    async def list_tasks() -> list[TaskInfo]:
+        catalog = registry().catalog  # kept fresh by the catalog refresh; no store read per call
+        return [task_info(catalog[name]) for name in sorted(catalog)]
+
+    @app.get("/v1/tasks/{task}", response_model=TaskInfo, responses=ERROR_RESPONSES, summary="One task", tags=["inference"])
+    async def get_task(task: str) -> TaskInfo:
+        return task_info(await registry().entry(task))
 
     # ---- adapters --------------------------------------------------------------------------------
 

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from monaserve.client.cli import add_client_commands
+
 ENV_PREFIX = "MONASERVE_"
 
 
@@ -215,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add("--demo", action="store_true", help="first train the shapes demo tasks into the store if they are missing")
     serve.set_defaults(handler=cmd_serve)
-    for sub in (info, train, serve):
+    for sub in (info, train, serve, *add_client_commands(commands)):
         apply_env_defaults(sub)
     return parser
 

@@ -92,6 +92,18 @@ class SegmentResponse(BaseModel):
     timings_ms: Timings
 
 
+class TaskInfo(BaseModel):
+    """What callers of a task need to know; public, unlike the admin view."""
+
+    name: str
+    kind: Kind
+    enabled: bool
+    serving_version: int
+    versions: list[int]
+    labels: list[str]
+    input_size: tuple[int, int]
+
+
 class VersionView(BaseModel):
     version: int
     bytes: int

@@ -1,0 +1,139 @@
+"""The client's verbs of the `monaserve` command: `predict` and `adapters list|upload|load|unload`.
+
+They talk to a running server (`--url`, `--token`, or MONASERVE_URL / MONASERVE_TOKEN) and print
+people-readable lines, or the server's JSON with `--json`. No torch is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from .client import DEFAULT_URL, MonaClient
+from .errors import MonaError
+from .results import Classification, Detections, Result, Segmentation
+
+
+def add_client_commands(commands: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
+    """Add `predict` and `adapters` to the `monaserve` sub-commands; returns the new parsers."""
+    predict = commands.add_parser("predict", help="run images through a task on a server")
+    _add_connection_arguments(predict)
+    predict.add_argument("task")
+    predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    predict.add_argument("--kind", choices=["classify", "detect", "segment"], help="default: the task's own")
+    predict.add_argument("--top-k", type=int, default=5, help="classify: labels per image")
+    predict.add_argument("--min-score", type=float, default=0.3, help="detect: drop boxes scoring less")
+    predict.add_argument("--version", type=int, help="pin an adapter version")
+    predict.add_argument("--draw", type=Path, metavar="OUT.png", help="write the image with the result drawn on it")
+    predict.set_defaults(handler=cmd_predict)
+
+    adapters = commands.add_parser("adapters", help="manage a server's adapters (needs the admin token)")
+    verbs = adapters.add_subparsers(dest="verb", required=True)
+    upload = verbs.add_parser("upload", help="upload a package; it is served once validated and loaded")
+    upload.add_argument("package", type=Path)
+    upload.add_argument("--task", help="default: the name in the package's manifest")
+    load = verbs.add_parser("load", help="load a stored version (default: the newest) and serve it")
+    load.add_argument("task")
+    load.add_argument("--version", type=int)
+    unload = verbs.add_parser("unload", help="stop serving a task (and delete it from the store with --purge)")
+    unload.add_argument("task")
+    unload.add_argument("--purge", action="store_true")
+    listing = verbs.add_parser("list", help="tasks, versions and where each is loaded")
+    for verb in (listing, upload, load, unload):
+        _add_connection_arguments(verb)
+        verb.set_defaults(handler=cmd_adapters)
+    return [predict, listing, upload, load, unload]
+
+
+def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=DEFAULT_URL, help="the server (MONASERVE_URL)")
+    parser.add_argument("--token", default=None, help="admin token (MONASERVE_TOKEN)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    parser.add_argument("--json", action="store_true", help="print the server's JSON")
+
+
+def _client(args: argparse.Namespace) -> MonaClient:
+    return MonaClient(args.url, token=args.token, timeout=args.timeout)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    def run() -> list[Result]:
+        with _client(args) as client:
+            kind = args.kind or client.task(args.task)["kind"]
+            params = {"classify": {"top_k": args.top_k}, "detect": {"min_score": args.min_score}}.get(kind, {})
+            return client.predict(args.task, list(args.images), kind, version=args.version, **params)
+
+    results = _guard(run)
+    if results is None:
+        return 1
+    for index, (path, result) in enumerate(zip(args.images, results)):
+        print(json.dumps(_as_json(result)) if args.json else f"{path}: {describe(result)}")
+        if args.draw:
+            from PIL import Image
+
+            from .draw import draw_result
+
+            out = args.draw if len(args.images) == 1 else args.draw.with_stem(f"{args.draw.stem}-{index}")
+            draw_result(Image.open(path), result).save(out)
+            if not args.json:
+                print(f"  drawn to {out}")
+    return 0
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        calls = {
+            "list": lambda: client.list(),
+            "upload": lambda: client.upload(args.package, task=args.task),
+            "load": lambda: client.load(args.task, args.version),
+            "unload": lambda: client.unload(args.task, purge=args.purge),
+        }
+        body = _guard(calls[args.verb])
+    if body is None:
+        return 1
+    if args.json:
+        print(json.dumps(body, indent=2))
+    elif args.verb == "list":
+        for task in body["tasks"]:
+            versions = ", ".join(
+                f"v{v['version']}{'*' if v['serving'] else ''} ({v['location']})" for v in task["versions"]
+            )
+            print(f"{task['name']:24} {task['kind']:9} {'' if task['enabled'] else 'unloaded '}{versions}")
+        device = body["device"]
+        print(f"device {device['device']} {device['dtype']}: {device['slots_used']}/{device['slots']} slots used")
+    elif args.verb == "unload":
+        print(f"{body['task']}: unloaded{' and purged' if body['purged'] else ''}")
+    else:
+        print(f"{body['name']}: serving v{body['serving_version']} ({body['kind']}, {body['labels']} labels)")
+    return 0
+
+
+def _guard(call):
+    """Run `call`; on a client error print the server's message and return None."""
+    try:
+        return call()
+    except MonaError as exc:
+        print(f"monaserve: {exc}", file=sys.stderr)
+        return None
+
+
+def describe(result: Result) -> str:
+    """One line for people."""
+    if isinstance(result, Classification):
+        return ", ".join(f"{label.label} {label.score:.3f}" for label in result.top(3)) + f"  (v{result.version})"
+    if isinstance(result, Detections):
+        boxes = "; ".join(f"{d.label} {d.score:.2f} at [{', '.join(f'{c:.0f}' for c in d.box)}]" for d in result.detections)
+        return f"{len(result.detections)} boxes{': ' + boxes if boxes else ''}  (v{result.version})"
+    areas = ", ".join(f"{c.label} {100 * c.pixels / (result.width * result.height):.1f}%" for c in result.classes)
+    return f"{areas}  (v{result.version})"
+
+
+def _as_json(result: Result) -> dict:
+    if isinstance(result, Segmentation):
+        return {"width": result.width, "height": result.height, "mask_png": base64.b64encode(result.mask_png).decode(),
+                "classes": [c.__dict__ for c in result.classes], "version": result.version}
+    return dataclasses.asdict(result)
