@@ -23,6 +23,7 @@ from . import postprocess
 from .errors import BadRequest, Forbidden, PayloadTooLarge, ServeError, Unauthorized, UnsupportedMedia
 from .registry import TaskEntry
 from .runtime import Runtime
+from .oip import oip_router
 from .schemas import (
     AdapterList,
     CacheView,
@@ -74,6 +75,13 @@ PACKAGE_BODY = {
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
+
+
+def error_for(request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """`error_response`, or on `/v2` routes the Open Inference Protocol's `{"error": "<message>"}`."""
+    if request.url.path == "/v2" or request.url.path.startswith("/v2/"):
+        return JSONResponse({"error": f"{code}: {message}"}, status_code=status, headers=headers)
+    return error_response(status, code, message, headers)
 
 
 class BodyLimit:
@@ -200,25 +208,25 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.headers())
+        return error_for(request, exc.status, exc.code, exc.message, exc.headers())
 
     @app.exception_handler(AdapterError)
     async def adapter_error(request: Request, exc: AdapterError) -> JSONResponse:
-        return error_response(422, "invalid_adapter", str(exc))
+        return error_for(request, 422, "invalid_adapter", str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        return error_response(422, "invalid_request", problems)
+        return error_for(request, 422, "invalid_request", problems)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, f"http_{exc.status_code}", str(exc.detail), exc.headers)
+        return error_for(request, exc.status_code, f"http_{exc.status_code}", str(exc.detail), exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal", f"internal error: {type(exc).__name__}")
+        return error_for(request, 500, "internal", f"internal error: {type(exc).__name__}")
 
     async def require_admin(authorization: str | None = Header(default=None)) -> None:
         token = config.admin_token
@@ -376,6 +384,8 @@ def create_app(runtime: Runtime) -> FastAPI:
     async def unload_adapter(task: str, purge: bool = Query(default=False)) -> UnloadResponse:
         await registry().unload(task, purge=purge)
         return UnloadResponse(task=task, unloaded=True, purged=purge)
+
+    app.include_router(oip_router(runtime, require_admin, registry))
 
     # ---- health and metrics --------------------------------------------------------------------
 

@@ -58,3 +58,15 @@ def decode_image(data: bytes, limits: ImageLimits, what: str = "image") -> Image
     except Exception:  # a broken EXIF block should not lose the image: keep it as stored
         pass
     return _to_rgb(image)
+
+
+def array_image(pixels: np.ndarray, limits: ImageLimits, what: str = "image") -> Image.Image:
+    """An RGB image from raw `(H, W, 3)` uint8 pixels (the Open Inference Protocol's UINT8 HWC input)."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise BadRequest(f"{what} must be uint8 of shape (H, W, 3); got {pixels.dtype} {tuple(pixels.shape)}")
+    height, width = pixels.shape[:2]
+    if height == 0 or width == 0:
+        raise BadRequest(f"{what} is empty ({height}x{width})")
+    if height * width > limits.max_pixels:
+        raise PayloadTooLarge(f"{what} has {height * width} pixels; the limit is {limits.max_pixels}")
+    return Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")

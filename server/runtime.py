@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from monaserve.adapters import Backbone, Manifest
@@ -19,7 +20,7 @@ from monaserve.adapters.transforms import Prepared, preprocess
 
 from .engine import Engine
 from .errors import NotReady, Timeout
-from .images import ImageLimits, decode_image
+from .images import ImageLimits, array_image, decode_image
 from .metrics import Metrics
 from .registry import Registry
 from .scheduler import Job, Scheduler
@@ -193,8 +194,9 @@ class Runtime:
         if self.state not in ("ready", "draining"):
             raise NotReady(f"the server is {self.state}", retry_after_s=1)
 
-    async def infer(self, task: str, kind: str, images: list[bytes], version: int | None = None) -> Inference:
-        """Run `images` through `task` (one version for all of them), within the request timeout."""
+    async def infer(self, task: str, kind: str | None, images: list[bytes | np.ndarray], version: int | None = None) -> Inference:
+        """Run `images` (encoded files, or `(H, W, 3)` uint8 pixels) through `task`, one version for all of
+        them, within the request timeout. `kind` None accepts the task's own kind."""
         self.require_ready()
         timeout = self.config.request_timeout_s
         started = time.monotonic()
@@ -231,5 +233,6 @@ class Runtime:
         self.metrics.images.labels(task).inc(len(images))
         return Inference(manifest, version, outputs, prepared, timings)
 
-    def _prepare(self, data: bytes, manifest: Manifest, what: str) -> Prepared:
-        return preprocess(decode_image(data, self.limits, what), manifest.input)
+    def _prepare(self, data: bytes | np.ndarray, manifest: Manifest, what: str) -> Prepared:
+        image = array_image(data, self.limits, what) if isinstance(data, np.ndarray) else decode_image(data, self.limits, what)
+        return preprocess(image, manifest.input)

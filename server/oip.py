@@ -1,0 +1,237 @@
+"""Open Inference Protocol v2 routes (KServe and Triton clients work unchanged).
+
+A model is a task; a model version is an adapter version. Inputs: `image` (BYTES, encoded files) or
+`pixels` (UINT8, `[N, H, W, 3]` or `[H, W, 3]`). Outputs by kind: classify `scores`, `labels`,
+`indices` `[N, K]`; detect `boxes` `[N, M, 4]`, `scores`, `labels`, `indices` `[N, M]` (padded) and
+`num_detections` `[N]`; segment `mask` `[N, H, W]` (class indices). Request parameters `top_k` and
+`min_score` tune classify and detect; `binary_data_output` (or an output's `binary_data`) returns
+tensors with the binary extension.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request, Response
+
+from . import postprocess
+from .errors import BadRequest, UnknownVersion
+from .oip_codec import HEADER_LENGTH, encode_response, output_tensor, read_inputs, split_body
+from .registry import Registry, TaskEntry
+from .runtime import Inference, Runtime
+
+PLATFORM = "monaserve"
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+INPUTS = [{"name": "image", "datatype": "BYTES", "shape": [-1]}, {"name": "pixels", "datatype": "UINT8", "shape": [-1, -1, -1, 3]}]
+OUTPUTS = {
+    "classify": [("scores", "FP32", [-1, -1]), ("labels", "BYTES", [-1, -1]), ("indices", "INT64", [-1, -1])],
+    "detect": [
+        ("boxes", "FP32", [-1, -1, 4]), ("scores", "FP32", [-1, -1]), ("labels", "BYTES", [-1, -1]),
+        ("indices", "INT64", [-1, -1]), ("num_detections", "INT32", [-1]),
+    ],
+    "segment": [("mask", "UINT8", [-1, -1, -1])],
+}
+Tensor = tuple[str, Any, list[int]]  # datatype, values, shape
+
+
+def oip_router(runtime: Runtime, require_admin: Callable, registry: Callable[[], Registry]) -> APIRouter:
+    """The `/v2` routes over `runtime`; `require_admin` guards the repository extension."""
+    router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
+
+    @router.get("", summary="Server metadata")
+    async def server_metadata() -> dict:
+        return {"name": "monaserve", "version": "0.1.0", "extensions": EXTENSIONS}
+
+    @router.get("/health/live", summary="200 while the process runs")
+    async def live() -> Response:
+        return Response(status_code=200)
+
+    @router.get("/health/ready", summary="200 once the backbone is loaded and warmed, 400 otherwise")
+    async def ready() -> Response:
+        return Response(status_code=200 if runtime.ready else 400)
+
+    async def entry_and_version(name: str, version: str | None) -> tuple[TaskEntry, int]:
+        number = _version_number(version)
+        entry = await registry().entry(name, number)
+        number = entry.serving if number is None else number
+        if number not in entry.versions:
+            raise UnknownVersion(f"model {name!r} has no version {number}; versions: {sorted(entry.versions)}")
+        return entry, number
+
+    async def metadata(name: str, version: str | None = None) -> dict:
+        entry, number = await entry_and_version(name, version)
+        kind = entry.versions[number].manifest.kind
+        return {
+            "name": name,
+            "versions": [str(v) for v in sorted(entry.versions)],
+            "platform": PLATFORM,
+            "inputs": INPUTS,
+            "outputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in OUTPUTS[kind]],
+            "parameters": {"kind": kind, "labels": len(entry.versions[number].manifest.labels)},
+        }
+
+    async def model_ready(name: str, version: str | None = None) -> Response:
+        entry, number = await entry_and_version(name, version)
+        return Response(status_code=200 if runtime.ready and (entry.enabled or version is not None) else 400)
+
+    async def infer(name: str, request: Request, version: str | None = None) -> Response:
+        header, binary = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
+        images = _images(read_inputs(header, binary), runtime.config.max_images_per_request)
+        parameters = header.get("parameters") or {}
+        status = 500
+        try:
+            result = await runtime.infer(name, None, images, _version_number(version))
+            status = 200
+        except Exception as exc:
+            status = getattr(exc, "status", 500)
+            raise
+        finally:
+            if runtime.registry is not None and name in runtime.registry.catalog:
+                runtime.metrics.requests.labels(name, "oip", str(status)).inc()
+
+        def respond() -> tuple[bytes, dict[str, str]]:
+            tensors = _outputs(result, parameters)
+            return _response(name, header, result, tensors)
+
+        body, headers = await asyncio.get_running_loop().run_in_executor(runtime.decode_pool, respond)
+        return Response(body, headers=headers)
+
+    for suffix in ("", "/versions/{version}"):
+        router.add_api_route(f"/models/{{name}}{suffix}", metadata, methods=["GET"], summary="Model metadata")
+        router.add_api_route(f"/models/{{name}}{suffix}/ready", model_ready, methods=["GET"], summary="Model readiness")
+        router.add_api_route(f"/models/{{name}}{suffix}/infer", infer, methods=["POST"], summary="Inference")
+
+    admin = {"dependencies": [Depends(require_admin)]}
+
+    @router.post("/repository/index", summary="Models in the repository and their state", **admin)
+    async def index(request: Request) -> list[dict]:
+        reg = registry()
+        await reg.refresh()
+        body = await request.body()
+        only_ready = bool(body.strip()) and bool(_json_object(body).get("ready"))
+        models = []
+        for name in sorted(reg.catalog):
+            entry = reg.catalog[name]
+            for version in sorted(entry.versions):
+                serving = entry.enabled and version == entry.serving
+                state = "READY" if serving else "UNAVAILABLE"
+                if not only_ready or serving:
+                    reason = "" if serving else ("unloaded" if not entry.enabled else "not the serving version")
+                    models.append({"name": name, "version": str(version), "state": state, "reason": reason})
+        return models
+
+    @router.post("/repository/models/{name}/load", summary="Load a model (its newest version)", **admin)
+    async def load(name: str) -> Response:
+        await registry().load(name)
+        return Response(status_code=200)
+
+    @router.post("/repository/models/{name}/unload", summary="Unload a model", **admin)
+    async def unload(name: str) -> Response:
+        await registry().unload(name)
+        return Response(status_code=200)
+
+    return router
+
+
+def _json_object(body: bytes) -> dict:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        raise BadRequest("the request body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return value
+
+
+def _version_number(version: str | None) -> int | None:
+    if version is None:
+        return None
+    if not version.isdigit() or int(version) < 1:
+        raise BadRequest(f"model versions are positive integers, got {version!r}")
+    return int(version)
+
+
+def _images(inputs: dict, max_images: int) -> list[bytes | np.ndarray]:
+    """The request's images from its one input: `image` (BYTES) or `pixels` (UINT8 HWC)."""
+    if len(inputs) != 1 or not inputs.keys() <= {"image", "pixels"}:
+        raise BadRequest(f"send exactly one input, 'image' (BYTES) or 'pixels' (UINT8); got {sorted(inputs)}")
+    (name, (datatype, shape, values)), = inputs.items()
+    if name == "image":
+        if datatype != "BYTES" or len(shape) != 1:
+            raise BadRequest(f"input 'image' must be BYTES of shape [N]; got {datatype} {shape}")
+        images = list(values)
+    else:
+        if datatype != "UINT8" or len(shape) not in (3, 4) or shape[-1] != 3:
+            raise BadRequest(f"input 'pixels' must be UINT8 of shape [N, H, W, 3] or [H, W, 3]; got {datatype} {shape}")
+        images = list(values) if len(shape) == 4 else [values]
+    if not images:
+        raise BadRequest("the request holds no image")
+    if len(images) > max_images:
+        raise BadRequest(f"{len(images)} images in one request; the limit is {max_images}")
+    return images
+
+
+def _outputs(result: Inference, parameters: dict) -> dict[str, Tensor]:
+    """Every output tensor of `result`'s kind, batch first."""
+    manifest, pairs = result.manifest, list(zip(result.outputs, result.prepared))
+    n = len(pairs)
+    if manifest.kind == "classify":
+        top_k = _parameter(parameters, "top_k", int, 5)
+        tops = [postprocess.classify(output, manifest, top_k).top for output, _ in pairs]
+        k = len(tops[0])
+        return {
+            "scores": ("FP32", [[t.score for t in top] for top in tops], [n, k]),
+            "labels": ("BYTES", [t.label for top in tops for t in top], [n, k]),
+            "indices": ("INT64", [[t.index for t in top] for top in tops], [n, k]),
+        }
+    if manifest.kind == "detect":
+        min_score = _parameter(parameters, "min_score", float, 0.0)
+        found = [postprocess.detect(output, manifest, prepared, min_score).detections for output, prepared in pairs]
+        m = max(len(d) for d in found)
+        boxes, scores, indices = np.zeros((n, m, 4), np.float32), np.zeros((n, m), np.float32), np.zeros((n, m), np.int64)
+        labels = [[""] * m for _ in range(n)]
+        for i, detections in enumerate(found):
+            for j, d in enumerate(detections):
+                boxes[i, j], scores[i, j], indices[i, j], labels[i][j] = d.box, d.score, d.index, d.label
+        return {
+            "boxes": ("FP32", boxes, [n, m, 4]), "scores": ("FP32", scores, [n, m]),
+            "labels": ("BYTES", [label for row in labels for label in row], [n, m]),
+            "indices": ("INT64", indices, [n, m]), "num_detections": ("INT32", [len(d) for d in found], [n]),
+        }
+    masks = [postprocess.original_class_map(output, prepared) for output, prepared in pairs]
+    if len({mask.shape for mask in masks}) > 1:
+        raise BadRequest("a segment request's images must share one size: the 'mask' output is one [N, H, W] tensor")
+    return {"mask": ("UINT8", np.stack(masks), [n, *masks[0].shape])}
+
+
+def _parameter(parameters: dict, name: str, kind: type, default: Any) -> Any:
+    value = parameters.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+        raise BadRequest(f"parameter {name!r} must be a number{' (integer)' if kind is int else ''}; got {value!r}")
+    return kind(value)
+
+
+def _response(name: str, header: dict, result: Inference, tensors: dict[str, Tensor]) -> tuple[bytes, dict[str, str]]:
+    """The requested outputs (all by default), inline or binary as asked."""
+    binary_default = bool((header.get("parameters") or {}).get("binary_data_output", False))
+    requested = header.get("outputs") or [{"name": n} for n in tensors]
+    if not isinstance(requested, list):
+        raise BadRequest("'outputs' must be a list")
+    entries, data = [], b""
+    for spec in requested:
+        output = spec.get("name") if isinstance(spec, dict) else None
+        if output not in tensors:
+            raise BadRequest(f"unknown output {output!r}; {result.manifest.kind} models give {sorted(tensors)}")
+        binary = bool((spec.get("parameters") or {}).get("binary_data", binary_default))
+        datatype, values, shape = tensors[output]
+        entry, chunk = output_tensor(output, datatype, values, shape, binary)
+        entries.append(entry)
+        data += chunk
+    response = {"model_name": name, "model_version": str(result.version), "outputs": entries}
+    if "id" in header:
+        response["id"] = str(header["id"])
+    return encode_response(response, data)

@@ -1,0 +1,154 @@
+"""Tensors of the Open Inference Protocol v2 (KServe/Triton) over HTTP: JSON data and the binary extension.
+
+A request may carry tensor data inline in JSON or, with the binary tensor extension, after the JSON
+header (`Inference-Header-Content-Length` gives its length; each input's `binary_data_size` its share).
+BYTES elements are strings in JSON (here: base64 of the encoded image) and length-prefixed (4-byte
+little-endian) in binary. Every problem is a `BadRequest` naming the tensor.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import struct
+from typing import Any
+
+import numpy as np
+
+from .errors import BadRequest
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+DTYPES: dict[str, type | None] = {
+    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64, "BYTES": None,
+}
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[dict, memoryview]:
+    """The JSON header and what follows it (binary tensor data; empty without the extension)."""
+    if header_length is None:
+        length = len(body)
+    else:
+        try:
+            length = int(header_length)
+        except ValueError:
+            raise BadRequest(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+        if not 0 < length <= len(body):
+            raise BadRequest(f"{HEADER_LENGTH} {length} does not fit a body of {len(body)} bytes")
+    try:
+        header = json.loads(body[:length])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the inference request is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise BadRequest("the inference request must be a JSON object")
+    return header, memoryview(body)[length:]
+
+
+def read_inputs(header: dict, binary: memoryview) -> dict[str, tuple[str, list[int], np.ndarray | list[bytes]]]:
+    """Each input by name: (datatype, shape, values) — a numpy array, or a list of bytes for BYTES."""
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise BadRequest("the inference request needs a non-empty 'inputs' list")
+    found, offset = {}, 0
+    for spec in inputs:
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise BadRequest("every input needs a 'name'")
+        name, datatype, shape = spec["name"], spec.get("datatype"), spec.get("shape")
+        if datatype not in DTYPES:
+            raise BadRequest(f"input {name!r}: unknown datatype {datatype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise BadRequest(f"input {name!r}: 'shape' must be a list of non-negative integers")
+        count = math.prod(shape)
+        size = (spec.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise BadRequest(f"input {name!r}: binary_data_size {size!r} runs past the end of the body")
+            chunk, offset = binary[offset : offset + size], offset + size
+            values = _binary_values(name, datatype, chunk, count)
+        elif "data" in spec:
+            values = _json_values(name, datatype, spec["data"], count)
+        else:
+            raise BadRequest(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
+        found[name] = (datatype, shape, values if datatype == "BYTES" else values.reshape(shape))
+    if offset != len(binary):
+        raise BadRequest(f"{len(binary) - offset} bytes of binary data belong to no input")
+    return found
+
+
+def _json_values(name: str, datatype: str, data: Any, count: int) -> np.ndarray | list[bytes]:
+    flat = list(_flatten(data))
+    if len(flat) != count:
+        raise BadRequest(f"input {name!r}: {len(flat)} values for a shape of {count} elements")
+    if datatype == "BYTES":
+        try:
+            return [base64.b64decode(v, validate=True) for v in flat]
+        except (binascii.Error, ValueError, TypeError):
+            raise BadRequest(f"input {name!r}: BYTES elements in JSON must be base64 strings") from None
+    try:
+        return np.asarray(flat, dtype=DTYPES[datatype])
+    except (ValueError, TypeError, OverflowError):
+        raise BadRequest(f"input {name!r}: values are not {datatype}") from None
+
+
+def _binary_values(name: str, datatype: str, chunk: memoryview, count: int) -> np.ndarray | list[bytes]:
+    if datatype == "BYTES":
+        values, position = [], 0
+        while position < len(chunk):
+            if position + 4 > len(chunk):
+                raise BadRequest(f"input {name!r}: truncated BYTES length prefix")
+            (length,) = struct.unpack_from("<I", chunk, position)
+            if position + 4 + length > len(chunk):
+                raise BadRequest(f"input {name!r}: a BYTES element runs past its binary data")
+            values.append(bytes(chunk[position + 4 : position + 4 + length]))
+            position += 4 + length
+        if len(values) != count:
+            raise BadRequest(f"input {name!r}: {len(values)} BYTES elements for a shape of {count}")
+        return values
+    dtype = np.dtype(DTYPES[datatype]).newbyteorder("<")
+    if len(chunk) != count * dtype.itemsize:
+        raise BadRequest(f"input {name!r}: {len(chunk)} bytes of binary data for {count} {datatype} values")
+    return np.frombuffer(chunk, dtype=dtype).astype(dtype.newbyteorder("="))
+
+
+def _flatten(data: Any):
+    if isinstance(data, list):
+        for item in data:
+            yield from _flatten(item)
+    else:
+        yield data
+
+
+def encode_bytes(values: list[bytes]) -> bytes:
+    """BYTES elements in the binary extension's layout: each one prefixed by its 4-byte little-endian length."""
+    return b"".join(struct.pack("<I", len(v)) + v for v in values)
+
+
+def output_tensor(name: str, datatype: str, values: np.ndarray | list[str], shape: list[int], binary: bool) -> tuple[dict, bytes]:
+    """One response output: its JSON entry, and its binary data when `binary` (else the data is inline)."""
+    entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
+    if datatype == "BYTES":
+        flat = [str(v) for v in values]
+        if binary:
+            data = encode_bytes([v.encode() for v in flat])
+            entry["parameters"] = {"binary_data_size": len(data)}
+            return entry, data
+        entry["data"] = flat
+        return entry, b""
+    array = np.ascontiguousarray(values, dtype=DTYPES[datatype])
+    if binary:
+        data = array.astype(array.dtype.newbyteorder("<")).tobytes()
+        entry["parameters"] = {"binary_data_size": len(data)}
+        return entry, data
+    entry["data"] = array.reshape(-1).tolist()
+    return entry, b""
+
+
+def encode_response(header: dict, binary: bytes) -> tuple[bytes, dict[str, str]]:
+    """The response body and its headers: plain JSON, or JSON then binary data with the extension's header."""
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if not binary:
+        return text, {"content-type": "application/json"}
+    return text + binary, {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(text))}

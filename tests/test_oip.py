@@ -1,0 +1,176 @@
+"""Open Inference Protocol v2 against a real server, with requests built to the protocol's text."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import random_package
+from server_harness import TOKEN, ServerProcess, image_bytes
+
+HEADER = "Inference-Header-Content-Length"
+OVERRUN = b'{"inputs":[{"name":"image","datatype":"BYTES","shape":[1],"parameters":{"binary_data_size":99}}]}'
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_weights, shared_backbone):
+    store = tmp_path_factory.mktemp("store")
+    for name, kind in [("pets", "classify"), ("boxes", "detect"), ("masks", "segment")]:
+        random_package(shared_backbone, name, seed=len(name) + 1, kind=kind, num_labels=4).save(store / name / "1.safetensors")
+    log = tmp_path_factory.mktemp("log") / "log"
+    with ServerProcess(tiny_weights, store, env={"MONASERVE_ADMIN_TOKEN": TOKEN}, log=log) as server:
+        yield server
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
+
+
+def bytes_input(*images: bytes) -> dict:
+    return {"name": "image", "datatype": "BYTES", "shape": [len(images)], "data": [base64.b64encode(i).decode() for i in images]}
+
+
+def tensor(response: dict, name: str) -> np.ndarray:
+    (output,) = [o for o in response["outputs"] if o["name"] == name]
+    values = np.array(output["data"], dtype=object if output["datatype"] == "BYTES" else None)
+    return values.reshape(output["shape"])
+
+
+def test_server_metadata_and_health(http):
+    assert http.get("/v2").json() == {"name": "monaserve", "version": "0.1.0", "extensions": ["binary_tensor_data", "model_repository"]}
+    assert http.get("/v2/health/live").status_code == 200
+    assert http.get("/v2/health/ready").status_code == 200
+    assert http.get("/v2/models/pets/ready").status_code == 200
+    assert http.get("/v2/models/pets/versions/1/ready").status_code == 200
+    missing = http.get("/v2/models/nope/ready")
+    assert missing.status_code == 404 and list(missing.json()) == ["error"] and "nope" in missing.json()["error"]
+
+
+def test_model_metadata(http):
+    metadata = http.get("/v2/models/boxes").json()
+    assert metadata["name"] == "boxes" and metadata["versions"] == ["1"] and metadata["platform"] == "monaserve"
+    assert {i["name"]: i["datatype"] for i in metadata["inputs"]} == {"image": "BYTES", "pixels": "UINT8"}
+    assert [o["name"] for o in metadata["outputs"]] == ["boxes", "scores", "labels", "indices", "num_detections"]
+    assert http.get("/v2/models/boxes/versions/1").json() == metadata
+    assert http.get("/v2/models/boxes/versions/7").status_code == 404
+
+
+def test_classify_with_json_bytes_matches_the_v1_route(http):
+    images = [image_bytes(1), image_bytes(2)]
+    request = {"id": "r-1", "inputs": [bytes_input(*images)], "parameters": {"top_k": 3}}
+    response = http.post("/v2/models/pets/infer", json=request).json()
+    assert (response["model_name"], response["model_version"], response["id"]) == ("pets", "1", "r-1")
+    scores, labels = tensor(response, "scores"), tensor(response, "labels")
+    assert scores.shape == (2, 3) and labels.shape == (2, 3) and tensor(response, "indices").shape == (2, 3)
+    for i, image in enumerate(images):
+        v1 = http.post("/v1/tasks/pets/classify?top_k=3", content=image, headers={"content-type": "image/jpeg"}).json()
+        top = v1["results"][0]["top"]
+        assert list(labels[i]) == [t["label"] for t in top]
+        np.testing.assert_allclose(scores[i].astype(float), [t["score"] for t in top], atol=1e-4)
+
+
+def test_uint8_pixels_equal_the_same_image_encoded(http):
+    pixels = np.asarray(Image.open(io.BytesIO(image_bytes(3, size=(64, 48), fmt="PNG"))))
+    as_pixels = {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": list(pixels.shape), "data": pixels.ravel().tolist()}]}
+    as_png = {"inputs": [bytes_input(image_bytes(3, size=(64, 48), fmt="PNG"))]}
+    a = http.post("/v2/models/pets/infer", json=as_pixels).json()
+    b = http.post("/v2/models/pets/infer", json=as_png).json()
+    np.testing.assert_allclose(tensor(a, "scores").astype(float), tensor(b, "scores").astype(float), atol=1e-5)
+
+
+def test_binary_tensor_extension_both_ways(http):
+    images = [image_bytes(4), image_bytes(5)]
+    data = b"".join(struct.pack("<I", len(i)) + i for i in images)
+    header = {
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": len(data)}}],
+        "outputs": [{"name": "scores", "parameters": {"binary_data": True}}, {"name": "labels", "parameters": {"binary_data": True}}],
+    }
+    text = json.dumps(header).encode()
+    response = http.post("/v2/models/pets/infer", content=text + data, headers={HEADER: str(len(text)), "content-type": "application/octet-stream"})
+    assert response.status_code == 200, response.text
+    length = int(response.headers[HEADER])
+    body = json.loads(response.content[:length])
+    rest = response.content[length:]
+    scores_out, labels_out = body["outputs"]
+    scores = np.frombuffer(rest[: scores_out["parameters"]["binary_data_size"]], dtype="<f4").reshape(scores_out["shape"])
+    raw = rest[scores_out["parameters"]["binary_data_size"] :]
+    assert len(raw) == labels_out["parameters"]["binary_data_size"]
+    labels, position = [], 0
+    while position < len(raw):
+        (n,) = struct.unpack_from("<I", raw, position)
+        labels.append(raw[position + 4 : position + 4 + n].decode())
+        position += 4 + n
+    as_json = http.post("/v2/models/pets/infer", json={"inputs": [bytes_input(*images)]}).json()
+    np.testing.assert_allclose(scores, tensor(as_json, "scores").astype(float), atol=1e-6)
+    assert labels == list(tensor(as_json, "labels").ravel())
+
+
+def test_detect_outputs_are_padded_per_image(http):
+    response = http.post(
+        "/v2/models/boxes/versions/1/infer", json={"inputs": [bytes_input(image_bytes(6), image_bytes(7, size=(90, 60)))]}
+    ).json()
+    counts = tensor(response, "num_detections")
+    boxes = tensor(response, "boxes")
+    assert boxes.shape[0] == 2 and boxes.shape[2] == 4 and boxes.shape[1] == max(counts)
+    assert tensor(response, "labels").shape == boxes.shape[:2]
+    for i, count in enumerate(counts):
+        assert (boxes[i, count:] == 0).all() and (tensor(response, "labels")[i, count:] == "").all()
+
+
+def test_segment_mask_matches_the_v1_png(http):
+    image = image_bytes(8, size=(80, 50))
+    response = http.post("/v2/models/masks/infer", json={"inputs": [bytes_input(image)], "outputs": [{"name": "mask"}]}).json()
+    mask = tensor(response, "mask")
+    v1 = http.post("/v1/tasks/masks/segment", content=image, headers={"content-type": "image/jpeg"}).json()
+    png = np.asarray(Image.open(io.BytesIO(base64.b64decode(v1["results"][0]["mask_png"]))))
+    assert mask.shape == (1, 50, 80) and (mask[0] == png).all()
+    mixed = http.post("/v2/models/masks/infer", json={"inputs": [bytes_input(image, image_bytes(9, size=(30, 30)))]})
+    assert mixed.status_code == 400 and "one size" in mixed.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "complaint"),
+    [
+        (b"{not json", {}, "not valid JSON"),
+        (json.dumps({"inputs": []}).encode(), {}, "non-empty 'inputs'"),
+        (json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": ["AAAA"]}]}).encode(), {}, "1 values for a shape of 2"),
+        (json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}).encode(), {}, "base64"),
+        (json.dumps({"inputs": [{"name": "image", "datatype": "NOPE", "shape": [1], "data": [""]}]}).encode(), {}, "unknown datatype"),
+        (json.dumps({"inputs": [{"name": "other", "datatype": "BYTES", "shape": [1], "data": ["AAAA"]}]}).encode(), {}, "exactly one input"),
+        (OVERRUN + b"\x00" * 10, {HEADER: str(len(OVERRUN))}, "past the end"),
+        (json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [2, 2, 4], "data": [0] * 16}]}).encode(), {}, "UINT8 of shape"),
+        (json.dumps({"inputs": [bytes_input(image_bytes(0))], "outputs": [{"name": "boxes"}]}).encode(), {}, "unknown output"),
+        (json.dumps({"inputs": [bytes_input(b"not an image")]}).encode(), {}, "not a JPEG"),
+        (json.dumps({"inputs": [bytes_input(image_bytes(0))], "parameters": {"top_k": "many"}}).encode(), {}, "top_k"),
+    ],
+    ids=["json", "no-inputs", "count", "base64", "datatype", "input-name", "binary-size", "pixels-shape", "output", "image", "parameter"],
+)
+def test_bad_requests_get_400_with_an_error(http, body, headers, complaint):
+    response = http.post("/v2/models/pets/infer", content=body, headers={"content-type": "application/json", **headers})
+    assert 400 <= response.status_code < 500 and list(response.json()) == ["error"]
+    assert complaint in response.json()["error"]
+
+
+def test_repository_extension(server, http):
+    assert http.post("/v2/repository/index").status_code == 401
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    index = http.post("/v2/repository/index", headers=admin).json()
+    assert {"name": "pets", "version": "1", "state": "READY", "reason": ""} in index
+    assert http.post("/v2/repository/models/pets/unload", headers=admin).status_code == 200
+    assert http.get("/v2/models/pets/ready").status_code == 400
+    assert [m["state"] for m in http.post("/v2/repository/index", headers=admin).json() if m["name"] == "pets"] == ["UNAVAILABLE"]
+    assert http.post("/v2/repository/index", headers=admin, json={"ready": True}).json() == [
+        m for m in http.post("/v2/repository/index", headers=admin).json() if m["state"] == "READY"
+    ]
+    assert http.post("/v2/repository/models/pets/load", headers=admin).status_code == 200
+    assert http.get("/v2/models/pets/ready").status_code == 200
+    assert http.post("/v2/repository/models/nope/load", headers=admin).status_code == 404
