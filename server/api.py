@@ -8,6 +8,7 @@ import binascii
 import hmac
 import logging
 from contextlib import asynccontextmanager
+from importlib import resources
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -45,6 +46,12 @@ from .schemas import (
 
 log = logging.getLogger(__name__)
 REPLICA_HEADER = "X-Monaserve-Replica"
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 ADMIN_PREFIX = "/v1/adapters"
 ERROR_RESPONSES = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 413, 415, 422, 503, 504, 507)}
 IMAGE_BODY = {
@@ -386,6 +393,13 @@ def create_app(runtime: Runtime) -> FastAPI:
         return UnloadResponse(task=task, unloaded=True, purged=purge)
 
     app.include_router(oip_router(runtime, require_admin, registry))
+
+    playground = (resources.files("monaserve.server") / "static" / "playground.html").read_bytes()
+
+    @app.get("/", include_in_schema=False)
+    async def playground_page() -> Response:
+        """The playground: pick a task, drop an image, see the result drawn (plain HTML and JS, same origin)."""
+        return Response(playground, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
 
     # ---- health and metrics --------------------------------------------------------------------
 

@@ -93,7 +93,7 @@ def test_the_copied_sources_build_the_package(dockerfile, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("monaserve-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"monaserve/server/cli.py", "monaserve/adapters/mona.py", "monaserve/client/__init__.py"} <= names
+    assert {"monaserve/server/cli.py", "monaserve/adapters/mona.py", "monaserve/client/__init__.py", "monaserve/server/static/playground.html"} <= names
 
 
 def test_entrypoint_and_healthcheck_work_when_run_directly(dockerfile, tiny_weights, tmp_path):
