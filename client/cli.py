@@ -10,6 +10,7 @@ import argparse
 import base64
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from .errors import MonaError
 from .results import Classification, Detections, Result, Segmentation
 
 
-def add_client_commands(commands: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
-    """Add `predict` and `adapters` to the `monaserve` sub-commands; returns the new parsers."""
+def add_client_commands(commands: argparse._SubParsersAction) -> None:
+    """Add `predict` and `adapters` to the `monaserve` sub-commands."""
     predict = commands.add_parser("predict", help="run images through a task on a server")
     _add_connection_arguments(predict)
     predict.add_argument("task")
@@ -46,12 +47,13 @@ def add_client_commands(commands: argparse._SubParsersAction) -> list[argparse.A
     for verb in (listing, upload, load, unload):
         _add_connection_arguments(verb)
         verb.set_defaults(handler=cmd_adapters)
-    return [predict, listing, upload, load, unload]
 
 
 def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=DEFAULT_URL, help="the server (MONASERVE_URL)")
-    parser.add_argument("--token", default=None, help="admin token (MONASERVE_TOKEN)")
+    """`--url` and `--token`, the only options of the client verbs that the environment may set."""
+    parser.add_argument("--url", default=os.environ.get("MONASERVE_URL", DEFAULT_URL), help="the server (MONASERVE_URL)")
+    token = os.environ.get("MONASERVE_TOKEN") or os.environ.get("MONASERVE_ADMIN_TOKEN")
+    parser.add_argument("--token", default=token, help="admin token (MONASERVE_TOKEN, else MONASERVE_ADMIN_TOKEN)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     parser.add_argument("--json", action="store_true", help="print the server's JSON")
 
@@ -113,10 +115,10 @@ def cmd_adapters(args: argparse.Namespace) -> int:
 
 
 def _guard(call):
-    """Run `call`; on a client error print the server's message and return None."""
+    """Run `call`; on a client error or an unreadable file print what went wrong and return None."""
     try:
         return call()
-    except MonaError as exc:
+    except (MonaError, OSError, ValueError) as exc:
         print(f"monaserve: {exc}", file=sys.stderr)
         return None
 

@@ -1,8 +1,9 @@
 """`MonaClient` and `AsyncMonaClient`: monaserve's HTTP API as Python calls, with typed results and retries.
 
-Both clients build the same requests and share the retry policy; only the sending differs. Inference is
-retried on connection errors and 503 (honouring Retry-After); admin calls only when the request
-could not have reached the server (a refused connection) or on 503.
+Both clients build the same requests and share the retry policy; only the sending differs. Every call is
+retried on 503 (honouring Retry-After) and when no connection could be made; inference also when the
+connection broke before an answer (a replica went away). A timeout is never retried: the request may
+still be running, and sending it again would add load exactly when the server is slow.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import random
 import struct
 import time
@@ -37,8 +39,8 @@ class RetryPolicy:
     max_backoff_s: float = 10.0
 
     def delay(self, attempt: int, retry_after_s: float | None) -> float:
-        if retry_after_s is not None:
-            return min(retry_after_s, self.max_backoff_s)
+        if retry_after_s is not None and math.isfinite(retry_after_s):
+            return min(max(retry_after_s, 0.0), self.max_backoff_s)
         return min(self.backoff_s * 2**attempt, self.max_backoff_s) * random.uniform(0.5, 1.0)
 
 
@@ -60,8 +62,10 @@ class Call:
         return {"params": params, "content": self.content, "files": self.files, "headers": self.headers, "json": self.json_body}
 
     def retry_after_error(self, error: httpx.TransportError) -> bool:
-        """Inference may be sent again after any transport error; admin calls only if nothing was sent."""
-        return self.idempotent or isinstance(error, httpx.ConnectError)
+        """Send again after a failed connection; inference also after a connection that broke mid-way."""
+        if isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout)):
+            return True
+        return self.idempotent and isinstance(error, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError))
 
 
 def infer_call(task: str, kind: str, images: Sequence[ImageInput], **params: Any) -> Call:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import hmac
 import logging
+import re
 from contextlib import asynccontextmanager
 from importlib import resources
 
@@ -46,12 +48,18 @@ from .schemas import (
 
 log = logging.getLogger(__name__)
 REPLICA_HEADER = "X-Monaserve-Replica"
-PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-    "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
+
+
+def page_headers(page: bytes) -> dict[str, str]:
+    """Security headers for the playground: only its own inline script (by hash) runs, only same-origin fetches."""
+    scripts = re.findall(rb"<script>(.*?)</script>", page, re.DOTALL)
+    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s).digest()).decode()}'" for s in scripts)
+    return {
+        "Content-Security-Policy": f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; "
+        "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+    }
 ADMIN_PREFIX = "/v1/adapters"
 ERROR_RESPONSES = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 413, 415, 422, 503, 504, 507)}
 IMAGE_BODY = {
@@ -84,11 +92,15 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
 
 
-def error_for(request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_body(path: str, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     """`error_response`, or on `/v2` routes the Open Inference Protocol's `{"error": "<message>"}`."""
-    if request.url.path == "/v2" or request.url.path.startswith("/v2/"):
+    if path == "/v2" or path.startswith("/v2/"):
         return JSONResponse({"error": f"{code}: {message}"}, status_code=status, headers=headers)
     return error_response(status, code, message, headers)
+
+
+def error_for(request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return error_body(request.url.path, status, code, message, headers)
 
 
 class BodyLimit:
@@ -106,7 +118,7 @@ class BodyLimit:
         limit = self.upload_limit if scope["path"].startswith(ADMIN_PREFIX) else self.default_limit
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await self._refuse(send, limit)
+            return await self._refuse(send, limit, scope["path"])
         received = 0
         started = False
 
@@ -128,11 +140,11 @@ class BodyLimit:
             await self.app(scope, counting_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await self._refuse(send, limit)
+                await self._refuse(send, limit, scope["path"])
 
     @staticmethod
-    async def _refuse(send: Send, limit: int) -> None:
-        response = error_response(413, PayloadTooLarge.code, f"request body exceeds {limit} bytes")
+    async def _refuse(send: Send, limit: int, path: str) -> None:
+        response = error_body(path, 413, PayloadTooLarge.code, f"request body exceeds {limit} bytes")
         await response({"type": "http"}, None, send)
 
 
@@ -395,11 +407,12 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(oip_router(runtime, require_admin, registry))
 
     playground = (resources.files("monaserve.server") / "static" / "playground.html").read_bytes()
+    playground_headers = page_headers(playground)
 
     @app.get("/", include_in_schema=False)
     async def playground_page() -> Response:
         """The playground: pick a task, drop an image, see the result drawn (plain HTML and JS, same origin)."""
-        return Response(playground, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+        return Response(playground, media_type="text/html; charset=utf-8", headers=playground_headers)
 
     # ---- health and metrics --------------------------------------------------------------------
 

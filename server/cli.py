@@ -217,13 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add("--demo", action="store_true", help="first train the shapes demo tasks into the store if they are missing")
     serve.set_defaults(handler=cmd_serve)
-    for sub in (info, train, serve, *add_client_commands(commands)):
+    add_client_commands(commands)  # the client verbs read only MONASERVE_URL and MONASERVE_TOKEN
+    for sub in (info, train, serve):
         apply_env_defaults(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except ValueError as exc:  # a MONASERVE_* variable that does not parse
+        print(f"monaserve: error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         return args.handler(args)
     except ValueError as exc:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +21,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 
 from . import postprocess
-from .errors import BadRequest, UnknownVersion
+from .errors import BadRequest, TaskUnloaded, UnknownVersion
 from .oip_codec import HEADER_LENGTH, encode_response, output_tensor, read_inputs, split_body
 from .registry import Registry, TaskEntry
 from .runtime import Inference, Runtime
@@ -36,6 +38,10 @@ OUTPUTS = {
     "segment": [("mask", "UINT8", [-1, -1, -1])],
 }
 Tensor = tuple[str, Any, list[int]]  # datatype, values, shape
+MAX_MASK_PIXELS = 64_000_000
+"""Most mask pixels one response may carry (all images together); one byte each in binary."""
+MAX_INLINE_MASK_PIXELS = 4_000_000
+"""Most mask pixels as JSON numbers (several bytes each); larger masks must use the binary extension."""
 
 
 def oip_router(runtime: Runtime, require_admin: Callable, registry: Callable[[], Registry]) -> APIRouter:
@@ -75,16 +81,22 @@ def oip_router(runtime: Runtime, require_admin: Callable, registry: Callable[[],
         }
 
     async def model_ready(name: str, version: str | None = None) -> Response:
-        entry, number = await entry_and_version(name, version)
-        return Response(status_code=200 if runtime.ready and (entry.enabled or version is not None) else 400)
+        entry, _ = await entry_and_version(name, version)
+        return Response(status_code=200 if runtime.ready and entry.enabled else 400)
 
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
-        header, binary = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
-        images = _images(read_inputs(header, binary), runtime.config.max_images_per_request)
-        parameters = header.get("parameters") or {}
+        body, loop = await request.body(), asyncio.get_running_loop()
+        header, images = await loop.run_in_executor(
+            runtime.decode_pool, _parse_request, body, request.headers.get(HEADER_LENGTH), runtime.config.max_images_per_request
+        )
+        entry, number = await entry_and_version(name, version)
+        if not entry.enabled:
+            raise TaskUnloaded(f"model {name!r} is unloaded; POST /v2/repository/models/{name}/load to serve it again")
+        kind = entry.versions[number].manifest.kind
+        options = _options(kind, header, len(images))
         status = 500
         try:
-            result = await runtime.infer(name, None, images, _version_number(version))
+            result = await runtime.infer(name, kind, images, number if version is not None else None)
             status = 200
         except Exception as exc:
             status = getattr(exc, "status", 500)
@@ -94,10 +106,9 @@ def oip_router(runtime: Runtime, require_admin: Callable, registry: Callable[[],
                 runtime.metrics.requests.labels(name, "oip", str(status)).inc()
 
         def respond() -> tuple[bytes, dict[str, str]]:
-            tensors = _outputs(result, parameters)
-            return _response(name, header, result, tensors)
+            return _response(name, header, result, _outputs(result, options), options)
 
-        body, headers = await asyncio.get_running_loop().run_in_executor(runtime.decode_pool, respond)
+        body, headers = await loop.run_in_executor(runtime.decode_pool, respond)
         return Response(body, headers=headers)
 
     for suffix in ("", "/versions/{version}"):
@@ -155,6 +166,44 @@ def _version_number(version: str | None) -> int | None:
     return int(version)
 
 
+@dataclass(frozen=True)
+class Options:
+    """What a request asks of its response, checked before any inference runs."""
+
+    top_k: int
+    min_score: float
+    outputs: list[tuple[str, bool]]  # name, as binary
+
+
+def _parse_request(body: bytes, header_length: str | None, max_images: int) -> tuple[dict, list[bytes | np.ndarray]]:
+    """The JSON header and the images (runs in the decode pool: large bodies must not stall the loop)."""
+    header, binary = split_body(body, header_length)
+    return header, _images(read_inputs(header, binary), max_images)
+
+
+def _options(kind: str, header: dict, images: int) -> Options:
+    parameters = header.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadRequest("'parameters' must be a JSON object")
+    top_k = _parameter(parameters, "top_k", int, 5, 1, 1000)
+    min_score = _parameter(parameters, "min_score", float, 0.0, 0.0, 1.0)
+    binary_default = parameters.get("binary_data_output", False)
+    names = [n for n, _, _ in OUTPUTS[kind]]
+    requested = header.get("outputs") or [{"name": n} for n in names]
+    if not isinstance(requested, list):
+        raise BadRequest("'outputs' must be a list")
+    outputs = []
+    for spec in requested:
+        output = spec.get("name") if isinstance(spec, dict) else None
+        if output not in names:
+            raise BadRequest(f"unknown output {output!r}; {kind} models give {names}")
+        spec_parameters = spec.get("parameters") or {}
+        if not isinstance(spec_parameters, dict):
+            raise BadRequest(f"output {output!r}: 'parameters' must be a JSON object")
+        outputs.append((output, bool(spec_parameters.get("binary_data", binary_default))))
+    return Options(top_k, min_score, outputs)
+
+
 def _images(inputs: dict, max_images: int) -> list[bytes | np.ndarray]:
     """The request's images from its one input: `image` (BYTES) or `pixels` (UINT8 HWC)."""
     if len(inputs) != 1 or not inputs.keys() <= {"image", "pixels"}:
@@ -175,13 +224,12 @@ def _images(inputs: dict, max_images: int) -> list[bytes | np.ndarray]:
     return images
 
 
-def _outputs(result: Inference, parameters: dict) -> dict[str, Tensor]:
+def _outputs(result: Inference, options: Options) -> dict[str, Tensor]:
     """Every output tensor of `result`'s kind, batch first."""
     manifest, pairs = result.manifest, list(zip(result.outputs, result.prepared))
     n = len(pairs)
     if manifest.kind == "classify":
-        top_k = _parameter(parameters, "top_k", int, 5)
-        tops = [postprocess.classify(output, manifest, top_k).top for output, _ in pairs]
+        tops = [postprocess.classify(output, manifest, options.top_k).top for output, _ in pairs]
         k = len(tops[0])
         return {
             "scores": ("FP32", [[t.score for t in top] for top in tops], [n, k]),
@@ -189,8 +237,7 @@ def _outputs(result: Inference, parameters: dict) -> dict[str, Tensor]:
             "indices": ("INT64", [[t.index for t in top] for top in tops], [n, k]),
         }
     if manifest.kind == "detect":
-        min_score = _parameter(parameters, "min_score", float, 0.0)
-        found = [postprocess.detect(output, manifest, prepared, min_score).detections for output, prepared in pairs]
+        found = [postprocess.detect(output, manifest, prepared, options.min_score).detections for output, prepared in pairs]
         m = max(len(d) for d in found)
         boxes, scores, indices = np.zeros((n, m, 4), np.float32), np.zeros((n, m), np.float32), np.zeros((n, m), np.int64)
         labels = [[""] * m for _ in range(n)]
@@ -202,31 +249,33 @@ def _outputs(result: Inference, parameters: dict) -> dict[str, Tensor]:
             "labels": ("BYTES", [label for row in labels for label in row], [n, m]),
             "indices": ("INT64", indices, [n, m]), "num_detections": ("INT32", [len(d) for d in found], [n]),
         }
-    masks = [postprocess.original_class_map(output, prepared) for output, prepared in pairs]
-    if len({mask.shape for mask in masks}) > 1:
+    sizes = {prepared.original_size for prepared in result.prepared}
+    if len(sizes) > 1:
         raise BadRequest("a segment request's images must share one size: the 'mask' output is one [N, H, W] tensor")
+    pixels = n * math.prod(next(iter(sizes)))
+    inline = any(not binary for name, binary in options.outputs if name == "mask")
+    limit = MAX_INLINE_MASK_PIXELS if inline else MAX_MASK_PIXELS
+    if pixels > limit:
+        raise BadRequest(
+            f"the 'mask' output would hold {pixels} pixels; the limit is {limit}"
+            + (" inline: ask for it with binary_data" if inline and pixels <= MAX_MASK_PIXELS else "")
+        )
+    masks = [postprocess.original_class_map(output, prepared) for output, prepared in pairs]
     return {"mask": ("UINT8", np.stack(masks), [n, *masks[0].shape])}
 
 
-def _parameter(parameters: dict, name: str, kind: type, default: Any) -> Any:
+def _parameter(parameters: dict, name: str, kind: type, default: Any, low: float, high: float) -> Any:
     value = parameters.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
-        raise BadRequest(f"parameter {name!r} must be a number{' (integer)' if kind is int else ''}; got {value!r}")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or (kind is int and not float(value).is_integer()) or not low <= value <= high:
+        raise BadRequest(f"parameter {name!r} must be {'an integer' if kind is int else 'a number'} in {low:g}..{high:g}; got {value!r}")
     return kind(value)
 
 
-def _response(name: str, header: dict, result: Inference, tensors: dict[str, Tensor]) -> tuple[bytes, dict[str, str]]:
+def _response(name: str, header: dict, result: Inference, tensors: dict[str, Tensor], options: Options) -> tuple[bytes, dict[str, str]]:
     """The requested outputs (all by default), inline or binary as asked."""
-    binary_default = bool((header.get("parameters") or {}).get("binary_data_output", False))
-    requested = header.get("outputs") or [{"name": n} for n in tensors]
-    if not isinstance(requested, list):
-        raise BadRequest("'outputs' must be a list")
     entries, data = [], b""
-    for spec in requested:
-        output = spec.get("name") if isinstance(spec, dict) else None
-        if output not in tensors:
-            raise BadRequest(f"unknown output {output!r}; {result.manifest.kind} models give {sorted(tensors)}")
-        binary = bool((spec.get("parameters") or {}).get("binary_data", binary_default))
+    for output, binary in options.outputs:
         datatype, values, shape = tensors[output]
         entry, chunk = output_tensor(output, datatype, values, shape, binary)
         entries.append(entry)

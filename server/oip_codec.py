@@ -40,6 +40,8 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict, memoryview
             raise BadRequest(f"{HEADER_LENGTH} {length} does not fit a body of {len(body)} bytes")
     try:
         header = json.loads(body[:length])
+    except RecursionError:
+        raise BadRequest("the inference request's JSON is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the inference request is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
@@ -69,7 +71,7 @@ def read_inputs(header: dict, binary: memoryview) -> dict[str, tuple[str, list[i
             chunk, offset = binary[offset : offset + size], offset + size
             values = _binary_values(name, datatype, chunk, count)
         elif "data" in spec:
-            values = _json_values(name, datatype, spec["data"], count)
+            values = _json_values(name, datatype, spec["data"], shape)
         else:
             raise BadRequest(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
         found[name] = (datatype, shape, values if datatype == "BYTES" else values.reshape(shape))
@@ -78,8 +80,9 @@ def read_inputs(header: dict, binary: memoryview) -> dict[str, tuple[str, list[i
     return found
 
 
-def _json_values(name: str, datatype: str, data: Any, count: int) -> np.ndarray | list[bytes]:
-    flat = list(_flatten(data))
+def _json_values(name: str, datatype: str, data: Any, shape: list[int]) -> np.ndarray | list[bytes]:
+    flat = _flatten(name, data, max_depth=max(1, len(shape)))
+    count = math.prod(shape)
     if len(flat) != count:
         raise BadRequest(f"input {name!r}: {len(flat)} values for a shape of {count} elements")
     if datatype == "BYTES":
@@ -113,12 +116,16 @@ def _binary_values(name: str, datatype: str, chunk: memoryview, count: int) -> n
     return np.frombuffer(chunk, dtype=dtype).astype(dtype.newbyteorder("="))
 
 
-def _flatten(data: Any):
-    if isinstance(data, list):
-        for item in data:
-            yield from _flatten(item)
-    else:
-        yield data
+def _flatten(name: str, data: Any, max_depth: int) -> list:
+    """Row-major values of `data`, flat or nested no deeper than the tensor's rank."""
+    if not isinstance(data, list):
+        raise BadRequest(f"input {name!r}: 'data' must be a list")
+    level, depth = data, 1
+    while level and any(isinstance(item, list) for item in level):
+        if depth >= max_depth or not all(isinstance(item, list) for item in level):
+            raise BadRequest(f"input {name!r}: 'data' is nested deeper than its shape or unevenly")
+        level, depth = [value for item in level for value in item], depth + 1
+    return level
 
 
 def encode_bytes(values: list[bytes]) -> bytes:

@@ -209,3 +209,23 @@ def test_cli_adapters_verbs(server, shared_backbone, tmp_path):
     assert "serving v1" in run_cli("adapters", "load", "boxes", "--url", server.url).stdout
     denied = run_cli("adapters", "list", "--url", server.url, token=None)
     assert denied.returncode == 1 and ("401" in denied.stderr or "403" in denied.stderr)
+
+
+def test_retry_after_values_are_bounded():
+    policy = RetryPolicy(max_backoff_s=5)
+    assert policy.delay(0, -3) == 0 and policy.delay(0, 60) == 5 and policy.delay(0, 1.5) == 1.5
+    assert 0 < policy.delay(1, float("nan")) <= 5  # unusable header: plain backoff
+
+
+def test_cli_takes_only_url_and_token_from_the_environment(server, tmp_path):
+    env = {**os.environ, "MONASERVE_URL": server.url, "MONASERVE_ADMIN_TOKEN": TOKEN, "MONASERVE_PURGE": "1",
+           "MONASERVE_VERSION": "99"}
+    env.pop("MONASERVE_TOKEN", None)
+    image = tmp_path / "x.jpg"
+    image.write_bytes(image_bytes(1))
+    predicted = subprocess.run([MONASERVE, "predict", "pets", str(image)], env=env, capture_output=True, text=True, timeout=120)
+    assert predicted.returncode == 0, predicted.stderr  # MONASERVE_VERSION does not pin a version
+    listed = subprocess.run([MONASERVE, "adapters", "list"], env=env, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and "pets" in listed.stdout  # the admin token is the server's own variable
+    missing = subprocess.run([MONASERVE, "predict", "pets", str(tmp_path / "none.jpg")], env=env, capture_output=True, text=True)
+    assert missing.returncode == 1 and "No such file" in missing.stderr and "Traceback" not in missing.stderr

@@ -174,3 +174,31 @@ def test_repository_extension(server, http):
     assert http.post("/v2/repository/models/pets/load", headers=admin).status_code == 200
     assert http.get("/v2/models/pets/ready").status_code == 200
     assert http.post("/v2/repository/models/nope/load", headers=admin).status_code == 404
+
+
+def test_requests_are_checked_before_inference(server, http):
+    """Parameters, outputs and nesting are refused up front (4xx), never as a 500 after the GPU work."""
+    image = bytes_input(image_bytes(0))
+    for body, complaint in [
+        ({"inputs": [image], "parameters": {"top_k": -1}}, "top_k"),
+        ({"inputs": [image], "parameters": "fast"}, "'parameters' must be a JSON object"),
+        ({"inputs": [image], "outputs": [{"name": "scores", "parameters": 3}]}, "must be a JSON object"),
+    ]:
+        response = http.post("/v2/models/pets/infer", json=body)
+        assert response.status_code == 400 and complaint in response.json()["error"], response.text
+    deep = b'{"inputs":[{"name":"image","datatype":"BYTES","shape":[1],"data":' + b"[" * 5000 + b"]" * 5000 + b"}]}"
+    response = http.post("/v2/models/pets/infer", content=deep, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "nested" in response.json()["error"]
+    too_large = http.post("/v2/models/pets/infer", content=b"x" * (65 * 2**20), headers={"content-type": "application/json"})
+    assert too_large.status_code == 413 and list(too_large.json()) == ["error"]
+
+
+def test_an_unloaded_model_serves_no_version(server, http):
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    http.post("/v2/repository/models/boxes/unload", headers=admin).raise_for_status()
+    try:
+        assert http.get("/v2/models/boxes/versions/1/ready").status_code == 400
+        pinned = http.post("/v2/models/boxes/versions/1/infer", json={"inputs": [bytes_input(image_bytes(0))]})
+        assert pinned.status_code == 404 and "unloaded" in pinned.json()["error"]
+    finally:
+        http.post("/v2/repository/models/boxes/load", headers=admin).raise_for_status()
