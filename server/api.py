@@ -14,6 +14,7 @@ from importlib import resources
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -27,6 +28,7 @@ from .errors import BadRequest, Forbidden, PayloadTooLarge, ServeError, Unauthor
 from .registry import TaskEntry
 from .runtime import Runtime
 from .oip import oip_router
+from .oip_codec import HEADER_LENGTH
 from .schemas import (
     AdapterList,
     CacheView,
@@ -90,6 +92,15 @@ PACKAGE_BODY = {
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
+
+
+def check_bearer(authorization: str | None, tokens: list[str], what: str) -> None:
+    """401 without a bearer token, 403 unless it equals one of `tokens` (constant-time comparisons)."""
+    if not authorization or not authorization.startswith("Bearer "):
+        raise Unauthorized(f"{what} need 'Authorization: Bearer <token>'")
+    given = authorization.removeprefix("Bearer ").encode()
+    if not any([hmac.compare_digest(given, token.encode()) for token in tokens]):  # a list: compare with every token
+        raise Forbidden(f"invalid token for {what}")
 
 
 def error_body(path: str, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -224,6 +235,15 @@ def create_app(runtime: Runtime) -> FastAPI:
         BodyLimit, default_limit=int(config.max_request_mb * 2**20), upload_limit=MAX_PACKAGE_BYTES + 2**20
     )
     app.add_middleware(ReplicaHeader, replica=config.replica_id)
+    origins = [o.strip() for o in config.cors_origins.split(",") if o.strip()]
+    if origins:  # off by default: browsers then refuse cross-origin calls
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", HEADER_LENGTH],
+            expose_headers=[REPLICA_HEADER, HEADER_LENGTH],
+        )
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
@@ -253,10 +273,14 @@ def create_app(runtime: Runtime) -> FastAPI:
             if config.insecure_admin:
                 return
             raise Forbidden("the admin API is off: start the server with --admin-token (or MONASERVE_ADMIN_TOKEN)")
-        if not authorization or not authorization.startswith("Bearer "):
-            raise Unauthorized("admin routes need 'Authorization: Bearer <token>'")
-        if not hmac.compare_digest(authorization.removeprefix("Bearer ").encode(), token.encode()):
-            raise Forbidden("invalid admin token")
+        check_bearer(authorization, [token], "admin routes")
+
+    async def require_api(authorization: str | None = Header(default=None)) -> None:
+        """With --api-token, inference needs it (or the admin token); without, inference is open."""
+        if config.api_token is not None:
+            check_bearer(authorization, [t for t in (config.api_token, config.admin_token) if t], "inference routes")
+
+    api = [Depends(require_api)]
 
     def registry():
         runtime.require_ready()
@@ -266,6 +290,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.post(
         "/v1/tasks/{task}/{kind}",
+        dependencies=api,
         response_model=ClassifyResponse | DetectResponse | SegmentResponse,
         responses=ERROR_RESPONSES,
         openapi_extra=IMAGE_BODY,
@@ -313,12 +338,14 @@ def create_app(runtime: Runtime) -> FastAPI:
             versions=sorted(entry.versions), labels=serving.labels, input_size=serving.input.size,
         )
 
-    @app.get("/v1/tasks", response_model=list[TaskInfo], summary="Tasks this server can run", tags=["inference"])
+    @app.get("/v1/tasks", response_model=list[TaskInfo], summary="Tasks this server can run", tags=["inference"], dependencies=api)
     async def list_tasks() -> list[TaskInfo]:
         catalog = registry().catalog  # kept fresh by the catalog refresh; no store read per call
         return [task_info(catalog[name]) for name in sorted(catalog)]
 
-    @app.get("/v1/tasks/{task}", response_model=TaskInfo, responses=ERROR_RESPONSES, summary="One task", tags=["inference"])
+    @app.get(
+        "/v1/tasks/{task}", response_model=TaskInfo, responses=ERROR_RESPONSES, summary="One task", tags=["inference"], dependencies=api
+    )
     async def get_task(task: str) -> TaskInfo:
         return task_info(await registry().entry(task))
 
@@ -404,7 +431,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         await registry().unload(task, purge=purge)
         return UnloadResponse(task=task, unloaded=True, purged=purge)
 
-    app.include_router(oip_router(runtime, require_admin, registry))
+    app.include_router(oip_router(runtime, require_admin, require_api, registry))
 
     playground = (resources.files("monaserve.server") / "static" / "playground.html").read_bytes()
     playground_headers = page_headers(playground)

@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--preload", default="", help="tasks to load at start-up: 'all' or a comma-separated list")
     add("--admin-token", default=None, help="bearer token for /v1/adapters (prefer MONASERVE_ADMIN_TOKEN)")
     add("--insecure-admin", action="store_true", help="serve the admin routes without a token")
+    add("--api-token", default=None, help="bearer token for inference routes (prefer MONASERVE_API_TOKEN; default: open)")
+    add("--cors-origins", default="", help="comma-separated origins allowed to call from browsers (default: none)")
     add("--max-image-bytes", type=int, default=20 * 2**20)
     add("--max-image-pixels", type=int, default=40_000_000)
     add("--max-images-per-request", type=int, default=64)

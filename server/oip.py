@@ -44,8 +44,8 @@ MAX_INLINE_MASK_PIXELS = 4_000_000
 """Most mask pixels as JSON numbers (several bytes each); larger masks must use the binary extension."""
 
 
-def oip_router(runtime: Runtime, require_admin: Callable, registry: Callable[[], Registry]) -> APIRouter:
-    """The `/v2` routes over `runtime`; `require_admin` guards the repository extension."""
+def oip_router(runtime: Runtime, require_admin: Callable, require_api: Callable, registry: Callable[[], Registry]) -> APIRouter:
+    """The `/v2` routes over `runtime`; `require_api` guards the model routes, `require_admin` the repository."""
     router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
 
     @router.get("", summary="Server metadata")
@@ -112,9 +112,10 @@ def oip_router(runtime: Runtime, require_admin: Callable, registry: Callable[[],
         return Response(body, headers=headers)
 
     for suffix in ("", "/versions/{version}"):
-        router.add_api_route(f"/models/{{name}}{suffix}", metadata, methods=["GET"], summary="Model metadata")
-        router.add_api_route(f"/models/{{name}}{suffix}/ready", model_ready, methods=["GET"], summary="Model readiness")
-        router.add_api_route(f"/models/{{name}}{suffix}/infer", infer, methods=["POST"], summary="Inference")
+        api = [Depends(require_api)]
+        router.add_api_route(f"/models/{{name}}{suffix}", metadata, methods=["GET"], summary="Model metadata", dependencies=api)
+        router.add_api_route(f"/models/{{name}}{suffix}/ready", model_ready, methods=["GET"], summary="Model readiness", dependencies=api)
+        router.add_api_route(f"/models/{{name}}{suffix}/infer", infer, methods=["POST"], summary="Inference", dependencies=api)
 
     admin = {"dependencies": [Depends(require_admin)]}
 

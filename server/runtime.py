@@ -49,6 +49,8 @@ class ServeConfig:
     preload: str = ""
     admin_token: str | None = None
     insecure_admin: bool = False
+    api_token: str | None = None
+    cors_origins: str = ""
     max_image_bytes: int = 20 * MiB
     max_image_pixels: int = 40_000_000
     max_images_per_request: int = 64
