@@ -42,6 +42,7 @@ from .schemas import (
     LoadRequest,
     SegmentResponse,
     TaskInfo,
+    TaskName,
     TaskView,
     Timings,
     UnloadResponse,
@@ -298,7 +299,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         tags=["inference"],
     )
     async def infer(
-        task: str,
+        task: TaskName,
         kind: Kind,
         request: Request,
         version: int | None = Query(default=None, ge=1, description="pin an adapter version"),
@@ -346,7 +347,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.get(
         "/v1/tasks/{task}", response_model=TaskInfo, responses=ERROR_RESPONSES, summary="One task", tags=["inference"], dependencies=api
     )
-    async def get_task(task: str) -> TaskInfo:
+    async def get_task(task: TaskName) -> TaskInfo:
         return task_info(await registry().entry(task))
 
     # ---- adapters --------------------------------------------------------------------------------
@@ -400,7 +401,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         )
 
     @app.get(ADMIN_PREFIX + "/{task}", response_model=TaskView, summary="One task", **admin)
-    async def get_adapter(task: str) -> TaskView:
+    async def get_adapter(task: TaskName) -> TaskView:
         return task_view(await registry().entry(task))
 
     @app.put(
@@ -411,12 +412,12 @@ def create_app(runtime: Runtime) -> FastAPI:
         summary="Upload a package (validated, stored, then hot-loaded)",
         **admin,
     )
-    async def upload_adapter(task: str, request: Request) -> TaskView:
+    async def upload_adapter(task: TaskName, request: Request) -> TaskView:
         reg = registry()
         return task_view(await reg.upload(task, await request.body()))
 
     @app.post(ADMIN_PREFIX + "/{task}/load", response_model=TaskView, summary="Load a stored version", **admin)
-    async def load_adapter(task: str, request: Request, version: int | None = Query(default=None, ge=1)) -> TaskView:
+    async def load_adapter(task: TaskName, request: Request, version: int | None = Query(default=None, ge=1)) -> TaskView:
         reg = registry()
         body = await request.body()
         if body.strip():
@@ -427,7 +428,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         return task_view(await reg.load(task, version))
 
     @app.delete(ADMIN_PREFIX + "/{task}", response_model=UnloadResponse, summary="Unload (and optionally purge)", **admin)
-    async def unload_adapter(task: str, purge: bool = Query(default=False)) -> UnloadResponse:
+    async def unload_adapter(task: TaskName, purge: bool = Query(default=False)) -> UnloadResponse:
         await registry().unload(task, purge=purge)
         return UnloadResponse(task=task, unloaded=True, purged=purge)
 

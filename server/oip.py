@@ -25,6 +25,7 @@ from .errors import BadRequest, TaskUnloaded, UnknownVersion
 from .oip_codec import HEADER_LENGTH, encode_response, output_tensor, read_inputs, split_body
 from .registry import Registry, TaskEntry
 from .runtime import Inference, Runtime
+from .schemas import OipError, TaskName, VersionNumber
 
 PLATFORM = "monaserve"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
@@ -38,6 +39,24 @@ OUTPUTS = {
     "segment": [("mask", "UINT8", [-1, -1, -1])],
 }
 Tensor = tuple[str, Any, list[int]]  # datatype, values, shape
+OIP_ERRORS: dict[int | str, dict] = {
+    status: {"model": OipError} for status in (400, 401, 403, 404, 409, 413, 415, 422, 503, 504, 507)
+}
+INFER_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {"inputs": {"type": "array"}}}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    "responses": {
+        "200": {
+            "description": "outputs as JSON, or JSON then binary tensor data (Inference-Header-Content-Length)",
+            "content": {"application/json": {"schema": {"type": "object"}}, "application/octet-stream": {}},
+        }
+    },
+}
 MAX_MASK_PIXELS = 64_000_000
 """Most mask pixels one response may carry (all images together); one byte each in binary."""
 MAX_INLINE_MASK_PIXELS = 4_000_000
@@ -52,11 +71,14 @@ def oip_router(runtime: Runtime, require_admin: Callable, require_api: Callable,
     async def server_metadata() -> dict:
         return {"name": "monaserve", "version": "0.1.0", "extensions": EXTENSIONS}
 
-    @router.get("/health/live", summary="200 while the process runs")
+    @router.get("/health/live", summary="200 while the process runs", response_class=Response)
     async def live() -> Response:
         return Response(status_code=200)
 
-    @router.get("/health/ready", summary="200 once the backbone is loaded and warmed, 400 otherwise")
+    @router.get(
+        "/health/ready", summary="200 once the backbone is loaded and warmed, 400 otherwise", response_class=Response,
+        responses={400: {"description": "not ready"}},
+    )
     async def ready() -> Response:
         return Response(status_code=200 if runtime.ready else 400)
 
@@ -111,13 +133,39 @@ def oip_router(runtime: Runtime, require_admin: Callable, require_api: Callable,
         body, headers = await loop.run_in_executor(runtime.decode_pool, respond)
         return Response(body, headers=headers)
 
-    for suffix in ("", "/versions/{version}"):
-        api = [Depends(require_api)]
-        router.add_api_route(f"/models/{{name}}{suffix}", metadata, methods=["GET"], summary="Model metadata", dependencies=api)
-        router.add_api_route(f"/models/{{name}}{suffix}/ready", model_ready, methods=["GET"], summary="Model readiness", dependencies=api)
-        router.add_api_route(f"/models/{{name}}{suffix}/infer", infer, methods=["POST"], summary="Inference", dependencies=api)
+    api = {"dependencies": [Depends(require_api)], "responses": OIP_ERRORS}
+    metadata_doc = {"summary": "Model metadata", **api}
+    ready_doc = {
+        "summary": "Model readiness: 200 ready, 400 not (empty bodies)", "response_class": Response,
+        "dependencies": api["dependencies"], "responses": {**OIP_ERRORS, 400: {"description": "not ready"}},
+    }
+    infer_doc = {"summary": "Inference", "response_class": Response, "openapi_extra": INFER_DOC, **api}
 
-    admin = {"dependencies": [Depends(require_admin)]}
+    @router.get("/models/{name}", **metadata_doc)
+    async def model_metadata(name: TaskName) -> dict:
+        return await metadata(name)
+
+    @router.get("/models/{name}/versions/{version}", **metadata_doc)
+    async def model_version_metadata(name: TaskName, version: VersionNumber) -> dict:
+        return await metadata(name, version)
+
+    @router.get("/models/{name}/ready", **ready_doc)
+    async def ready_model(name: TaskName) -> Response:
+        return await model_ready(name)
+
+    @router.get("/models/{name}/versions/{version}/ready", **ready_doc)
+    async def ready_model_version(name: TaskName, version: VersionNumber) -> Response:
+        return await model_ready(name, version)
+
+    @router.post("/models/{name}/infer", **infer_doc)
+    async def infer_model(name: TaskName, request: Request) -> Response:
+        return await infer(name, request)
+
+    @router.post("/models/{name}/versions/{version}/infer", **infer_doc)
+    async def infer_model_version(name: TaskName, version: VersionNumber, request: Request) -> Response:
+        return await infer(name, request, version)
+
+    admin = {"dependencies": [Depends(require_admin)], "responses": OIP_ERRORS}
 
     @router.post("/repository/index", summary="Models in the repository and their state", **admin)
     async def index(request: Request) -> list[dict]:
@@ -136,13 +184,13 @@ def oip_router(runtime: Runtime, require_admin: Callable, require_api: Callable,
                     models.append({"name": name, "version": str(version), "state": state, "reason": reason})
         return models
 
-    @router.post("/repository/models/{name}/load", summary="Load a model (its newest version)", **admin)
-    async def load(name: str) -> Response:
+    @router.post("/repository/models/{name}/load", summary="Load a model (its newest version)", response_class=Response, **admin)
+    async def load(name: TaskName) -> Response:
         await registry().load(name)
         return Response(status_code=200)
 
-    @router.post("/repository/models/{name}/unload", summary="Unload a model", **admin)
-    async def unload(name: str) -> Response:
+    @router.post("/repository/models/{name}/unload", summary="Unload a model", response_class=Response, **admin)
+    async def unload(name: TaskName) -> Response:
         await registry().unload(name)
         return Response(status_code=200)
 

@@ -35,7 +35,7 @@ def detect(output: dict[str, torch.Tensor], manifest: Manifest, prepared: Prepar
     boxes[:, 0::2] = ((boxes[:, 0::2] - prepared.offset[1]) / prepared.scale[1]).clamp(0, width)
     boxes[:, 1::2] = ((boxes[:, 1::2] - prepared.offset[0]) / prepared.scale[0]).clamp(0, height)
     detections = [
-        Detection(label=manifest.labels[label], index=label, score=score, box=tuple(round(v, 2) for v in box))
+        Detection(label=manifest.labels[label], index=label, score=score, box=[round(v, 2) for v in box])
         for box, score, label in zip(boxes.tolist(), output["scores"][keep].tolist(), output["labels"][keep].tolist())
     ]
     return DetectResult(width=width, height=height, detections=detections)

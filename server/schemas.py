@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
+from fastapi import Path
 from pydantic import BaseModel, Field
 
+from monaserve.adapters import TASK_NAME_PATTERN
+
 Kind = Literal["classify", "detect", "segment"]
+TaskName = Annotated[str, Path(pattern=TASK_NAME_PATTERN, description="task name: 1-64 of a-z, 0-9, '_', '-'")]
+VersionNumber = Annotated[str, Path(pattern=r"^[1-9][0-9]{0,9}$", description="adapter version, a positive integer")]
+
+
+class OipError(BaseModel):
+    """The Open Inference Protocol's error body."""
+
+    error: str
 Location = Literal["gpu", "cpu", "store"]
 
 
@@ -51,7 +62,7 @@ class Detection(BaseModel):
     label: str
     index: int
     score: float
-    box: tuple[float, float, float, float] = Field(description="x1, y1, x2, y2 in the original image's pixels")
+    box: list[float] = Field(min_length=4, max_length=4, description="x1, y1, x2, y2 in the original image's pixels")
 
 
 class DetectResult(BaseModel):
@@ -101,7 +112,7 @@ class TaskInfo(BaseModel):
     serving_version: int
     versions: list[int]
     labels: list[str]
-    input_size: tuple[int, int]
+    input_size: list[int] = Field(min_length=2, max_length=2, description="height, width")
 
 
 class VersionView(BaseModel):
@@ -119,7 +130,7 @@ class TaskView(BaseModel):
     enabled: bool = Field(description="false after DELETE until the next load or upload")
     serving_version: int
     labels: int
-    input_size: tuple[int, int]
+    input_size: list[int] = Field(min_length=2, max_length=2, description="height, width")
     versions: list[VersionView]
 
 

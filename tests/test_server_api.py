@@ -95,7 +95,7 @@ def test_json_base64_and_raw_bodies(server):
         ("/v1/tasks/unknown/classify", 404, "unknown_task"),
         ("/v1/tasks/birds/detect", 409, "wrong_kind"),
         ("/v1/tasks/birds/segment", 409, "wrong_kind"),
-        ("/v1/tasks/Bad%20Name/classify", 400, "bad_request"),
+        ("/v1/tasks/Bad%20Name/classify", 422, "invalid_request"),
         ("/v1/tasks/birds/classify?version=7", 404, "unknown_version"),
         ("/v1/tasks/birds/classify?top_k=0", 422, "invalid_request"),
         ("/v1/tasks/birds/classify?version=abc", 422, "invalid_request"),
