@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import struct
+import zipfile
 import zlib
 
 import pytest
@@ -146,7 +147,33 @@ def _exif_rotated_jpeg() -> bytes:
     return buffer.getvalue()
 
 
+def _animated_gif() -> bytes:
+    frames = [Image.new("P", (16, 16), color) for color in (1, 2, 3)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    return buffer.getvalue()
+
+
+def _multi_frame_tiff() -> bytes:
+    frames = [Image.new("RGB", (16, 16), (i * 60, 0, 0)) for i in range(3)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="TIFF", save_all=True, append_images=frames[1:])
+    return buffer.getvalue()
+
+
+def _zip_appended(image: bytes) -> bytes:
+    """A polyglot: a valid image that is also a zip archive (an archive's directory sits at the end)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("payload.sh", "#!/bin/sh\necho pwned\n")
+    return image + buffer.getvalue()
+
+
 BAD_IMAGES = {
+    "animated-gif": (_animated_gif(), 415),
+    "multi-frame-tiff": (_multi_frame_tiff(), 415),
+    "png-magic-jpeg-body": (b"\x89PNG\r\n\x1a\n" + image_bytes(8)[2:], 400),
+    "html-with-jpeg-magic": (b"\xff\xd8\xff<html><script>alert(1)</script></html>", 415),
     "empty": (b"", 400),
     "truncated-jpeg": (image_bytes(1)[:300], 400),
     "truncated-png": (image_bytes(1, fmt="PNG")[:200], 400),
@@ -164,6 +191,9 @@ GOOD_IMAGES = {
     "exif-rotated": _exif_rotated_jpeg(),
     "1x1": image_bytes(6, size=(1, 1), fmt="PNG"),
     "1x3000": image_bytes(7, size=(1, 3000), fmt="PNG"),
+    "4000x1": image_bytes(8, size=(4000, 1), fmt="PNG"),
+    "png-zip-polyglot": _zip_appended(image_bytes(9, fmt="PNG")),
+    "jpeg-with-trailing-html": image_bytes(10) + b"<html><script>alert(1)</script></html>",
 }
 
 
@@ -175,6 +205,29 @@ def test_bad_images_get_a_defined_4xx(server, name):
         assert response.status_code == status, response.text
         assert "image 0" in response.json()["message"]
         assert client.get("/health/ready").status_code == 200
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def test_memory_returns_to_baseline_after_bad_images(server):
+    """Decoding bombs, truncated and polyglot files over and over leaves no memory behind."""
+    with server.client(token=None) as client:
+        def send_corpus():
+            for data, _ in BAD_IMAGES.values():
+                client.post("/v1/tasks/birds/classify", files={"image": ("f", data)})
+
+        send_corpus()  # warm: allocator pools and caches reach their working size
+        baseline = _rss_bytes(server.process.pid)
+        for _ in range(5):
+            send_corpus()
+        grown = _rss_bytes(server.process.pid) - baseline
+        assert client.get("/health/ready").status_code == 200
+    assert grown < 64 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 5 rounds of {len(BAD_IMAGES)} bad images"
 
 
 @pytest.mark.parametrize("name", sorted(GOOD_IMAGES))
