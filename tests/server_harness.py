@@ -85,3 +85,15 @@ def image_bytes(seed: int, size: tuple[int, int] = (160, 120), fmt: str = "JPEG"
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def serve_tasks(tmp_path_factory, weights: Path, backbone, tasks: dict[str, str], *args: str) -> ServerProcess:
+    """A server (enter it to start) with the admin token, over a new store holding v1 of each task
+    (name -> kind; random weights, 4 labels)."""
+    from helpers import random_package
+
+    store = tmp_path_factory.mktemp("store")
+    for name, kind in tasks.items():
+        random_package(backbone, name, seed=len(name), kind=kind, num_labels=4).save(store / name / "1.safetensors")
+    log = tmp_path_factory.mktemp("log") / "log"
+    return ServerProcess(weights, store, *args, env={"MONASERVE_ADMIN_TOKEN": TOKEN}, log=log)

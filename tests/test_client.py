@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from helpers import random_package
-from server_harness import MONASERVE, TOKEN, ServerProcess, free_port, image_bytes
+from server_harness import MONASERVE, TOKEN, free_port, image_bytes, serve_tasks
 from monaserve.client import (
     AsyncMonaClient,
     Classification,
@@ -32,11 +32,7 @@ from monaserve.client import (
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_weights, shared_backbone):
-    store = tmp_path_factory.mktemp("store")
-    for name, kind in [("pets", "classify"), ("boxes", "detect"), ("masks", "segment")]:
-        random_package(shared_backbone, name, seed=len(name), kind=kind, num_labels=4).save(store / name / "1.safetensors")
-    log = tmp_path_factory.mktemp("log") / "log"
-    with ServerProcess(tiny_weights, store, env={"MONASERVE_ADMIN_TOKEN": TOKEN}, log=log) as server:
+    with serve_tasks(tmp_path_factory, tiny_weights, shared_backbone, {"pets": "classify", "boxes": "detect", "masks": "segment"}) as server:
         yield server
 
 

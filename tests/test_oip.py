@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import random_package
-from server_harness import TOKEN, ServerProcess, image_bytes
+from server_harness import TOKEN, image_bytes, serve_tasks
 
 HEADER = "Inference-Header-Content-Length"
 OVERRUN = b'{"inputs":[{"name":"image","datatype":"BYTES","shape":[1],"parameters":{"binary_data_size":99}}]}'
@@ -21,11 +20,7 @@ OVERRUN = b'{"inputs":[{"name":"image","datatype":"BYTES","shape":[1],"parameter
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_weights, shared_backbone):
-    store = tmp_path_factory.mktemp("store")
-    for name, kind in [("pets", "classify"), ("boxes", "detect"), ("masks", "segment")]:
-        random_package(shared_backbone, name, seed=len(name) + 1, kind=kind, num_labels=4).save(store / name / "1.safetensors")
-    log = tmp_path_factory.mktemp("log") / "log"
-    with ServerProcess(tiny_weights, store, env={"MONASERVE_ADMIN_TOKEN": TOKEN}, log=log) as server:
+    with serve_tasks(tmp_path_factory, tiny_weights, shared_backbone, {"pets": "classify", "boxes": "detect", "masks": "segment"}) as server:
         yield server
 
 

@@ -15,19 +15,14 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from deploy_harness import require_tool
-from helpers import random_package
-from server_harness import TOKEN, ServerProcess, image_bytes
+from server_harness import TOKEN, image_bytes, serve_tasks
 
 SCREENSHOT = os.environ.get("MONASERVE_PLAYGROUND_SCREENSHOT")  # set to keep the screenshot (README image)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_weights, shared_backbone):
-    store = tmp_path_factory.mktemp("store")
-    for name, kind in [("pets", "classify"), ("street-objects", "detect"), ("road-scene", "segment")]:
-        random_package(shared_backbone, name, seed=len(name), kind=kind, num_labels=4).save(store / name / "1.safetensors")
-    log = tmp_path_factory.mktemp("log") / "log"
-    with ServerProcess(tiny_weights, store, env={"MONASERVE_ADMIN_TOKEN": TOKEN}, log=log) as server:
+    with serve_tasks(tmp_path_factory, tiny_weights, shared_backbone, {"pets": "classify", "street-objects": "detect", "road-scene": "segment"}) as server:
         yield server
 
 
