@@ -65,6 +65,12 @@ class Overloaded(ServeError):
     status, code = 503, "overloaded"
 
 
+class StoreUnavailable(ServeError):
+    """The adapter store could not be read or written (read-only, no permission, unreachable)."""
+
+    status, code = 503, "store_unavailable"
+
+
 class NotReady(ServeError):
     status, code = 503, "not_ready"
 
@@ -75,3 +81,7 @@ class Timeout(ServeError):
 
 class AdapterTooLarge(ServeError):
     status, code = 507, "adapter_too_large"
+
+
+class StoreFull(ServeError):
+    status, code = 507, "store_full"

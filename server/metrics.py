@@ -56,7 +56,9 @@ class Metrics:
             "monaserve_adapter_load_seconds", "Time from load start to a ready slot.", buckets=LATENCY_BUCKETS, registry=r
         )
         self.store_errors = Counter(
-            "monaserve_store_errors", "Files in the adapter store that could not be read.", registry=r
+            "monaserve_store_errors",
+            "Adapter store failures: unusable files (each counted once) and failed catalog refreshes.",
+            registry=r,
         )
         self.slots_total = Gauge("monaserve_gpu_slots", "Adapter slots on the device.", registry=r)
         self.slots_used = Gauge("monaserve_gpu_slots_used", "Adapter slots holding an adapter.", registry=r)

@@ -23,6 +23,7 @@ from .errors import (
     AdapterTooLarge,
     BadRequest,
     Overloaded,
+    ServeError,
     TaskUnloaded,
     UnknownTask,
     UnknownVersion,
@@ -111,6 +112,7 @@ class Registry:
         self.free_slots = list(range(engine.num_slots))
         self._reserved_bytes = 0
         self._known: dict[Key, VersionInfo] = {}
+        self._broken: dict[Key, str] = {}  # stored files found unusable, by signature
         self._loading: dict[Key, asyncio.Task] = {}
         self._generation: dict[str, int] = {}  # bumped by uploads and purges; store reads from before are stale
         self._purges: dict[str, int] = {}
@@ -122,30 +124,62 @@ class Registry:
 
     # ---- catalog -------------------------------------------------------------------------------
 
-    def _read_task(self, task: str) -> dict[int, VersionInfo]:
-        """Versions of `task` in the store (runs in a thread). Unreadable files are logged and skipped."""
-        infos = {}
+    def _read_task(self, task: str) -> tuple[dict[int, VersionInfo], dict[Key, tuple[str, AdapterError]]]:
+        """Versions of `task` in the store, and files newly found unusable with their signature and
+        error (runs in a thread and changes nothing). Files known to be unusable are left out; a store
+        that fails raises, so a passing outage never looks like a broken or deleted file."""
+        infos, broken = {}, {}
         for version, stored in self.store.versions(task).items():
             key = (task, version)
+            if self._broken.get(key) == stored.signature:
+                continue  # known to be unusable, and not replaced since
             info = self._known.get(key)
             if info is None or info.signature != stored.signature:
                 try:
                     info = VersionInfo(self.store.manifest(task, version, stored.size), stored.size, stored.signature)
-                except Exception as exc:  # any broken file: skip it, keep the others
-                    self.metrics.store_errors.inc()
-                    log.error("store: skipping %s/%s.safetensors: %s", task, version, exc)
+                except FileNotFoundError:
+                    continue  # deleted since the listing
+                except AdapterError as exc:
+                    broken[key] = (stored.signature, exc)
                     continue
-                self._known[key] = info
             infos[version] = info
-        return infos
+        return infos, broken
+
+    def _mark_broken(self, key: Key, signature: str, error: Exception) -> None:
+        """Remember a stored file as unusable until it is replaced; log and count it once."""
+        if self._broken.get(key) == signature:
+            return
+        self._broken[key] = signature
+        self.metrics.store_errors.inc()
+        log.error("store: skipping %s/%s.safetensors: %s", *key, error)
+
+    def _quarantine(self, key: Key, error: Exception) -> None:
+        """A cataloged version whose file proved unusable when loaded (a corrupt body, another
+        backbone): out of the catalog; unpinned requests move to the newest version left."""
+        task, version = key
+        entry = self.catalog.get(task)
+        info = self._known.pop(key, None) or (entry.versions.get(version) if entry else None)
+        if info is not None:
+            self._mark_broken(key, info.signature, error)
+        self._generation[task] = self._generation.get(task, 0) + 1  # store reads from before know no better
+        if entry is None or version not in entry.versions:
+            return
+        del entry.versions[version]
+        if not entry.versions:
+            del self.catalog[task]
+        elif entry.serving == version:
+            entry.serving = max(entry.versions)
 
     async def _reread(self, task: str) -> TaskEntry | None:
         """Read `task` from the store and merge it into the catalog, unless an upload or purge of the
         task happened meanwhile (then the read is stale and the catalog already knows better)."""
         generation = self._generation.get(task, 0)
-        infos = await asyncio.to_thread(self._read_task, task)
+        infos, broken = await asyncio.to_thread(self._read_task, task)
+        for key, (signature, error) in broken.items():
+            self._mark_broken(key, signature, error)
         if self._generation.get(task, 0) != generation:
             return self.catalog.get(task)
+        self._known.update(((task, version), info) for version, info in infos.items())
         entry = self.catalog.get(task)
         in_use = entry is not None and entry.enabled and (task, entry.serving) in self.residents
         if entry is not None:  # versions purged or replaced in the store (by this or another replica)
@@ -230,11 +264,27 @@ class Registry:
 
     # ---- serving -------------------------------------------------------------------------------
 
-    async def acquire(self, task: str, version: int, manifest: Manifest) -> Lease:
-        """Hold a slot with (task, version) in it, loading it first if needed."""
-        key = (task, version)
+    async def acquire(self, task: str, version: int, manifest: Manifest, pinned: bool = True) -> Lease:
+        """Hold a slot with (task, version) in it, loading it first if needed.
+
+        Unless `pinned`, a version that left the store or proved unusable meanwhile gives way to the
+        version the task serves now, if that takes the same input (the images are already prepared).
+        """
+        tried = set()
         while True:
-            await self.ensure_loaded(key)
+            key = (task, version)
+            try:
+                await self.ensure_loaded(key)
+            except UnknownVersion:
+                tried.add(version)
+                if pinned:
+                    raise
+                await self._reread(task)  # the store's truth, also about a file deleted meanwhile
+                now, current = await self.resolve(task, None, manifest.kind)
+                if now in tried or current.input != manifest.input:
+                    raise
+                version, manifest = now, current
+                continue
             resident = self.residents.get(key)
             if resident is not None:  # else it was evicted between the load and now: load again
                 resident.refs += 1
@@ -277,6 +327,8 @@ class Registry:
         except FileNotFoundError:
             raise UnknownVersion(f"task {key[0]!r} version {key[1]} is no longer in the store") from None
         package = AdapterPackage.from_bytes(data)
+        if (package.manifest.name, package.manifest.version) != key:
+            raise AdapterError(f"the file holds {package.manifest.name!r} v{package.manifest.version}")
         self.engine.check(package)
         return package
 
@@ -286,7 +338,11 @@ class Registry:
         if package is None:
             package = self.cpu_cache.get(key)
             if package is None:
-                package = await self._in_loader(self._read_package, key)
+                try:
+                    package = await self._in_loader(self._read_package, key)
+                except AdapterError as exc:
+                    self._quarantine(key, exc)
+                    raise UnknownVersion(f"task {key[0]!r} version {key[1]} is unusable in the store: {exc}") from None
                 self._cache(key, package)
         head_values = sum(t.numel() for name, t in package.tensors.items() if name.startswith("head."))
         nbytes = self.engine.slot_nbytes + head_values * self.engine.dtype.itemsize
@@ -441,7 +497,21 @@ class Registry:
 
         With `purge`, delete every stored version too; requests already running finish on the old weights.
         """
-        entry = await self.entry(task)
+        try:
+            entry = await self.entry(task)
+        except UnknownTask:
+            if not (purge and await asyncio.to_thread(self.store.versions, task)):
+                raise
+            entry = None  # only unusable files are stored: a purge still clears them
+        if purge:  # first, so a store that refuses leaves the task served
+            try:
+                await asyncio.to_thread(self.store.delete, task)
+            except ServeError:
+                await self._reread(task)  # some versions may be gone before it refused
+                raise
+            self._broken = {key: signature for key, signature in self._broken.items() if key[0] != task}
+        if entry is None:
+            return
         entry.enabled = False
         for resident in [r for r in self.residents.values() if r.key[0] == task]:
             if purge:
@@ -459,4 +529,3 @@ class Registry:
             self.catalog.pop(task, None)
             for version in entry.versions:
                 self._known.pop((task, version), None)
-            await asyncio.to_thread(self.store.delete, task)

@@ -202,6 +202,7 @@ class Runtime:
         self.require_ready()
         timeout = self.config.request_timeout_s
         started = time.monotonic()
+        pinned = version is not None
         try:
             async with asyncio.timeout(timeout):
                 version, manifest = await self.registry.resolve(task, version, kind)
@@ -213,7 +214,7 @@ class Runtime:
                     )
                 )
                 decoded = time.monotonic()
-                lease = await self.registry.acquire(task, version, manifest)
+                lease = await self.registry.acquire(task, version, manifest, pinned)
                 job = Job(
                     [p.tensor for p in prepared],
                     lease.slot,
@@ -233,7 +234,7 @@ class Runtime:
         for stage, seconds in timings.items():
             self.metrics.latency.labels(task, stage).observe(seconds)
         self.metrics.images.labels(task).inc(len(images))
-        return Inference(manifest, version, outputs, prepared, timings)
+        return Inference(lease.manifest, lease.version, outputs, prepared, timings)
 
     def _prepare(self, data: bytes | np.ndarray, manifest: Manifest, what: str) -> Prepared:
         image = array_image(data, self.limits, what) if isinstance(data, np.ndarray) else decode_image(data, self.limits, what)

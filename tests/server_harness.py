@@ -26,15 +26,28 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """Starts `monaserve serve` with `args`, waits for readiness, and stops it (SIGTERM) on exit."""
+    """Starts `monaserve serve` with `args`, waits for readiness, and stops it (SIGTERM) on exit.
+
+    `launcher` is a command that runs the server as its last arguments and `exec`s it (so the process
+    is the server): a mount namespace, say.
+    """
 
     def __init__(
-        self, weights: Path, store: Path | str, *args: str, env: dict[str, str] | None = None, log: Path, port: int | None = None
+        self,
+        weights: Path,
+        store: Path | str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        log: Path,
+        port: int | None = None,
+        launcher: list[str] | None = None,
     ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.store = store
         self.log_path = log
         command = [MONASERVE, "serve", "--weights", str(weights), "--store", str(store), "--port", str(self.port), *args]
+        command = [*(launcher or []), *command]
         self._log = log.open("ab")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
@@ -53,6 +66,13 @@ class ServerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def rss_bytes(self) -> int:
+        """The server process's resident memory now."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"no VmRSS for pid {self.process.pid}")
 
     def client(self, token: str | None = TOKEN, timeout: float = 60.0) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}

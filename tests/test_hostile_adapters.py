@@ -103,7 +103,6 @@ def server(tmp_path_factory, tiny_weights, shared_backbone):
     random_package(shared_backbone, "pets", seed=1).save(store / "pets" / "1.safetensors")
     log = tmp_path_factory.mktemp("log") / "log"
     with ServerProcess(tiny_weights, store, env={"MONASERVE_ADMIN_TOKEN": TOKEN}, log=log) as server:
-        server.store = store
         yield server
 
 

@@ -34,7 +34,6 @@ def server(tmp_path_factory, tiny_weights, packages):
         package.save(store / name / "1.safetensors")
     log = tmp_path_factory.mktemp("logs") / "server.log"
     with ServerProcess(tiny_weights, store, "--admin-token", TOKEN, "--max-delay-ms", "20", log=log) as server:
-        server.store = store
         yield server
 
 
@@ -207,13 +206,6 @@ def test_bad_images_get_a_defined_4xx(server, name):
         assert client.get("/health/ready").status_code == 200
 
 
-def _rss_bytes(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
-
-
 def test_memory_returns_to_baseline_after_bad_images(server):
     """Decoding bombs, truncated and polyglot files over and over leaves no memory behind."""
     with server.client(token=None) as client:
@@ -222,10 +214,10 @@ def test_memory_returns_to_baseline_after_bad_images(server):
                 client.post("/v1/tasks/birds/classify", files={"image": ("f", data)})
 
         send_corpus()  # warm: allocator pools and caches reach their working size
-        baseline = _rss_bytes(server.process.pid)
+        baseline = server.rss_bytes()
         for _ in range(5):
             send_corpus()
-        grown = _rss_bytes(server.process.pid) - baseline
+        grown = server.rss_bytes() - baseline
         assert client.get("/health/ready").status_code == 200
     assert grown < 64 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 5 rounds of {len(BAD_IMAGES)} bad images"
 
