@@ -1,6 +1,14 @@
-"""Access control against a real server: inference behind --api-token, admin tokens, CORS, nothing secret logged."""
+"""Access control against a real server: inference behind --api-token, admin tokens, CORS, nothing secret
+logged, and nothing fetched from or read at a location a request names."""
 
 from __future__ import annotations
+
+import base64
+import json
+import re
+import socket
+import threading
+import time
 
 import httpx
 import pytest
@@ -78,3 +86,84 @@ def test_tokens_never_reach_the_log(server):
     assert "/v1/adapters" in log or "pets" in log  # the log is being written
     for token in (TOKEN, API_TOKEN, "a-wrong-token-5678"):
         assert token not in log
+
+
+class Listener:
+    """A port on 127.0.0.1 that counts connections: a URL the server must never fetch."""
+
+    def __init__(self) -> None:
+        self.socket = socket.create_server(("127.0.0.1", 0))
+        self.socket.settimeout(0.1)
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}/image.jpg"
+        self.connections = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._accept)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.socket.accept()[0].close()
+                self.connections += 1
+            except TimeoutError:
+                pass
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.socket.close()
+
+
+def body_fields(node, schema: dict, seen: frozenset = frozenset()) -> list[tuple[str, dict]]:
+    """Every (name, spec) of an object property anywhere under `node`, following `$ref`s into `schema`."""
+    if isinstance(node, list):
+        return [f for item in node for f in body_fields(item, schema, seen)]
+    if not isinstance(node, dict):
+        return []
+    found = []
+    ref = node.get("$ref", "")
+    if ref.startswith("#/components/schemas/") and ref not in seen:
+        found += body_fields(schema["components"]["schemas"][ref.rsplit("/", 1)[1]], schema, seen | {ref})
+    found += [(name, spec) for name, spec in node.get("properties", {}).items()]
+    return found + [f for key, value in node.items() if key != "$ref" for f in body_fields(value, schema, seen)]
+
+
+LOCATION = re.compile(r"url|uri|path|file|location|href|source|src", re.I)
+
+
+def test_no_route_takes_a_location_and_none_is_fetched(server):
+    schema = httpx.get(server.url + "/openapi.json").json()
+    named, fields = [], []
+    for route, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            named += [f"{method} {route}: {p['name']}" for p in operation.get("parameters", []) if LOCATION.search(p["name"])]
+            fields += body_fields(operation.get("requestBody", {}), schema)
+    named += [name for name, spec in fields if LOCATION.search(name) or spec.get("format") == "uri"]
+    assert "images" in dict(fields) and named == []  # no parameter or request body field names a URL or a path
+
+    listener = Listener()
+    auth = bearer(TOKEN)
+    try:
+        url = listener.url.encode()
+        answers = [
+            httpx.post(server.url + "/v1/tasks/pets/classify", json={"images": [listener.url]}, headers=auth),
+            httpx.post(server.url + "/v1/tasks/pets/classify", content=url, headers={**auth, "content-type": "text/uri-list"}),
+            httpx.post(server.url + "/v1/tasks/pets/classify", files={"image": ("/etc/passwd", url)}, headers=auth),
+            httpx.post(
+                server.url + "/v2/models/pets/infer",
+                content=json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [listener.url]}]}),
+                headers=auth,
+            ),
+            httpx.put(server.url + "/v1/adapters/pets", content=url, headers=auth),
+            httpx.put(server.url + "/v1/adapters/pets", content=base64.b64encode(url), headers=auth),
+        ]
+        ignored = httpx.post(
+            server.url + "/v1/adapters/pets/load", json={"url": listener.url, "path": "/etc/passwd"}, headers=auth, timeout=60
+        )
+        time.sleep(0.5)
+    finally:
+        listener.close()
+    assert [a.status_code for a in answers] == [400, 415, 415, 400, 422, 422], [a.text for a in answers]
+    assert ignored.status_code == 200 and ignored.json()["name"] == "pets"  # unknown fields change nothing
+    assert listener.connections == 0
+    assert all("root:" not in a.text for a in [*answers, ignored])
