@@ -49,10 +49,10 @@ def random_adapter_tensors(shapes: dict[str, tuple[int, ...]], seed: int) -> dic
 
 
 def random_package(
-    backbone: Backbone, name: str, seed: int, num_labels: int = 5, version: int = 1, kind: str = "classify"
+    backbone: Backbone, name: str, seed: int, num_labels: int = 5, version: int = 1, kind: str = "classify", **fields
 ) -> AdapterPackage:
-    """A complete, valid package with random weights for `backbone`."""
-    manifest = make_manifest(backbone, name, num_labels=num_labels, version=version, kind=kind)
+    """A complete, valid package with random weights for `backbone` (`fields` go to the manifest)."""
+    manifest = make_manifest(backbone, name, num_labels=num_labels, version=version, kind=kind, **fields)
     tensors = random_adapter_tensors(expected_shapes(manifest, backbone), seed)
     return AdapterPackage(manifest=manifest, tensors=tensors)
 

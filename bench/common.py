@@ -59,6 +59,14 @@ def write_result(kind: str, device: torch.device, result: dict) -> Path:
     return path
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The `q` quantile (0..1) by nearest rank; NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
 def print_table(headers: list[str], rows: list[list]) -> None:
     """A Markdown table, so results paste into the README as they are."""
     cells = [[str(c) for c in row] for row in rows]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from common import print_table, write_result
+from common import percentile, print_table, write_result
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import save_file
 
@@ -70,13 +70,6 @@ def engine_counters(client: httpx.Client) -> dict[str, float]:
             if sample.name in wanted:
                 found[wanted[sample.name]] = sample.value
     return found
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def load_phase(url: str, tasks: list[str], image: bytes, concurrency: int, duration: float) -> dict:

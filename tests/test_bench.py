@@ -53,3 +53,45 @@ def test_serve_bench(tmp_path):
         assert phase["engine_images_per_s"] > 0 and phase["end_to_end_fraction"] > 0
     assert result["hot_load"]["upload_to_served_ms"]["p50"] > 0
     assert result["memory"]["slots_used"] == 2  # the two bench tasks, listed before the hot-load phase
+
+
+def test_a_minute_of_load_with_adapter_churn_loses_nothing(tmp_path):
+    """bench/churn.py at its full width (20 tasks, 60 s) but without its 10k-request soak: every answer
+    is one the server may give, no answer mixes versions, the catalog ends as uploaded. (A minute is too
+    short for RSS to level off; the soak's figures are in docs/RELIABILITY.md, and
+    test_server_serving.py checks that repeated uploads and requests do not accumulate memory.)"""
+    result = run_bench("churn.py", tmp_path, "--duration", "60", "--min-requests", "0")
+    print("churn:", {k: result[k] for k in ("requests", "answers", "latency_ms", "admin", "versions_checked")}, result["memory"])
+    assert result["requests"] > 300
+    assert result["failures"] == 0, result["failure_examples"]
+    assert result["torn_answers"] == 0 and result["versions_checked"] > 20
+    assert result["catalog_problems"] == []
+    admin = result["admin"]
+    assert admin["upload"] > 20 and admin["unload"] > 10 and admin["reload"] == admin["unload"], admin
+    assert all("failed" not in action for action in admin), admin
+    assert result["memory"]["queue_depth"]["mean"] > 1  # the load kept the engine busy
+
+
+def test_the_churn_checker_flags_answers_the_server_may_not_give():
+    """bench/churn.py's `problem` on a made-up history: v2 uploaded during [10, 11], the task unloaded
+    during [20, 21] and loaded back during [25, 26]."""
+    sys.path.insert(0, str(BENCH))
+    from churn import Answer, History, problem
+
+    history = History("classify", uploads=[(1, 0.0, 0.0), (2, 10.0, 11.0)], unloads=[[20.0, 21.0, 25.0, 26.0]])
+
+    def check(sent: float, received: float, status: int = 200, version: int | None = None, pinned: int | None = None, code: str = ""):
+        return problem(Answer("t", pinned, [0], sent, received, status, code, version), history)
+
+    assert check(9, 10.5, version=1) is None and check(9, 10.5, version=2) is None  # the switch overlapped
+    assert check(12, 13, version=1) == "served v1; only v2..v2 existed and were served meanwhile"
+    assert check(5, 6, version=2) is not None  # not uploaded yet
+    assert check(12, 13, version=1, pinned=1) is None and check(12, 13, version=2, pinned=1) is not None
+    assert check(22, 24, version=2) == "served while the task was unloaded"
+    assert check(19, 20.5, version=2) is None  # sent before the unload was answered
+    assert check(19, 20.5, status=404, code="task_unloaded") is None
+    assert check(27, 28, status=404, code="task_unloaded") == "task_unloaded outside any unload window"
+    assert check(22, 24, status=404, code="task_unloaded", pinned=1) is not None  # pinned versions stay served
+    assert check(1, 2, status=503, code="overloaded") is None
+    assert check(1, 2, status=500, code="internal") == "500 internal"
+    assert check(1, 2, status=0, code="ConnectError") is not None
