@@ -13,7 +13,8 @@ pinned one, or for an unpinned request one no older than the newest upload answe
 was sent and no newer than the newest upload sent before the answer came, and never one for a task that
 was unloaded the whole time. For classify tasks each image's scores must also equal what that version
 gives the image on its own (no torn or mixed weights). A 404 `task_unloaded` must overlap an
-unload-to-reload window of its task, and a 503 `overloaded` is the defined answer to a full queue.
+unload-to-reload window of its task, and a 503 `overloaded` is the defined answer to a full queue
+(`--max-queue` is set below what the clients can have waiting; they honour Retry-After).
 Anything else is a failure. Afterwards the catalog must list every uploaded version and serve the
 newest. Memory: the least-squares slope of RSS over answers after a warm-up.
 
@@ -64,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reload-after", type=float, default=0.6, help="seconds a task stays unloaded")
     parser.add_argument("--gpu-slots", type=int, default=24, help="room for every task and some new versions; old ones churn out")
     parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--max-queue", type=int, default=256)
+    parser.add_argument("--max-queue", type=int, default=16, help="below what the clients can queue: overload 503s too")
     parser.add_argument("--warmup", type=float, default=0.2, help="fraction of answers left out of the memory slope")
     return parser.parse_args(argv)
 
@@ -143,6 +144,8 @@ def client_loop(url: str, history: dict[str, History], answers: list[Answer], st
             except (ValueError, KeyError, TypeError) as exc:  # a body not as documented is a failure too
                 answer.code = f"unreadable answer ({type(exc).__name__}: {exc})"
             answers.append(answer)
+            if response.status_code == 503:  # as a polite client does: wait as told, then send again
+                time.sleep(float(response.headers.get("Retry-After", 1)))
 
 
 def churn_loop(admin: httpx.Client, backbone: Backbone, history: dict[str, History], args, stop: threading.Event) -> Counter:
