@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -137,6 +138,8 @@ class Runtime:
             return
         if config.catalog_refresh_s > 0:
             self._refresh_task = asyncio.create_task(self._refresh_catalog())
+        gc.collect()
+        gc.freeze()  # what start-up built lives as long as the process: no collection walks it again
         self.state = "ready"
         self.metrics.ready.set(1)
         log.info(
