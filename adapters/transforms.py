@@ -24,10 +24,14 @@ class Prepared:
     offset: tuple[int, int]  # (top, left)
 
 
-def preprocess(image: Image.Image, spec: InputSpec) -> Prepared:
-    """Resize (or letterbox) to `spec.size`, scale to [0, 1] and normalise with `spec.mean`/`spec.std`."""
+def preprocess(image: Image.Image, spec: InputSpec, original_size: tuple[int, int] | None = None) -> Prepared:
+    """Resize (or letterbox) to `spec.size`, scale to [0, 1] and normalise with `spec.mean`/`spec.std`.
+
+    `original_size` (height, width) is the size of the original `image` stands for when it was decoded
+    at reduced scale: the geometry in `Prepared` then maps back to that original.
+    """
     target_h, target_w = spec.size
-    width, height = image.size
+    height, width = original_size or (image.height, image.width)
     if spec.resize == "letterbox":
         ratio = min(target_w / width, target_h / height)
         new_w, new_h = max(1, round(width * ratio)), max(1, round(height * ratio))

@@ -12,7 +12,7 @@ Every answer is checked against what the admin loop did. A 200 must carry a vers
 pinned one, or for an unpinned request one no older than the newest upload answered before the request
 was sent and no newer than the newest upload sent before the answer came, and never one for a task that
 was unloaded the whole time. For classify tasks each image's scores must also equal what that version
-gives the image on its own (no torn or mixed weights). A 404 `task_unloaded` must overlap an
+gives the image on its own (no torn or mixed weights). A 404 `task_unloaded`, pinned or not, must overlap an
 unload-to-reload window of its task, and a 503 `overloaded` is the defined answer to a full queue
 (`--max-queue` is set below what the clients can have waiting; they honour Retry-After).
 Anything else is a failure. Afterwards the catalog must list every uploaded version and serve the
@@ -199,16 +199,16 @@ def problem(answer: Answer, entry: History) -> str | None:
     if answer.status == 200:
         if answer.code:
             return answer.code
-        if answer.pinned is not None:
-            return None if answer.version == answer.pinned else f"pinned v{answer.pinned}, served v{answer.version}"
         if any(unloaded <= answer.sent and answer.received <= reload for _, unloaded, reload, _ in entry.unloads):
             return "served while the task was unloaded"
+        if answer.pinned is not None:
+            return None if answer.version == answer.pinned else f"pinned v{answer.pinned}, served v{answer.version}"
         oldest = max(v for v, _, answered in entry.uploads if answered <= answer.sent)
         newest = max(v for v, sent, _ in entry.uploads if sent <= answer.received)
         if oldest <= answer.version <= newest:
             return None
         return f"served v{answer.version}; only v{oldest}..v{newest} existed and were served meanwhile"
-    if answer.status == 404 and answer.code == "task_unloaded" and answer.pinned is None:
+    if answer.status == 404 and answer.code == "task_unloaded":  # pinned requests too: an unloaded task serves no version
         if any(unload <= answer.received and reloaded >= answer.sent for unload, _, _, reloaded in entry.unloads):
             return None
         return "task_unloaded outside any unload window"

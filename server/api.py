@@ -13,20 +13,20 @@ from contextlib import asynccontextmanager
 from importlib import resources
 
 from fastapi import Depends, FastAPI, Header, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from monaserve.adapters import AdapterError
 from monaserve.adapters.package import MAX_PACKAGE_BYTES
 
 from . import postprocess
-from .errors import BadRequest, Forbidden, PayloadTooLarge, ServeError, Unauthorized, UnsupportedMedia
+from .budgets import BodyBudget, ResponseBudget
+from .disconnect import unless_client_leaves
+from .errors import BadRequest, Forbidden, PayloadTooLarge, ResponseTooLarge, Unauthorized, UnsupportedMedia, status_of
+from .http_errors import install_error_handlers
+from .middleware import REPLICA_HEADER, BodyGuard, BodyRules, ContainErrors, ReplicaHeader
 from .registry import TaskEntry
-from .runtime import Runtime
+from .runtime import Inference, Runtime, ServeConfig
 from .oip import oip_router
 from .oip_codec import HEADER_LENGTH
 from .schemas import (
@@ -50,7 +50,6 @@ from .schemas import (
 )
 
 log = logging.getLogger(__name__)
-REPLICA_HEADER = "X-Monaserve-Replica"
 
 
 def page_headers(page: bytes) -> dict[str, str]:
@@ -64,7 +63,7 @@ def page_headers(page: bytes) -> dict[str, str]:
         "Referrer-Policy": "no-referrer",
     }
 ADMIN_PREFIX = "/v1/adapters"
-ERROR_RESPONSES = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 413, 415, 422, 503, 504, 507)}
+ERROR_RESPONSES = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 408, 409, 413, 415, 422, 503, 504, 507)}
 IMAGE_BODY = {
     "requestBody": {
         "required": True,
@@ -91,10 +90,6 @@ PACKAGE_BODY = {
 }
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
-
-
 def check_bearer(authorization: str | None, tokens: list[str], what: str) -> None:
     """401 without a bearer token, 403 unless it equals one of `tokens` (constant-time comparisons)."""
     if not authorization or not authorization.startswith("Bearer "):
@@ -102,66 +97,6 @@ def check_bearer(authorization: str | None, tokens: list[str], what: str) -> Non
     given = authorization.removeprefix("Bearer ").encode()
     if not any([hmac.compare_digest(given, token.encode()) for token in tokens]):  # a list: compare with every token
         raise Forbidden(f"invalid token for {what}")
-
-
-def error_body(path: str, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    """`error_response`, or on `/v2` routes the Open Inference Protocol's `{"error": "<message>"}`."""
-    if path == "/v2" or path.startswith("/v2/"):
-        return JSONResponse({"error": f"{code}: {message}"}, status_code=status, headers=headers)
-    return error_response(status, code, message, headers)
-
-
-def error_for(request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return error_body(request.url.path, status, code, message, headers)
-
-
-class BodyLimit:
-    """Refuses request bodies over a limit with 413, by Content-Length or while streaming.
-
-    Adapter uploads get the package limit; every other route gets `default_limit`.
-    """
-
-    def __init__(self, app: ASGIApp, default_limit: int, upload_limit: int) -> None:
-        self.app, self.default_limit, self.upload_limit = app, default_limit, upload_limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        limit = self.upload_limit if scope["path"].startswith(ADMIN_PREFIX) else self.default_limit
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await self._refuse(send, limit, scope["path"])
-        received = 0
-        started = False
-
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise _TooLarge()
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await self._refuse(send, limit, scope["path"])
-
-    @staticmethod
-    async def _refuse(send: Send, limit: int, path: str) -> None:
-        response = error_body(path, 413, PayloadTooLarge.code, f"request body exceeds {limit} bytes")
-        await response({"type": "http"}, None, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 async def read_images(request: Request, max_images: int) -> list[bytes]:
@@ -196,23 +131,47 @@ async def read_images(request: Request, max_images: int) -> list[bytes]:
     )
 
 
-class ReplicaHeader:
-    """ASGI middleware: every HTTP response names the replica that made it (`X-Monaserve-Replica`)."""
+def render_results(task: str, result: Inference, top_k: int, min_score: float, rle: bool, budget: ResponseBudget) -> bytes:
+    """The JSON answer of a /v1 inference request, no larger than `budget` allows."""
+    manifest, pairs = result.manifest, list(zip(result.outputs, result.prepared))
+    timings = Timings(**{f"{k}_ms": round(v * 1000, 3) for k, v in result.timings_s.items()})
+    common = {"task": task, "version": result.version, "timings_ms": timings}
+    if manifest.kind == "classify":
+        response = ClassifyResponse(results=[postprocess.classify(o, manifest, top_k) for o, _ in pairs], **common)
+    elif manifest.kind == "detect":
+        response = DetectResponse(results=[postprocess.detect(o, manifest, p, min_score) for o, p in pairs], **common)
+    else:
+        response = SegmentResponse(results=[postprocess.segment(o, manifest, p, rle, budget) for o, p in pairs], **common)
+    body = response.model_dump_json().encode()
+    if len(body) > budget.limit:
+        raise ResponseTooLarge(
+            f"the answer would be {len(body)} bytes; the limit is {budget.limit} (--max-response-mb): send fewer images per request"
+        )
+    return body
 
-    def __init__(self, app: ASGIApp, replica: str) -> None:
-        self.app = app
-        self.header = (REPLICA_HEADER.lower().encode(), replica.encode())
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def send_tagged(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), self.header]}
-            await send(message)
-
-        await self.app(scope, receive, send_tagged)
+def add_middleware(app: FastAPI, config: ServeConfig) -> None:
+    """The middleware stack, added innermost first: CORS (when asked for), the body guard, error
+    containment, and outermost the replica header, so even a contained error names its replica."""
+    origins = [o.strip() for o in config.cors_origins.split(",") if o.strip()]
+    if origins:  # off by default: browsers then refuse cross-origin calls
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", HEADER_LENGTH],
+            expose_headers=[REPLICA_HEADER, HEADER_LENGTH],
+        )
+    rules = BodyRules(
+        default_limit=int(config.max_request_mb * 2**20),
+        upload_limit=MAX_PACKAGE_BYTES + 2**20,
+        upload_prefix=ADMIN_PREFIX,
+        timeout_s=config.body_timeout_s,
+        min_rate=config.body_min_rate,
+    )
+    app.add_middleware(BodyGuard, rules=rules, budget=BodyBudget(int(config.max_body_buffer_mb * 2**20)))
+    app.add_middleware(ContainErrors)
+    app.add_middleware(ReplicaHeader, replica=config.replica_id)
 
 
 def create_app(runtime: Runtime) -> FastAPI:
@@ -231,42 +190,10 @@ def create_app(runtime: Runtime) -> FastAPI:
         summary="One frozen Swin backbone, many Mona-adapted tasks.",
         version="0.1.0",
         lifespan=lifespan,
+        redirect_slashes=False,  # a redirect would echo the Host header back, before any auth
     )
-    app.add_middleware(
-        BodyLimit, default_limit=int(config.max_request_mb * 2**20), upload_limit=MAX_PACKAGE_BYTES + 2**20
-    )
-    app.add_middleware(ReplicaHeader, replica=config.replica_id)
-    origins = [o.strip() for o in config.cors_origins.split(",") if o.strip()]
-    if origins:  # off by default: browsers then refuse cross-origin calls
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=origins,
-            allow_methods=["GET", "POST", "PUT", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", HEADER_LENGTH],
-            expose_headers=[REPLICA_HEADER, HEADER_LENGTH],
-        )
-
-    @app.exception_handler(ServeError)
-    async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
-        return error_for(request, exc.status, exc.code, exc.message, exc.headers())
-
-    @app.exception_handler(AdapterError)
-    async def adapter_error(request: Request, exc: AdapterError) -> JSONResponse:
-        return error_for(request, 422, "invalid_adapter", str(exc))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        return error_for(request, 422, "invalid_request", problems)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_for(request, exc.status_code, f"http_{exc.status_code}", str(exc.detail), exc.headers)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_for(request, 500, "internal", f"internal error: {type(exc).__name__}")
+    install_error_handlers(app)
+    add_middleware(app, config)
 
     async def require_admin(authorization: str | None = Header(default=None)) -> None:
         token = config.admin_token
@@ -306,31 +233,24 @@ def create_app(runtime: Runtime) -> FastAPI:
         top_k: int = Query(default=5, ge=1, le=1000, description="classify: labels per image"),
         min_score: float = Query(default=0.0, ge=0.0, le=1.0, description="detect: drop boxes scoring less"),
         rle: bool = Query(default=False, description="segment: add per-class RLE"),
-    ) -> ClassifyResponse | DetectResponse | SegmentResponse:
+    ) -> Response:
         status = 500
         try:
             images = await read_images(request, config.max_images_per_request)
-            result = await runtime.infer(task, kind, images, version)
+            result = await unless_client_leaves(request, runtime.infer(task, kind, images, version))
+            budget = ResponseBudget(int(config.max_response_mb * 2**20))
+            # mask resizing, PNG encoding and JSON are CPU work: keep them off the event loop
+            body = await asyncio.get_running_loop().run_in_executor(
+                runtime.decode_pool, render_results, task, result, top_k, min_score, rle, budget
+            )
             status = 200
-        except ServeError as exc:
-            status = exc.status
+        except BaseException as exc:
+            status = status_of(exc)
             raise
         finally:
             if runtime.registry is not None and task in runtime.registry.catalog:
                 runtime.metrics.requests.labels(task, kind, str(status)).inc()
-        timings = Timings(**{f"{k}_ms": round(v * 1000, 3) for k, v in result.timings_s.items()})
-        common = {"task": task, "version": result.version, "timings_ms": timings}
-
-        def respond() -> ClassifyResponse | DetectResponse | SegmentResponse:
-            manifest, pairs = result.manifest, list(zip(result.outputs, result.prepared))
-            if kind == "classify":
-                return ClassifyResponse(results=[postprocess.classify(o, manifest, top_k) for o, _ in pairs], **common)
-            if kind == "detect":
-                return DetectResponse(results=[postprocess.detect(o, manifest, p, min_score) for o, p in pairs], **common)
-            return SegmentResponse(results=[postprocess.segment(o, manifest, p, rle) for o, p in pairs], **common)
-
-        # mask resizing and PNG encoding are CPU work: keep them off the event loop
-        return await asyncio.get_running_loop().run_in_executor(runtime.decode_pool, respond)
+        return Response(body, media_type="application/json")
 
     def task_info(entry: TaskEntry) -> TaskInfo:
         serving = entry.versions[entry.serving].manifest

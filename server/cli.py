@@ -112,6 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(**{k: v for k, v in vars(args).items() if k in fields})
     config.weights = _backbone_weights(args)
     config.replica_id = args.replica_id or f"{socket.gethostname()}:{args.port}"
+    config.check()
     if args.demo:
         from .demo import ensure_demo
         from .store import AdapterStore
@@ -211,9 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("--api-token", default=None, help="bearer token for inference routes (prefer MONASERVE_API_TOKEN; default: open)")
     add("--cors-origins", default="", help="comma-separated origins allowed to call from browsers (default: none)")
     add("--max-image-bytes", type=int, default=20 * 2**20)
-    add("--max-image-pixels", type=int, default=40_000_000)
+    add("--max-image-pixels", type=int, default=40_000_000, help="pixels of one image as stored")
+    add("--max-request-pixels", type=int, default=100_000_000, help="pixels of all images of one request together")
     add("--max-images-per-request", type=int, default=64)
     add("--max-request-mb", type=float, default=64.0, help="body limit of inference requests")
+    add("--max-body-buffer-mb", type=float, default=256.0,
+        help="request bodies held in memory at once, all requests together (past it: 503 with Retry-After)")
+    add("--max-response-mb", type=float, default=64.0, help="largest answer one request may get")
+    add("--max-connections", type=int, default=2048, help="open connections; past it, requests get 503 (kept below the descriptor limit)")
+    add("--header-timeout-s", type=float, default=10.0, help="a request's headers must arrive within this")
+    add("--body-timeout-s", type=float, default=30.0,
+        help="longest wait for the next part of a request body, and the grace before --body-min-rate applies")
+    add("--body-min-rate", type=float, default=1024.0, help="bytes/s a request body must average after --body-timeout-s (0: off)")
+    add("--keep-alive-s", type=float, default=75.0, help="idle keep-alive connections close after this (above a load balancer's 60 s)")
     add("--decode-threads", type=int, default=4)
     add("--drain-delay-s", type=float, default=0.0, help="on SIGTERM, stay up this long with readiness false")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
 
 class ServeError(Exception):
     """A request that cannot be served; `status` and `code` go into the JSON error body."""
 
     status = 500
     code = "internal"
+    close_connection = False
+    """Answer with `Connection: close`: the request's body was not read to its end, so the connection cannot carry another."""
 
     def __init__(self, message: str, retry_after_s: int | None = None) -> None:
         super().__init__(message)
@@ -15,7 +19,8 @@ class ServeError(Exception):
         self.retry_after_s = retry_after_s
 
     def headers(self) -> dict[str, str]:
-        return {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
+        headers = {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
+        return headers | ({"Connection": "close"} if self.close_connection else {})
 
 
 class BadRequest(ServeError):
@@ -45,6 +50,12 @@ class TaskUnloaded(ServeError):
     status, code = 404, "task_unloaded"
 
 
+class RequestTimeout(ServeError):
+    """The request's body arrived too slowly (--body-timeout-s, --body-min-rate)."""
+
+    status, code, close_connection = 408, "body_timeout", True
+
+
 class WrongKind(ServeError):
     status, code = 409, "wrong_kind"
 
@@ -53,16 +64,40 @@ class VersionExists(ServeError):
     status, code = 409, "version_exists"
 
 
+class ConcurrentChange(ServeError):
+    """Another admin call changed the task while this one ran (a purge during an upload, say); nothing was changed."""
+
+    status, code = 409, "concurrent_change"
+
+
 class PayloadTooLarge(ServeError):
     status, code = 413, "too_large"
+
+
+class ResponseTooLarge(ServeError):
+    """The answer would exceed --max-response-mb (or another bound on what one response may carry)."""
+
+    status, code = 400, "response_too_large"
 
 
 class UnsupportedMedia(ServeError):
     status, code = 415, "unsupported_media_type"
 
 
+class ClientGone(ServeError):
+    """The client closed the connection before its answer (nginx's 499); nothing can be sent, the work is dropped."""
+
+    status, code = 499, "client_closed_request"
+
+
 class Overloaded(ServeError):
     status, code = 503, "overloaded"
+
+
+class BodyBudgetFull(Overloaded):
+    """Request bodies held in memory at once would exceed --max-body-buffer-mb; the body is left unread."""
+
+    close_connection = True
 
 
 class StoreUnavailable(ServeError):
@@ -85,3 +120,10 @@ class AdapterTooLarge(ServeError):
 
 class StoreFull(ServeError):
     status, code = 507, "store_full"
+
+
+def status_of(exc: BaseException) -> int:
+    """The HTTP status a failed request is counted under: its own, 499 if the client left, else 500."""
+    if isinstance(exc, ServeError):
+        return exc.status
+    return 499 if isinstance(exc, asyncio.CancelledError) else 500

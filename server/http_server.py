@@ -1,13 +1,53 @@
-"""Running the app under uvicorn, with a drain on SIGTERM."""
+"""Running the app under uvicorn: guarded connections, descriptor limits, a quiet loop log, and a drain on SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import logging
+import resource
 import threading
+import time
+from typing import Any
 
 import uvicorn
 
 from .api import create_app
+from .http_protocol import ConnectionRules, GuardedH11Protocol
+from .middleware import REPLICA_HEADER
 from .runtime import Runtime, ServeConfig
+
+log = logging.getLogger(__name__)
+RESERVED_DESCRIPTORS = 128
+"""Descriptors kept back from connections for the process's own files, pools and store."""
+
+
+class QuietLoopErrors:
+    """The event loop's exception handler, rate-limited: each kind of error is logged in full the first
+    time, then at most once per `interval_s` with a count of the ones left out.
+
+    (At its descriptor limit, asyncio logs a traceback for every failed accept, thousands a second.)
+    """
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        kind = f"{context.get('message')}: {type(exc).__name__}" if exc is not None else str(context.get("message"))
+        now = time.monotonic()
+        last = self._last.get(kind)
+        if last is not None and now - last < self.interval_s:
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return
+        suppressed = self._suppressed.pop(kind, 0)
+        self._last[kind] = now
+        if last is None:
+            loop.default_exception_handler(context)
+        else:
+            log.error("%s: %s (%d more in the last %.0f s)", kind, exc, suppressed, now - last)
 
 
 class DrainingServer(uvicorn.Server):
@@ -20,6 +60,10 @@ class DrainingServer(uvicorn.Server):
         self.runtime = runtime
         self._draining = False
 
+    async def serve(self, sockets=None) -> None:
+        asyncio.get_running_loop().set_exception_handler(QuietLoopErrors())
+        await super().serve(sockets)
+
     def handle_exit(self, sig, frame) -> None:
         if self._draining:
             self.force_exit = self.should_exit = True
@@ -29,6 +73,33 @@ class DrainingServer(uvicorn.Server):
         timer = threading.Timer(self.runtime.config.drain_delay_s, setattr, (self, "should_exit", True))
         timer.daemon = True
         timer.start()
+
+
+def descriptor_limit() -> int:
+    """Raise this process's open-file limit to its hard limit, as nginx's worker_rlimit_nofile does; the soft limit after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def connection_rules(config: ServeConfig) -> ConnectionRules:
+    """The connection guards for `config`, with the caps kept below the descriptor limit."""
+    hard_cap = max(1, descriptor_limit() - RESERVED_DESCRIPTORS)
+    cap = min(config.max_connections, hard_cap - hard_cap // 4)  # room to answer 503 before closing at once
+    if cap < config.max_connections:
+        log.warning("--max-connections %d lowered to %d: the process may open %d files", config.max_connections, cap, hard_cap + RESERVED_DESCRIPTORS)
+    return ConnectionRules(
+        header_timeout_s=config.header_timeout_s,
+        body_timeout_s=config.body_timeout_s,
+        max_connections=cap,
+        hard_max_connections=hard_cap,
+        headers=((REPLICA_HEADER.lower(), config.replica_id),),
+    )
 
 
 def run(config: ServeConfig, host: str, port: int, log_level: str = "info") -> int:
@@ -45,6 +116,8 @@ def run(config: ServeConfig, host: str, port: int, log_level: str = "info") -> i
             host=host,
             port=port,
             log_level=log_level,
+            http=functools.partial(GuardedH11Protocol, rules=connection_rules(config)),
+            timeout_keep_alive=int(config.keep_alive_s),
             timeout_graceful_shutdown=int(config.request_timeout_s) + 5,
         ),
         runtime,

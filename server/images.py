@@ -1,38 +1,105 @@
-"""Image decoding with limits: every failure is a 4xx that says what was wrong."""
+"""Image decoding with limits. The decoder is treated as untrusted code: every failure is a 4xx naming the image.
+
+Decoding runs in two steps so a request's cost is known before any of it is paid: `open_images` reads
+only the headers (format, size; the per-image and per-request pixel limits apply here, and JPEGs much
+larger than the task's input are set to decode at a reduced scale), then `decode` decodes one image.
+"""
 
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from .errors import BadRequest, PayloadTooLarge, UnsupportedMedia
 
 FORMATS = ("JPEG", "PNG", "WEBP")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
+"""EXIF orientations that turn the image by 90 degrees: its upright size is its stored size transposed."""
 
 
 @dataclass(frozen=True)
 class ImageLimits:
     max_bytes: int = 20 * 2**20
     max_pixels: int = 40_000_000
+    """Per image, as stored (decompression bombs)."""
+    max_request_pixels: int = 100_000_000
+    """All images of one request together."""
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in SIXTEEN_BIT_MODES:  # 16-bit grey: keep the high byte rather than clipping
-        grey = np.asarray(image, dtype=np.uint32) >> 8
-        image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), mode="L")
-    return image.convert("RGB")
+@dataclass(frozen=True)
+class OpenedImage:
+    """An image whose header has been read, not yet decoded; `pixels` is what decoding it will produce."""
+
+    image: Image.Image
+    what: str
+    stored_size: tuple[int, int]  # (width, height) before any reduced-scale decode
+
+    @property
+    def pixels(self) -> int:
+        return self.image.width * self.image.height
 
 
-def decode_image(data: bytes, limits: ImageLimits, what: str = "image") -> Image.Image:
-    """Decode JPEG/PNG/WebP bytes to an upright RGB image (first frame, EXIF orientation applied).
+@dataclass(frozen=True)
+class Decoded:
+    """An upright RGB image, and the size (height, width) of the original it stands for (larger if
+    it was decoded at reduced scale): results are mapped back to the original."""
 
-    Every failure is a `ServeError` with a 4xx status and says what was wrong with `what`.
+    image: Image.Image
+    original_size: tuple[int, int]
+
+
+def open_images(images: list[bytes | np.ndarray], limits: ImageLimits, target: tuple[int, int]) -> list[OpenedImage | Decoded]:
+    """Read every image's header (raw pixels are already decoded) and check the request's pixel budget.
+
+    `target` (height, width) is the task's input size: JPEGs at least twice as large decode at 1/2,
+    1/4 or 1/8 scale, never below it.
     """
+    opened = [
+        _array_image(data, limits, f"image {i}") if isinstance(data, np.ndarray) else _open(data, limits, f"image {i}", target)
+        for i, data in enumerate(images)
+    ]
+    total = sum(math.prod(o.stored_size) if isinstance(o, OpenedImage) else math.prod(o.original_size) for o in opened)
+    if total > limits.max_request_pixels:
+        raise PayloadTooLarge(
+            f"the request's {len(images)} images hold {total} pixels together; the limit is {limits.max_request_pixels} "
+            "(--max-request-pixels): send fewer or smaller images per request"
+        )
+    return opened
+
+
+def decode(opened: OpenedImage) -> Decoded:
+    """Decode to an upright RGB image (first frame, EXIF orientation applied); any failure is a 4xx."""
+    what = opened.what
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            opened.image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PayloadTooLarge(f"{what} is too large to decode safely: {exc}") from None
+    except Exception as exc:  # the decoder is untrusted code: whatever it raises is this image's fault
+        raise BadRequest(f"{what} is corrupt or truncated and could not be decoded ({type(exc).__name__}: {exc})") from None
+    image, width, height = opened.image, *opened.stored_size
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation)
+        upright = ImageOps.exif_transpose(image)
+        if orientation in TRANSPOSED_ORIENTATIONS:
+            width, height = height, width
+        image = upright
+    except Exception:  # a broken EXIF block should not lose the image: keep it as stored
+        pass
+    try:
+        return Decoded(_to_rgb(image), (height, width))
+    except Exception as exc:
+        raise BadRequest(f"{what} could not be converted to RGB ({type(exc).__name__}: {exc})") from None
+
+
+def _open(data: bytes, limits: ImageLimits, what: str, target: tuple[int, int] | None) -> OpenedImage:
     if not data:
         raise BadRequest(f"{what} is empty")
     if len(data) > limits.max_bytes:
@@ -41,26 +108,25 @@ def decode_image(data: bytes, limits: ImageLimits, what: str = "image") -> Image
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=FORMATS)
-            width, height = image.size
-            if width * height > limits.max_pixels:
-                raise PayloadTooLarge(
-                    f"{what} is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}"
-                )
-            image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PayloadTooLarge(f"{what} is too large to decode safely: {exc}") from None
     except Image.UnidentifiedImageError:
         raise UnsupportedMedia(f"{what} is not a JPEG, PNG or WebP image") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise BadRequest(f"{what} is corrupt or truncated: {exc}") from None
-    try:
-        image = ImageOps.exif_transpose(image)
-    except Exception:  # a broken EXIF block should not lose the image: keep it as stored
-        pass
-    return _to_rgb(image)
+    except Exception as exc:
+        raise BadRequest(f"{what} has a corrupt header ({type(exc).__name__}: {exc})") from None
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        raise PayloadTooLarge(f"{what} is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}")
+    if target is not None and image.format == "JPEG":
+        side = max(target)  # either orientation: EXIF may turn the image after decoding
+        try:
+            image.draft(image.mode, (side, side))
+        except Exception as exc:
+            raise BadRequest(f"{what} has a corrupt JPEG header ({type(exc).__name__}: {exc})") from None
+    return OpenedImage(image, what, (width, height))
 
 
-def array_image(pixels: np.ndarray, limits: ImageLimits, what: str = "image") -> Image.Image:
+def _array_image(pixels: np.ndarray, limits: ImageLimits, what: str) -> Decoded:
     """An RGB image from raw `(H, W, 3)` uint8 pixels (the Open Inference Protocol's UINT8 HWC input)."""
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
         raise BadRequest(f"{what} must be uint8 of shape (H, W, 3); got {pixels.dtype} {tuple(pixels.shape)}")
@@ -69,4 +135,11 @@ def array_image(pixels: np.ndarray, limits: ImageLimits, what: str = "image") ->
         raise BadRequest(f"{what} is empty ({height}x{width})")
     if height * width > limits.max_pixels:
         raise PayloadTooLarge(f"{what} has {height * width} pixels; the limit is {limits.max_pixels}")
-    return Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")
+    return Decoded(Image.fromarray(np.ascontiguousarray(pixels), mode="RGB"), (height, width))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in SIXTEEN_BIT_MODES:  # 16-bit grey: keep the high byte rather than clipping
+        grey = np.asarray(image, dtype=np.uint32) >> 8
+        image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")

@@ -48,6 +48,11 @@ class Metrics:
             "monaserve_batch_tasks", "Distinct adapter slots per engine batch.", buckets=BATCH_BUCKETS, registry=r
         )
         self.queue_depth = Gauge("monaserve_queue_depth", "Images waiting for the engine.", registry=r)
+        self.dropped_images = Counter(
+            "monaserve_dropped_images",
+            "Queued images never run: their request timed out, failed or its client left first.",
+            registry=r,
+        )
         self.adapter_loads = Counter("monaserve_adapter_loads", "Adapters installed into a device slot.", ["task"], registry=r)
         self.adapter_evictions = Counter(
             "monaserve_adapter_evictions", "Adapters removed from a device slot.", ["task"], registry=r

@@ -21,8 +21,20 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 
 from . import postprocess
-from .errors import BadRequest, TaskUnloaded, UnknownVersion
-from .oip_codec import HEADER_LENGTH, encode_response, output_tensor, read_inputs, split_body
+from .budgets import ResponseBudget
+from .disconnect import unless_client_leaves
+from .errors import BadRequest, ResponseTooLarge, TaskUnloaded, UnknownVersion, status_of
+from .oip_codec import (
+    HEADER_LENGTH,
+    encode_response,
+    encoded_size,
+    is_integer,
+    output_tensor,
+    parameters_of,
+    read_inputs,
+    short_repr,
+    split_body,
+)
 from .registry import Registry, TaskEntry
 from .runtime import Inference, Runtime
 from .schemas import OipError, TaskName, VersionNumber
@@ -40,7 +52,7 @@ OUTPUTS = {
 }
 Tensor = tuple[str, Any, list[int]]  # datatype, values, shape
 OIP_ERRORS: dict[int | str, dict] = {
-    status: {"model": OipError} for status in (400, 401, 403, 404, 409, 413, 415, 422, 503, 504, 507)
+    status: {"model": OipError} for status in (400, 401, 403, 404, 408, 409, 413, 415, 422, 503, 504, 507)
 }
 INFER_DOC = {
     "requestBody": {
@@ -57,10 +69,8 @@ INFER_DOC = {
         }
     },
 }
-MAX_MASK_PIXELS = 64_000_000
-"""Most mask pixels one response may carry (all images together); one byte each in binary."""
 MAX_INLINE_MASK_PIXELS = 4_000_000
-"""Most mask pixels as JSON numbers (several bytes each); larger masks must use the binary extension."""
+"""Most mask pixels as JSON numbers (building them is slow); larger masks must use the binary extension."""
 
 
 def oip_router(runtime: Runtime, require_admin: Callable, require_api: Callable, registry: Callable[[], Registry]) -> APIRouter:
@@ -107,30 +117,34 @@ def oip_router(runtime: Runtime, require_admin: Callable, require_api: Callable,
         return Response(status_code=200 if runtime.ready and entry.enabled else 400)
 
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
-        body, loop = await request.body(), asyncio.get_running_loop()
-        header, images = await loop.run_in_executor(
-            runtime.decode_pool, _parse_request, body, request.headers.get(HEADER_LENGTH), runtime.config.max_images_per_request
-        )
-        entry, number = await entry_and_version(name, version)
-        if not entry.enabled:
-            raise TaskUnloaded(f"model {name!r} is unloaded; POST /v2/repository/models/{name}/load to serve it again")
-        kind = entry.versions[number].manifest.kind
-        options = _options(kind, header, len(images))
+        loop = asyncio.get_running_loop()
+        config = runtime.config
         status = 500
         try:
-            result = await runtime.infer(name, kind, images, number if version is not None else None)
+            body = await request.body()
+            header, images = await loop.run_in_executor(
+                runtime.decode_pool, _parse_request, body, request.headers.get(HEADER_LENGTH), config.max_images_per_request
+            )
+            entry, number = await entry_and_version(name, version)
+            if not entry.enabled:
+                raise TaskUnloaded(f"model {name!r} is unloaded; POST /v2/repository/models/{name}/load to serve it again")
+            kind = entry.versions[number].manifest.kind
+            options = _options(kind, header)
+            pinned = number if version is not None else None
+            result = await unless_client_leaves(request, runtime.infer(name, kind, images, pinned))
+            budget = ResponseBudget(int(config.max_response_mb * 2**20))
+
+            def respond() -> tuple[bytes, dict[str, str]]:
+                return _response(name, header, result, _outputs(result, options, budget), options, budget)
+
+            body, headers = await loop.run_in_executor(runtime.decode_pool, respond)
             status = 200
-        except Exception as exc:
-            status = getattr(exc, "status", 500)
+        except BaseException as exc:
+            status = status_of(exc)
             raise
         finally:
             if runtime.registry is not None and name in runtime.registry.catalog:
                 runtime.metrics.requests.labels(name, "oip", str(status)).inc()
-
-        def respond() -> tuple[bytes, dict[str, str]]:
-            return _response(name, header, result, _outputs(result, options), options)
-
-        body, headers = await loop.run_in_executor(runtime.decode_pool, respond)
         return Response(body, headers=headers)
 
     api = {"dependencies": [Depends(require_api)], "responses": OIP_ERRORS}
@@ -230,26 +244,26 @@ def _parse_request(body: bytes, header_length: str | None, max_images: int) -> t
     return header, _images(read_inputs(header, binary), max_images)
 
 
-def _options(kind: str, header: dict, images: int) -> Options:
-    parameters = header.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise BadRequest("'parameters' must be a JSON object")
+def _options(kind: str, header: dict) -> Options:
+    parameters = parameters_of(header, "the request")
     top_k = _parameter(parameters, "top_k", int, 5, 1, 1000)
     min_score = _parameter(parameters, "min_score", float, 0.0, 0.0, 1.0)
-    binary_default = parameters.get("binary_data_output", False)
+    binary_default = _flag(parameters, "binary_data_output", False, "the request")
     names = [n for n, _, _ in OUTPUTS[kind]]
     requested = header.get("outputs") or [{"name": n} for n in names]
     if not isinstance(requested, list):
         raise BadRequest("'outputs' must be a list")
-    outputs = []
+    outputs, seen = [], set()
     for spec in requested:
         output = spec.get("name") if isinstance(spec, dict) else None
-        if output not in names:
-            raise BadRequest(f"unknown output {output!r}; {kind} models give {names}")
-        spec_parameters = spec.get("parameters") or {}
-        if not isinstance(spec_parameters, dict):
-            raise BadRequest(f"output {output!r}: 'parameters' must be a JSON object")
-        outputs.append((output, bool(spec_parameters.get("binary_data", binary_default))))
+        if not isinstance(output, str) or output not in names:
+            raise BadRequest(f"unknown output {short_repr(output)}; {kind} models give {names}")
+        if output in seen:
+            raise BadRequest(f"output {output!r} is requested twice; ask for each output once")
+        seen.add(output)
+        outputs.append((output, _flag(parameters_of(spec, f"output {output!r}"), "binary_data", binary_default, f"output {output!r}")))
+    if "id" in header and not isinstance(header["id"], str):
+        raise BadRequest(f"'id' must be a string, got {type(header['id']).__name__}")
     return Options(top_k, min_score, outputs)
 
 
@@ -273,8 +287,8 @@ def _images(inputs: dict, max_images: int) -> list[bytes | np.ndarray]:
     return images
 
 
-def _outputs(result: Inference, options: Options) -> dict[str, Tensor]:
-    """Every output tensor of `result`'s kind, batch first."""
+def _outputs(result: Inference, options: Options, budget: ResponseBudget) -> dict[str, Tensor]:
+    """Every output tensor of `result`'s kind, batch first (masks only after `budget` has room for them)."""
     manifest, pairs = result.manifest, list(zip(result.outputs, result.prepared))
     n = len(pairs)
     if manifest.kind == "classify":
@@ -301,35 +315,52 @@ def _outputs(result: Inference, options: Options) -> dict[str, Tensor]:
     sizes = {prepared.original_size for prepared in result.prepared}
     if len(sizes) > 1:
         raise BadRequest("a segment request's images must share one size: the 'mask' output is one [N, H, W] tensor")
-    pixels = n * math.prod(next(iter(sizes)))
+    shape = [n, *next(iter(sizes))]
     inline = any(not binary for name, binary in options.outputs if name == "mask")
-    limit = MAX_INLINE_MASK_PIXELS if inline else MAX_MASK_PIXELS
-    if pixels > limit:
-        raise BadRequest(
-            f"the 'mask' output would hold {pixels} pixels; the limit is {limit}"
-            + (" inline: ask for it with binary_data" if inline and pixels <= MAX_MASK_PIXELS else "")
+    if inline and math.prod(shape) > MAX_INLINE_MASK_PIXELS:
+        raise ResponseTooLarge(
+            f"the 'mask' output would hold {math.prod(shape)} pixels; the limit as JSON numbers is "
+            f"{MAX_INLINE_MASK_PIXELS}: ask for it with binary_data (the binary tensor extension)"
         )
+    budget.charge(encoded_size("UINT8", None, shape, binary=not inline), "output 'mask'")  # before the masks are made
     masks = [postprocess.original_class_map(output, prepared) for output, prepared in pairs]
-    return {"mask": ("UINT8", np.stack(masks), [n, *masks[0].shape])}
+    return {"mask": ("UINT8", np.stack(masks), shape)}
 
 
 def _parameter(parameters: dict, name: str, kind: type, default: Any, low: float, high: float) -> Any:
     value = parameters.get(name, default)
-    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not number or (kind is int and not float(value).is_integer()) or not low <= value <= high:
-        raise BadRequest(f"parameter {name!r} must be {'an integer' if kind is int else 'a number'} in {low:g}..{high:g}; got {value!r}")
+    if is_integer(value):
+        valid = low <= value <= high  # exact for integers of any length (no float conversion)
+    elif isinstance(value, float):
+        valid = math.isfinite(value) and (kind is float or value.is_integer()) and low <= value <= high
+    else:
+        valid = False
+    if not valid:
+        wanted = "an integer" if kind is int else "a number"
+        raise BadRequest(f"parameter {name!r} must be {wanted} in {low:g}..{high:g}; got {short_repr(value)}")
     return kind(value)
 
 
-def _response(name: str, header: dict, result: Inference, tensors: dict[str, Tensor], options: Options) -> tuple[bytes, dict[str, str]]:
-    """The requested outputs (all by default), inline or binary as asked."""
-    entries, data = [], b""
+def _flag(parameters: dict, name: str, default: bool, what: str) -> bool:
+    value = parameters.get(name, default)
+    if not isinstance(value, bool):
+        raise BadRequest(f"{what}: parameter {name!r} must be true or false; got {short_repr(value)}")
+    return value
+
+
+def _response(name: str, header: dict, result: Inference, tensors: dict[str, Tensor], options: Options, budget: ResponseBudget) -> tuple[bytes, dict[str, str]]:
+    """The requested outputs (all by default), inline or binary as asked, each charged to `budget` before it is encoded."""
+    entries, chunks = [], []
     for output, binary in options.outputs:
         datatype, values, shape = tensors[output]
+        budget.charge(encoded_size(datatype, values, shape, binary), f"output {output!r}")
         entry, chunk = output_tensor(output, datatype, values, shape, binary)
         entries.append(entry)
-        data += chunk
+        chunks.append(chunk)
     response = {"model_name": name, "model_version": str(result.version), "outputs": entries}
     if "id" in header:
-        response["id"] = str(header["id"])
-    return encode_response(response, data)
+        response["id"] = header["id"]
+    body, headers = encode_response(response, b"".join(chunks))
+    if len(body) > budget.limit:
+        raise ResponseTooLarge(f"the answer would be {len(body)} bytes; the limit is {budget.limit} (--max-response-mb)")
+    return body, headers

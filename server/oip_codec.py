@@ -59,15 +59,15 @@ def read_inputs(header: dict, binary: memoryview) -> dict[str, tuple[str, list[i
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise BadRequest("every input needs a 'name'")
         name, datatype, shape = spec["name"], spec.get("datatype"), spec.get("shape")
-        if datatype not in DTYPES:
-            raise BadRequest(f"input {name!r}: unknown datatype {datatype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        if not isinstance(datatype, str) or datatype not in DTYPES:
+            raise BadRequest(f"input {name!r}: unknown datatype {short_repr(datatype)}; use one of {', '.join(DTYPES)}")
+        if not isinstance(shape, list) or not all(is_integer(d) and d >= 0 for d in shape):
             raise BadRequest(f"input {name!r}: 'shape' must be a list of non-negative integers")
         count = math.prod(shape)
-        size = (spec.get("parameters") or {}).get("binary_data_size")
+        size = parameters_of(spec, f"input {name!r}").get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
-                raise BadRequest(f"input {name!r}: binary_data_size {size!r} runs past the end of the body")
+            if not is_integer(size) or size < 0 or offset + size > len(binary):
+                raise BadRequest(f"input {name!r}: binary_data_size {short_repr(size)} runs past the end of the body")
             chunk, offset = binary[offset : offset + size], offset + size
             values = _binary_values(name, datatype, chunk, count)
         elif "data" in spec:
@@ -78,6 +78,30 @@ def read_inputs(header: dict, binary: memoryview) -> dict[str, tuple[str, list[i
     if offset != len(binary):
         raise BadRequest(f"{len(binary) - offset} bytes of binary data belong to no input")
     return found
+
+
+def is_integer(value: Any) -> bool:
+    """A JSON integer (Python's `bool` is an `int`, JSON's `true` is not)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parameters_of(spec: dict, what: str) -> dict:
+    """`spec["parameters"]`: a JSON object, or empty when absent."""
+    parameters = spec.get("parameters")
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise BadRequest(f"{what}: 'parameters' must be a JSON object, got {type(parameters).__name__}")
+    return parameters
+
+
+def short_repr(value: Any, limit: int = 40) -> str:
+    """`repr(value)` cut to `limit` characters, for error messages about values a client sent."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long to print
+        text = f"<a {type(value).__name__} too long to show>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _json_values(name: str, datatype: str, data: Any, shape: list[int]) -> np.ndarray | list[bytes]:
@@ -151,6 +175,22 @@ def output_tensor(name: str, datatype: str, values: np.ndarray | list[str], shap
         return entry, data
     entry["data"] = array.reshape(-1).tolist()
     return entry, b""
+
+
+INLINE_CHARACTERS = {"BOOL": 6, "UINT8": 4, "UINT16": 6, "UINT32": 11, "UINT64": 21, "INT8": 5, "INT16": 7, "INT32": 12, "INT64": 21}
+"""Most characters one element takes as a JSON number, with its comma (floats: `FLOAT_CHARACTERS`)."""
+FLOAT_CHARACTERS = 25
+
+
+def encoded_size(datatype: str, values: np.ndarray | list[str] | None, shape: list[int], binary: bool) -> int:
+    """Bytes an output will take in the answer: exact in binary, at most this as JSON. `values` is
+    needed only for BYTES, whose elements vary in length."""
+    if datatype == "BYTES":
+        return sum(len(str(v).encode()) + (4 if binary else 8) for v in values)  # length prefix, or quotes, escapes, comma
+    count = math.prod(shape)
+    if binary:
+        return count * np.dtype(DTYPES[datatype]).itemsize
+    return count * INLINE_CHARACTERS.get(datatype, FLOAT_CHARACTERS)
 
 
 def encode_response(header: dict, binary: bytes) -> tuple[bytes, dict[str, str]]:

@@ -12,6 +12,7 @@ from PIL import Image
 from monaserve.adapters import Manifest
 from monaserve.adapters.transforms import Prepared
 
+from .budgets import ResponseBudget
 from .schemas import ClassArea, ClassifyResult, Detection, DetectResult, LabelScore, SegmentResult
 
 
@@ -52,29 +53,34 @@ def original_class_map(class_ids: torch.Tensor, prepared: Prepared) -> np.ndarra
     return np.asarray(Image.fromarray(crop, mode="L").resize((width, height), Image.Resampling.NEAREST))
 
 
-def rle_encode(binary: np.ndarray) -> list[int]:
+def rle_encode(binary: np.ndarray) -> np.ndarray:
     """COCO-style uncompressed RLE: run lengths over the column-major pixels, starting with a 0-run."""
     flat = binary.ravel(order="F").astype(np.uint8)
     boundaries = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    runs = np.diff(np.concatenate([[0], boundaries, [flat.size]])).tolist()
-    return [0, *runs] if flat.size and flat[0] else runs
+    runs = np.diff(np.concatenate([[0], boundaries, [flat.size]]))
+    return np.concatenate([[0], runs]) if flat.size and flat[0] else runs
 
 
-def segment(class_ids: torch.Tensor, manifest: Manifest, prepared: Prepared, rle: bool) -> SegmentResult:
-    """A PNG of class ids at the original size, per-class pixel areas, and per-class RLE on request."""
+def json_length(counts: np.ndarray) -> int:
+    """Characters of `counts` (non-negative integers) written as a JSON list."""
+    digits = np.floor(np.log10(np.maximum(counts, 1))).astype(np.int64) + 1
+    return int(digits.sum()) + max(len(counts) - 1, 0) + 2
+
+
+def segment(class_ids: torch.Tensor, manifest: Manifest, prepared: Prepared, rle: bool, budget: ResponseBudget) -> SegmentResult:
+    """A PNG of class ids at the original size, per-class pixel areas, and per-class RLE on request,
+    each charged to `budget` before it is turned into JSON."""
     mask = original_class_map(class_ids, prepared)
     buffer = io.BytesIO()
     Image.fromarray(mask, mode="L").save(buffer, format="PNG")
+    mask_png = base64.b64encode(buffer.getvalue()).decode()
+    budget.charge(len(mask_png), f"a {mask.shape[1]}x{mask.shape[0]} mask")
     ids, counts = np.unique(mask, return_counts=True)
-    classes = [
-        ClassArea(
-            label=manifest.labels[i],
-            index=int(i),
-            pixels=int(n),
-            rle=rle_encode(mask == i) if rle else None,
-        )
-        for i, n in zip(ids, counts)
-    ]
-    return SegmentResult(
-        width=mask.shape[1], height=mask.shape[0], mask_png=base64.b64encode(buffer.getvalue()).decode(), classes=classes
-    )
+    classes = []
+    for i, n in zip(ids, counts):
+        runs = None
+        if rle:
+            runs = rle_encode(mask == i)
+            budget.charge(json_length(runs), f"the RLE of class {int(i)} ({len(runs)} runs)")
+        classes.append(ClassArea(label=manifest.labels[i], index=int(i), pixels=int(n), rle=None if runs is None else runs.tolist()))
+    return SegmentResult(width=mask.shape[1], height=mask.shape[0], mask_png=mask_png, classes=classes)

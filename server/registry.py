@@ -1,7 +1,11 @@
 """The adapter registry: catalog of tasks and versions, CPU cache, device slots, and hot-loading.
 
-All state lives on the event loop's thread and changes only there, so no locks are needed; file reads,
+All state lives on the event loop's thread and changes only there, so no locks guard it; file reads,
 validation and installs into the engine run in executors and hand their results back to the loop.
+Admin calls on one task (upload, load, unload) run one at a time, in the order they came.
+
+What each task serves (its pinned version, and whether it is unloaded) is kept in the store beside
+its versions (`store.ServingState`), so every replica and every restart agrees.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
 from typing import Literal, TypeVar
 
 from monaserve.adapters import AdapterError, AdapterPackage, Manifest, validate_task_name
@@ -31,7 +36,7 @@ from .errors import (
     WrongKind,
 )
 from .metrics import Metrics
-from .store import AdapterStore
+from .store import AdapterStore, ServingState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,12 +53,25 @@ class VersionInfo:
 
 @dataclass
 class TaskEntry:
-    """One task in the catalog: its stored versions and the version unpinned requests get."""
+    """One task in the catalog: its stored versions and its serving state."""
 
     name: str
     versions: dict[int, VersionInfo]
-    serving: int
-    enabled: bool = True
+    state: ServingState = ServingState()
+
+    @property
+    def serving(self) -> int:
+        """The version unpinned requests get: the pinned one while it is stored, else the newest."""
+        pinned = self.state.version
+        return pinned if pinned in self.versions else max(self.versions)
+
+    @property
+    def enabled(self) -> bool:
+        return self.state.enabled
+
+    def state_serving(self, version: int) -> ServingState:
+        """The enabled state that serves `version`: pinned to it, or following the newest if it is the newest."""
+        return ServingState(None if version == max(self.versions) else version, enabled=True)
 
 
 @dataclass(eq=False)
@@ -80,6 +98,16 @@ class Lease:
     @property
     def slot(self) -> int:
         return self.resident.slot
+
+
+@dataclass(frozen=True)
+class TaskRead:
+    """One task as read from the store (see `Registry._read_task`)."""
+
+    versions: dict[int, VersionInfo]
+    broken: dict[Key, tuple[str, AdapterError]]
+    state: ServingState
+    state_signature: str | None
 
 
 class Registry:
@@ -113,6 +141,8 @@ class Registry:
         self._reserved_bytes = 0
         self._known: dict[Key, VersionInfo] = {}
         self._broken: dict[Key, str] = {}  # stored files found unusable, by signature
+        self._states: dict[str, tuple[str, ServingState]] = {}  # serving state files read, by signature
+        self._admin_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._loading: dict[Key, asyncio.Task] = {}
         self._generation: dict[str, int] = {}  # bumped by uploads and purges; store reads from before are stale
         self._purges: dict[str, int] = {}
@@ -124,12 +154,13 @@ class Registry:
 
     # ---- catalog -------------------------------------------------------------------------------
 
-    def _read_task(self, task: str) -> tuple[dict[int, VersionInfo], dict[Key, tuple[str, AdapterError]]]:
-        """Versions of `task` in the store, and files newly found unusable with their signature and
-        error (runs in a thread and changes nothing). Files known to be unusable are left out; a store
-        that fails raises, so a passing outage never looks like a broken or deleted file."""
+    def _read_task(self, task: str) -> TaskRead:
+        """Versions and serving state of `task` in the store, and files newly found unusable with their
+        signature and error (runs in a thread and changes nothing). Files known to be unusable are left
+        out; a store that fails raises, so a passing outage never looks like a broken or deleted file."""
         infos, broken = {}, {}
-        for version, stored in self.store.versions(task).items():
+        listing = self.store.listing(task)
+        for version, stored in listing.versions.items():
             key = (task, version)
             if self._broken.get(key) == stored.signature:
                 continue  # known to be unusable, and not replaced since
@@ -143,7 +174,20 @@ class Registry:
                     broken[key] = (stored.signature, exc)
                     continue
             infos[version] = info
-        return infos, broken
+        state, state_signature = ServingState(), None
+        if listing.state is not None:
+            state_signature = listing.state.signature
+            known = self._states.get(task)
+            if known is not None and known[0] == state_signature:
+                state = known[1]
+            else:
+                try:
+                    state = self.store.read_state(task)
+                except FileNotFoundError:
+                    state_signature = None  # removed since the listing
+                except ValueError as exc:
+                    broken[(task, 0)] = (state_signature, AdapterError(f"its serving state is unusable ({exc}); serving the newest version"))
+        return TaskRead(infos, broken, state, state_signature)
 
     def _mark_broken(self, key: Key, signature: str, error: Exception) -> None:
         """Remember a stored file as unusable until it is replaced; log and count it once."""
@@ -151,7 +195,8 @@ class Registry:
             return
         self._broken[key] = signature
         self.metrics.store_errors.inc()
-        log.error("store: skipping %s/%s.safetensors: %s", *key, error)
+        where = f"{key[0]}/serving.json" if key[1] == 0 else f"{key[0]}/{key[1]}.safetensors"
+        log.error("store: skipping %s: %s", where, error)
 
     def _quarantine(self, key: Key, error: Exception) -> None:
         """A cataloged version whose file proved unusable when loaded (a corrupt body, another
@@ -167,19 +212,22 @@ class Registry:
         del entry.versions[version]
         if not entry.versions:
             del self.catalog[task]
-        elif entry.serving == version:
-            entry.serving = max(entry.versions)
 
     async def _reread(self, task: str) -> TaskEntry | None:
-        """Read `task` from the store and merge it into the catalog, unless an upload or purge of the
-        task happened meanwhile (then the read is stale and the catalog already knows better)."""
+        """Read `task` from the store and merge it into the catalog, unless an admin call on the task
+        changed it meanwhile (then the read is stale and the catalog already knows better)."""
         generation = self._generation.get(task, 0)
-        infos, broken = await asyncio.to_thread(self._read_task, task)
-        for key, (signature, error) in broken.items():
+        read = await asyncio.to_thread(self._read_task, task)
+        for key, (signature, error) in read.broken.items():
             self._mark_broken(key, signature, error)
         if self._generation.get(task, 0) != generation:
             return self.catalog.get(task)
+        infos = read.versions
         self._known.update(((task, version), info) for version, info in infos.items())
+        if read.state_signature is None:
+            self._states.pop(task, None)
+        else:
+            self._states[task] = (read.state_signature, read.state)
         entry = self.catalog.get(task)
         in_use = entry is not None and entry.enabled and (task, entry.serving) in self.residents
         if entry is not None:  # versions purged or replaced in the store (by this or another replica)
@@ -192,14 +240,13 @@ class Registry:
             self.catalog.pop(task, None)
             return None
         if entry is None:
-            entry = self.catalog[task] = TaskEntry(task, infos, serving=max(infos))
+            entry = self.catalog[task] = TaskEntry(task, infos, read.state)
             return entry
-        new = infos.keys() - entry.versions.keys()
-        entry.versions = infos
-        previous = entry.serving
-        if (new and max(new) > entry.serving) or entry.serving not in infos:
-            entry.serving = max(infos)
-        if in_use and (entry.serving != previous or (task, entry.serving) not in self.residents):
+        previous, was_enabled = entry.serving, entry.enabled
+        entry.versions, entry.state = infos, read.state
+        if was_enabled and not entry.enabled:  # unloaded through another replica
+            self._stop_serving(task, retire=False)
+        elif in_use and entry.enabled and (entry.serving != previous or (task, entry.serving) not in self.residents):
             self._preload((task, entry.serving))  # the task is in use here: have its served version ready
         return entry
 
@@ -226,6 +273,7 @@ class Registry:
 
     async def refresh(self) -> None:
         """Re-read the whole store into the catalog."""
+        await asyncio.to_thread(self.store.remove_stale_temp_files)
         tasks = await asyncio.to_thread(self.store.tasks)
         for task in set(tasks) | self.catalog.keys():
             await self._reread(task)
@@ -246,9 +294,9 @@ class Registry:
     async def resolve(self, task: str, version: int | None = None, kind: str | None = None) -> tuple[int, Manifest]:
         """The version a request gets and its manifest; checks existence, loaded state and kind."""
         entry = await self.entry(task, version)
+        if not entry.enabled:  # pinned requests too: an unloaded task serves no version
+            raise TaskUnloaded(f"task {task!r} is unloaded; POST /v1/adapters/{task}/load to serve it again")
         if version is None:
-            if not entry.enabled:
-                raise TaskUnloaded(f"task {task!r} is unloaded; POST /v1/adapters/{task}/load to serve it again")
             version = entry.serving
         if version not in entry.versions:
             raise UnknownVersion(f"task {task!r} has no version {version}; versions: {sorted(entry.versions)}")
@@ -451,81 +499,112 @@ class Registry:
             validate_task_name(task)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
-        package = await self._in_loader(self._validate_upload, task, data)
-        version = package.manifest.version
-        key = (task, version)
-        if version in await asyncio.to_thread(self.store.versions, task):
-            raise VersionExists(f"version {version} of {task!r} already exists; versions are immutable")
-        self._forget(task, [version])  # anything held here under this key predates a purge elsewhere
-        await self.ensure_loaded(key, package)
-        try:
-            stored = await asyncio.to_thread(self.store.write, task, version, data)
-        except BaseException:
-            if key in self.residents:  # the store is the truth: drop what we loaded
-                self._retire(self.residents[key])
-            raise
-        info = self._known[key] = VersionInfo(package.manifest, stored.size, stored.signature)
-        self._generation[task] = self._generation.get(task, 0) + 1
-        entry = self.catalog.get(task)
-        if entry is None:
-            entry = self.catalog[task] = TaskEntry(task, {}, serving=version)
-        entry.versions[version] = info
-        if not entry.enabled or version > entry.serving:
-            entry.serving = version
-        entry.enabled = True
-        self._cache(key, package)
-        if key in self.residents:
-            self.residents[key].evict_when_idle = False
+        async with self._admin_locks[task]:
+            package = await self._in_loader(self._validate_upload, task, data)
+            version = package.manifest.version
+            key = (task, version)
+            listing = await asyncio.to_thread(self.store.listing, task)
+            if version in listing.versions:
+                raise VersionExists(f"version {version} of {task!r} already exists; versions are immutable")
+            self._forget(task, [version])  # anything held here under this key predates a purge elsewhere
+            await self.ensure_loaded(key, package)
+            try:
+                stored = await asyncio.to_thread(self.store.write, task, version, data)
+            except BaseException:
+                if key in self.residents:  # the store is the truth: drop what we loaded
+                    self._retire(self.residents[key])
+                raise
+            info = self._known[key] = VersionInfo(package.manifest, stored.size, stored.signature)
+            self._generation[task] = self._generation.get(task, 0) + 1
+            entry = self.catalog.get(task)
+            left_over = entry is None and listing.state is not None  # the state file of a task purged before: replace it
+            if entry is None:
+                entry = self.catalog[task] = TaskEntry(task, {})
+            switch = not entry.versions or not entry.enabled or version > entry.serving
+            entry.versions[version] = info
+            state = entry.state_serving(version) if switch else entry.state
+            self._cache(key, package)
+            if key in self.residents:
+                self.residents[key].evict_when_idle = False
+            if left_over or state != entry.state:  # a new task that follows its newest version needs no file
+                await self._record(task, state, f"stored {task} v{version}, but could not record that it serves")
+            entry = await self.entry(task)
         log.info("uploaded %s v%s (%d bytes); serving v%s", task, version, len(data), entry.serving)
         return entry
 
     async def load(self, task: str, version: int | None = None) -> TaskEntry:
-        """Load a stored version (default: the newest) into a slot and serve it to unpinned requests."""
-        entry = await self.entry(task, version)
-        version = max(entry.versions) if version is None else version
-        if version not in entry.versions:
-            raise UnknownVersion(f"task {task!r} has no version {version}; versions: {sorted(entry.versions)}")
-        await self.ensure_loaded((task, version))
-        entry = await self.entry(task, version)  # it may have changed while loading
-        if (task, version) in self.residents:
-            self.residents[(task, version)].evict_when_idle = False
-        entry.serving, entry.enabled = version, True
-        return entry
+        """Load a stored version (default: the newest) into a slot and serve it to unpinned requests,
+        on every replica (the choice is recorded in the store)."""
+        async with self._admin_locks[task]:
+            entry = await self.entry(task, version)
+            version = max(entry.versions) if version is None else version
+            if version not in entry.versions:
+                raise UnknownVersion(f"task {task!r} has no version {version}; versions: {sorted(entry.versions)}")
+            await self.ensure_loaded((task, version))
+            entry = await self.entry(task, version)  # it may have changed while loading
+            if version not in entry.versions:
+                raise UnknownVersion(f"task {task!r} version {version} left the store while it was loading")
+            await self._record(task, entry.state_serving(version), f"could not record that {task} serves v{version}")
+            if (task, version) in self.residents:
+                self.residents[(task, version)].evict_when_idle = False
+            return await self.entry(task)
 
     async def unload(self, task: str, purge: bool = False) -> None:
-        """Stop serving `task`: free its slots (at once, or when in-flight requests finish) and its cache.
+        """Stop serving `task` on every replica: free its slots (at once, or when in-flight requests
+        finish) and its cache; the task stays unloaded, also across restarts, until it is loaded again.
 
         With `purge`, delete every stored version too; requests already running finish on the old weights.
         """
-        try:
-            entry = await self.entry(task)
-        except UnknownTask:
-            if not (purge and await asyncio.to_thread(self.store.versions, task)):
-                raise
-            entry = None  # only unusable files are stored: a purge still clears them
-        if purge:  # first, so a store that refuses leaves the task served
+        async with self._admin_locks[task]:
             try:
-                await asyncio.to_thread(self.store.delete, task)
-            except ServeError:
-                await self._reread(task)  # some versions may be gone before it refused
-                raise
-            self._broken = {key: signature for key, signature in self._broken.items() if key[0] != task}
-        if entry is None:
-            return
-        entry.enabled = False
-        for resident in [r for r in self.residents.values() if r.key[0] == task]:
+                entry = await self.entry(task)
+            except UnknownTask:
+                listing = await asyncio.to_thread(self.store.listing, task) if purge else None
+                if listing is None or not (listing.versions or listing.state):
+                    raise
+                entry = None  # only unusable files are stored: a purge still clears them
+            if purge:  # first, so a store that refuses leaves the task served
+                try:
+                    await asyncio.to_thread(self.store.delete, task)
+                except ServeError:
+                    await self._reread(task)  # some versions may be gone before it refused
+                    raise
+                self._broken = {key: signature for key, signature in self._broken.items() if key[0] != task}
+                self._states.pop(task, None)
+            elif entry is not None:
+                await self._record(task, replace(entry.state, enabled=False), f"could not record that {task} is unloaded")
+            if entry is None:
+                return
+            self._stop_serving(task, retire=purge)
             if purge:
+                self._purges[task] = self._purges.get(task, 0) + 1
+                self._generation[task] = self._generation.get(task, 0) + 1
+                self.catalog.pop(task, None)
+                for version in entry.versions:
+                    self._known.pop((task, version), None)
+
+    async def _record(self, task: str, state: ServingState, failure: str) -> None:
+        """Write `task`'s serving state to the store, then take it here; a store that refuses raises,
+        leaving the state as it was everywhere."""
+        try:
+            stored = await asyncio.to_thread(self.store.write_state, task, state)
+        except ServeError as exc:
+            raise type(exc)(f"{failure}: {exc.message}", exc.retry_after_s) from exc
+        self._generation[task] = self._generation.get(task, 0) + 1  # store reads from before are stale
+        self._states[task] = (stored.signature, state)
+        if task in self.catalog:
+            self.catalog[task].state = state
+
+    def _stop_serving(self, task: str, retire: bool) -> None:
+        """Free `task`'s slots (idle ones now, busy ones when their requests finish) and its cached
+        packages. `retire` also hides its slots from new requests at once (a purge: the weights are gone)."""
+        for resident in [r for r in self.residents.values() if r.key[0] == task]:
+            if retire:
                 self._retire(resident)
             elif resident.refs == 0:
                 self._evict(resident)
             else:
                 resident.evict_when_idle = True
-        for version in entry.versions:
-            self.cpu_cache.pop((task, version))
+        for key in [key for key in self._known if key[0] == task]:
+            self.cpu_cache.pop(key)
         self.metrics.cpu_cache_bytes.set(self.cpu_cache.nbytes)
-        if purge:
-            self._purges[task] = self._purges.get(task, 0) + 1
-            self._generation[task] = self._generation.get(task, 0) + 1
-            self.catalog.pop(task, None)
-            for version in entry.versions:
-                self._known.pop((task, version), None)

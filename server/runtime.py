@@ -17,11 +17,12 @@ import torch
 
 from monaserve.adapters import Backbone, Manifest
 from monaserve.adapters.swin import resolve_device
-from monaserve.adapters.transforms import Prepared, preprocess
+from monaserve.adapters.transforms import Prepared
 
+from .decoding import Decoder, large_image_lane
 from .engine import Engine
 from .errors import NotReady, Timeout
-from .images import ImageLimits, array_image, decode_image
+from .images import ImageLimits
 from .metrics import Metrics
 from .registry import Registry
 from .scheduler import Job, Scheduler
@@ -54,12 +55,33 @@ class ServeConfig:
     cors_origins: str = ""
     max_image_bytes: int = 20 * MiB
     max_image_pixels: int = 40_000_000
+    max_request_pixels: int = 100_000_000
     max_images_per_request: int = 64
     max_request_mb: float = 64.0
+    max_body_buffer_mb: float = 256.0
+    max_response_mb: float = 64.0
+    max_connections: int = 2048
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    body_min_rate: float = 1024.0
+    keep_alive_s: float = 75.0
     decode_threads: int = 4
     drain_delay_s: float = 0.0
     catalog_refresh_s: float = 10.0
     replica_id: str = "monaserve"
+
+    def check(self) -> None:
+        """Refuse settings that cannot be meant: empty tokens, and limits that are not positive."""
+        for flag, token in (("--admin-token (MONASERVE_ADMIN_TOKEN)", self.admin_token), ("--api-token (MONASERVE_API_TOKEN)", self.api_token)):
+            if token is not None and not token.strip():
+                raise ValueError(f"{flag} is set but empty: give a token (e.g. `openssl rand -hex 32`) or leave it unset")
+        limits = ("max_request_pixels", "max_images_per_request", "max_request_mb", "max_body_buffer_mb", "max_response_mb",
+                  "max_connections", "header_timeout_s", "body_timeout_s", "request_timeout_s", "keep_alive_s", "decode_threads")
+        for name in limits:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.body_min_rate < 0:
+            raise ValueError(f"--body-min-rate must be 0 (off) or positive, got {self.body_min_rate}")
 
 
 
@@ -83,8 +105,11 @@ class Runtime:
         self.metrics = Metrics()
         self.state: Literal["loading", "ready", "draining", "failed"] = "loading"
         self.error: str | None = None
-        self.limits = ImageLimits(config.max_image_bytes, config.max_image_pixels)
         self.decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
+        self.large_image_lane = large_image_lane()
+        self.decoder = Decoder(
+            ImageLimits(config.max_image_bytes, config.max_image_pixels, config.max_request_pixels), self.decode_pool, self.large_image_lane
+        )
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="loader")
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="engine")
         self.engine: Engine | None = None
@@ -190,7 +215,7 @@ class Runtime:
         if self.scheduler is not None:
             self.scheduler.close()
             await asyncio.gather(self._scheduler_task, return_exceptions=True)  # a failure was logged already
-        for pool in (self.decode_pool, self.loader, self.worker):
+        for pool in (self.decode_pool, self.large_image_lane, self.loader, self.worker):
             pool.shutdown(wait=True, cancel_futures=True)
 
     def require_ready(self) -> None:
@@ -209,20 +234,14 @@ class Runtime:
         try:
             async with asyncio.timeout(timeout):
                 version, manifest = await self.registry.resolve(task, version, kind)
-                loop = asyncio.get_running_loop()
-                prepared = await asyncio.gather(
-                    *(
-                        loop.run_in_executor(self.decode_pool, self._prepare, data, manifest, f"image {i}")
-                        for i, data in enumerate(images)
-                    )
-                )
+                prepared = await self.decoder.prepare(images, manifest.input)
                 decoded = time.monotonic()
                 lease = await self.registry.acquire(task, version, manifest, pinned)
                 job = Job(
                     [p.tensor for p in prepared],
                     lease.slot,
                     on_settled=functools.partial(self.registry.release, lease),
-                    future=loop.create_future(),
+                    future=asyncio.get_running_loop().create_future(),
                 )
                 try:
                     self.scheduler.submit(job)
@@ -238,7 +257,3 @@ class Runtime:
             self.metrics.latency.labels(task, stage).observe(seconds)
         self.metrics.images.labels(task).inc(len(images))
         return Inference(lease.manifest, lease.version, outputs, prepared, timings)
-
-    def _prepare(self, data: bytes | np.ndarray, manifest: Manifest, what: str) -> Prepared:
-        image = array_image(data, self.limits, what) if isinstance(data, np.ndarray) else decode_image(data, self.limits, what)
-        return preprocess(image, manifest.input)

@@ -141,8 +141,9 @@ class Scheduler:
     async def _execute(self, items: list[_Item]) -> None:
         live = []
         for item in items:
-            if item.job.future.done():  # the request timed out or failed: skip its images
+            if item.job.future.done():  # the request timed out, failed or its client left: skip its images
                 item.job.settle(item.index)
+                self.metrics.dropped_images.inc()
             else:
                 live.append(item)
         if not live:

@@ -107,13 +107,19 @@ def image_bytes(seed: int, size: tuple[int, int] = (160, 120), fmt: str = "JPEG"
     return buffer.getvalue()
 
 
-def serve_tasks(tmp_path_factory, weights: Path, backbone, tasks: dict[str, str], *args: str) -> ServerProcess:
+def serve_tasks(
+    tmp_path_factory, weights: Path, backbone, tasks: dict[str, str], *args: str, input_size: int | None = None,
+    launcher: list[str] | None = None, env: dict[str, str] | None = None,
+) -> ServerProcess:
     """A server (enter it to start) with the admin token, over a new store holding v1 of each task
-    (name -> kind; random weights, 4 labels)."""
+    (name -> kind; random weights, 4 labels; at the backbone's input size unless `input_size`)."""
     from helpers import random_package
 
+    from monaserve.adapters import InputSpec
+
     store = tmp_path_factory.mktemp("store")
+    fields = {} if input_size is None else {"input": InputSpec(size=(input_size, input_size))}
     for name, kind in tasks.items():
-        random_package(backbone, name, seed=len(name), kind=kind, num_labels=4).save(store / name / "1.safetensors")
+        random_package(backbone, name, seed=len(name), kind=kind, num_labels=4, **fields).save(store / name / "1.safetensors")
     log = tmp_path_factory.mktemp("log") / "log"
-    return ServerProcess(weights, store, *args, env={"MONASERVE_ADMIN_TOKEN": TOKEN}, log=log)
+    return ServerProcess(weights, store, *args, env={"MONASERVE_ADMIN_TOKEN": TOKEN, **(env or {})}, log=log, launcher=launcher)

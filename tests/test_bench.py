@@ -91,7 +91,9 @@ def test_the_churn_checker_flags_answers_the_server_may_not_give():
     assert check(19, 20.5, version=2) is None  # sent before the unload was answered
     assert check(19, 20.5, status=404, code="task_unloaded") is None
     assert check(27, 28, status=404, code="task_unloaded") == "task_unloaded outside any unload window"
-    assert check(22, 24, status=404, code="task_unloaded", pinned=1) is not None  # pinned versions stay served
+    assert check(22, 24, status=404, code="task_unloaded", pinned=1) is None  # an unloaded task serves no version
+    assert check(22, 24, version=1, pinned=1) == "served while the task was unloaded"
+    assert check(27, 28, status=404, code="task_unloaded", pinned=1) == "task_unloaded outside any unload window"
     assert check(1, 2, status=503, code="overloaded") is None
     assert check(1, 2, status=500, code="internal") == "500 internal"
     assert check(1, 2, status=0, code="ConnectError") is not None

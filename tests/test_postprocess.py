@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import numpy as np
 import pytest
@@ -13,7 +14,9 @@ from PIL import Image
 from helpers import make_manifest
 from monaserve.adapters import InputSpec
 from monaserve.adapters.transforms import preprocess
-from monaserve.server.postprocess import detect, original_class_map, rle_encode, segment
+from monaserve.server.budgets import ResponseBudget
+from monaserve.server.errors import ResponseTooLarge
+from monaserve.server.postprocess import detect, json_length, original_class_map, rle_encode, segment
 
 
 def rle_decode(counts: list[int], height: int, width: int) -> np.ndarray:
@@ -60,19 +63,29 @@ def test_rle_round_trip_and_areas():
         binary = rng.random((h, w)) < rng.random()
         counts = rle_encode(binary)
         assert sum(counts) == h * w
+        assert json_length(counts) == len(json.dumps(counts.tolist(), separators=(",", ":")))
         assert np.array_equal(rle_decode(counts, h, w), binary.astype(np.uint8))
-    assert rle_encode(np.ones((2, 2), bool)) == [0, 4]
-    assert rle_encode(np.array([[0, 1], [0, 1]], bool)) == [2, 2]
+    assert rle_encode(np.ones((2, 2), bool)).tolist() == [0, 4]
+    assert rle_encode(np.array([[0, 1], [0, 1]], bool)).tolist() == [2, 2]
 
 
 def test_segment_result_png_and_rle(manifest):
     prepared = preprocess(Image.new("RGB", (30, 20)), InputSpec(size=(64, 64)))
     class_ids = torch.zeros(64, 64, dtype=torch.int32)
     class_ids[:, 32:] = 2
-    result = segment(class_ids, manifest, prepared, rle=True)
+    result = segment(class_ids, manifest, prepared, rle=True, budget=ResponseBudget(2**20))
     mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(result.mask_png))))
     assert mask.shape == (20, 30) and set(np.unique(mask)) == {0, 2}
     assert sum(c.pixels for c in result.classes) == 600
     for area in result.classes:
         assert np.array_equal(rle_decode(area.rle, 20, 30), (mask == area.index).astype(np.uint8))
-    assert segment(class_ids, manifest, prepared, rle=False).classes[0].rle is None
+    assert segment(class_ids, manifest, prepared, rle=False, budget=ResponseBudget(2**20)).classes[0].rle is None
+
+
+def test_segment_stops_at_its_response_budget(manifest):
+    """The RLE of a noisy mask is charged before it is built into JSON: past the budget, a clear 400."""
+    prepared = preprocess(Image.new("RGB", (64, 64)), InputSpec(size=(64, 64)))
+    noisy = torch.from_numpy(np.random.default_rng(0).integers(0, 3, (64, 64))).to(torch.int32)
+    segment(noisy, manifest, prepared, rle=False, budget=ResponseBudget(8_000))
+    with pytest.raises(ResponseTooLarge, match="--max-response-mb"):
+        segment(noisy, manifest, prepared, rle=True, budget=ResponseBudget(8_000))

@@ -11,10 +11,10 @@ import torch
 from helpers import TINY, random_adapter_tensors, random_package
 from monaserve.adapters import AdapterPackage, Backbone, IncompatibleAdapterError, expected_shapes
 from monaserve.server.engine import Engine
-from monaserve.server.errors import AdapterTooLarge, UnknownTask, UnknownVersion
+from monaserve.server.errors import AdapterTooLarge, ConcurrentChange, TaskUnloaded, UnknownTask, UnknownVersion
 from monaserve.server.metrics import Metrics
 from monaserve.server.registry import Registry
-from monaserve.server.store import AdapterStore
+from monaserve.server.store import AdapterStore, ServingState
 
 
 def make_registry(backbone, store_dir, slots=4, budget=None) -> Registry:
@@ -200,3 +200,97 @@ def test_an_upload_replaces_weights_held_from_before_a_purge_elsewhere(tiny_weig
         b.release(lease)
 
     asyncio.run(scenario())
+
+
+def test_serving_state_is_shared_through_the_store_and_survives_a_restart(tiny_weights, shared_backbone, tmp_path):
+    """A rollback and an unload made on A are what B serves after a refresh, and what a registry made
+    anew over the store (a restart) serves; an upload newer than a pinned version moves the task on."""
+
+    async def scenario():
+        a = make_registry(Backbone.load(TINY, tiny_weights), tmp_path)
+        b = make_registry(Backbone.load(TINY, tiny_weights), tmp_path)
+        for version in (1, 2):
+            await a.upload("pets", random_package(shared_backbone, "pets", seed=version, version=version).to_bytes())
+        assert not (tmp_path / "pets" / "serving.json").exists()  # following the newest needs no file
+        await a.load("pets", 1)  # rollback
+        await b.refresh()
+        assert (a.catalog["pets"].serving, b.catalog["pets"].serving) == (1, 1)
+        assert ServingState.from_json((tmp_path / "pets" / "serving.json").read_bytes()) == ServingState(1, True)
+
+        await b.unload("pets")
+        await a.refresh()
+        for registry in (a, b, make_registry(Backbone.load(TINY, tiny_weights), tmp_path)):
+            await registry.refresh()
+            with pytest.raises(TaskUnloaded):
+                await registry.resolve("pets", 1)  # pinned requests too
+        await a.load("pets")
+        restarted = make_registry(Backbone.load(TINY, tiny_weights), tmp_path)
+        await restarted.refresh()
+        assert restarted.catalog["pets"].enabled and restarted.catalog["pets"].serving == 2
+
+        await a.load("pets", 1)
+        await a.upload("pets", random_package(shared_backbone, "pets", seed=3, version=3).to_bytes())
+        await b.refresh()
+        assert b.catalog["pets"].serving == 3 and ServingState.from_json((tmp_path / "pets" / "serving.json").read_bytes()) == ServingState()
+
+    asyncio.run(scenario())
+
+
+def test_an_unloaded_task_frees_its_slots_on_other_replicas(tiny_weights, shared_backbone, tmp_path):
+    async def scenario():
+        a = make_registry(Backbone.load(TINY, tiny_weights), tmp_path)
+        b = make_registry(Backbone.load(TINY, tiny_weights), tmp_path)
+        await a.upload("pets", random_package(shared_backbone, "pets", seed=1).to_bytes())
+        await b.load("pets")
+        await a.unload("pets")
+        await b.refresh()
+        assert not any(key[0] == "pets" for key in b.residents) and ("pets", 1) not in b.cpu_cache
+
+    asyncio.run(scenario())
+
+
+def test_an_unusable_serving_state_file_is_logged_once_and_the_newest_serves(tiny_backbone, shared_backbone, tmp_path, caplog):
+    async def scenario():
+        random_package(shared_backbone, "pets", seed=1).save(tmp_path / "pets" / "1.safetensors")
+        (tmp_path / "pets" / "serving.json").write_text('{"version": "one"}')
+        registry = make_registry(tiny_backbone, tmp_path)
+        await registry.refresh()
+        await registry.refresh()
+        assert registry.catalog["pets"].serving == 1 and registry.catalog["pets"].enabled
+
+    asyncio.run(scenario())
+    assert len([r for r in caplog.records if "serving.json" in r.getMessage()]) == 1
+
+
+def test_a_purge_that_removes_the_folder_under_an_upload_is_a_409(shared_backbone, tmp_path, monkeypatch):
+    """Another replica's purge deletes the task folder while this one links its temp file into place."""
+    import os
+    import shutil
+
+    store = AdapterStore(tmp_path)
+    real_link = os.link
+
+    def purge_first(source, target):
+        shutil.rmtree(tmp_path / "pets")
+        real_link(source, target)
+
+    monkeypatch.setattr(os, "link", purge_first)
+    with pytest.raises(ConcurrentChange, match="purged while v1 was being stored"):
+        store.write("pets", 1, random_package(shared_backbone, "pets", seed=1).to_bytes())
+    assert not (tmp_path / "pets").exists()
+
+
+def test_temp_files_left_by_a_killed_writer_are_removed_when_stale(shared_backbone, tmp_path):
+    import os
+    import time
+
+    store = AdapterStore(tmp_path)
+    random_package(shared_backbone, "pets", seed=1).save(tmp_path / "pets" / "1.safetensors")
+    stale, fresh, other = tmp_path / "pets" / ".2.safetensors.abc123.tmp", tmp_path / "pets" / ".3.safetensors.def456.tmp", tmp_path / "pets" / ".notes.tmp"
+    for path in (stale, fresh, other):
+        path.write_bytes(b"\0" * 100)
+    hour_ago = time.time() - 3600
+    for path in (stale, other):
+        os.utime(path, (hour_ago, hour_ago))
+    assert store.remove_stale_temp_files() == 1
+    assert not stale.exists() and fresh.exists() and other.exists()  # a live writer's file, and one not ours

@@ -12,11 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import TINY, random_package
+from helpers import TINY, prepare_as_served, random_package
 from monaserve.adapters import AdapterPackage, Backbone
 from monaserve.server.engine import Engine
-from monaserve.adapters.transforms import preprocess
-from monaserve.server.images import ImageLimits, decode_image
+from monaserve.server.images import ImageLimits, decode, open_images
 from server_harness import TOKEN, ServerProcess, image_bytes
 
 TASKS = {"birds": 4, "cars": 6, "dogs": 3}
@@ -48,7 +47,7 @@ def local_engine(tiny_weights, packages) -> Engine:
 
 def expected_probabilities(engine: Engine, packages, task: str, data: bytes) -> torch.Tensor:
     slot = list(packages).index(task)
-    image = preprocess(decode_image(data, ImageLimits()), packages[task].manifest.input).tensor
+    image = prepare_as_served(data, packages[task].manifest.input).tensor
     return engine.run(image[None], [slot])[0].softmax(-1)
 
 
@@ -230,8 +229,9 @@ def test_unusual_but_valid_images_are_classified(server, name):
 
 
 def test_exif_orientation_is_applied():
-    image = decode_image(_exif_rotated_jpeg(), ImageLimits())
-    assert image.size == (60, 120)
+    (opened,) = open_images([_exif_rotated_jpeg()], ImageLimits(), (224, 224))
+    decoded = decode(opened)
+    assert decoded.image.size == (60, 120) and decoded.original_size == (120, 60)
 
 
 def test_unsupported_content_type_and_bad_json(server):

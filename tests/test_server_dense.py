@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import TINY, make_manifest, random_adapter_tensors
+from helpers import TINY, make_manifest, prepare_as_served, random_adapter_tensors
 from monaserve.adapters import AdapterPackage, Backbone, InputSpec, expected_shapes
 from monaserve.server.engine import Engine
-from monaserve.adapters.transforms import preprocess
-from monaserve.server.images import ImageLimits, decode_image
+from monaserve.server.budgets import ResponseBudget
 from monaserve.server.postprocess import detect, segment
 from server_harness import ServerProcess, image_bytes
 
@@ -51,11 +50,11 @@ def local(tiny_weights, packages):
 def local_result(engine, packages, task, data, **options):
     slot = list(packages).index(task)
     manifest = packages[task].manifest
-    prepared = preprocess(decode_image(data, ImageLimits()), manifest.input)
+    prepared = prepare_as_served(data, manifest.input)
     output = engine.run(prepared.tensor[None], [slot])[0]
     if manifest.kind == "detect":
         return detect(output, manifest, prepared, options.get("min_score", 0.0))
-    return segment(output, manifest, prepared, options.get("rle", False))
+    return segment(output, manifest, prepared, options.get("rle", False), ResponseBudget(2**30))
 
 
 def test_detect_returns_boxes_in_original_pixels(server, packages, local):

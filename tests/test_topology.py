@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 
 from deploy_harness import Nginx
 from helpers import random_package
+from monaserve.adapters import InputSpec
 from server_harness import TOKEN, ServerProcess, free_port, image_bytes
 
 REFRESH_S = 1.0
@@ -123,3 +126,68 @@ def test_three_replicas_behind_nginx(tmp_path, tiny_weights, shared_backbone):
         for server in replicas:
             server.stop()
     print("topology:", json.dumps(figures))
+
+
+def test_internal_errors_at_20_per_second_cost_other_clients_nothing_through_nginx(tmp_path, tiny_weights, shared_backbone):
+    """Two replicas whose OIP request parsing raises (patched in their processes by the tests' launcher)
+    behind nginx: an attacker provokes a 500 twenty times a second for 30 s while 4 clients send valid
+    /v1 requests. Each 500 leaves its connection usable, so nginx never sees a reset, never marks a
+    replica failed, and the 4 clients get no 502 (before this, nearly all of theirs were)."""
+    store = tmp_path / "store"
+    for i in range(4):
+        random_package(shared_backbone, f"cls-{i}", seed=i, input=InputSpec(size=(64, 64))).save(store / f"cls-{i}" / "1.safetensors")
+    launcher = [sys.executable, str(Path(__file__).with_name("fault_launcher.py")), "monaserve.server.oip:_parse_request"]
+    ports = [free_port(), free_port()]
+    replicas = [
+        ServerProcess(tiny_weights, store, "--replica-id", f"replica-{i}", env={"MONASERVE_ADMIN_TOKEN": TOKEN},
+                      log=tmp_path / f"replica-{i}.log", port=ports[i], launcher=launcher)
+        for i in range(2)
+    ]
+    image = image_bytes(0, size=(64, 64))
+    try:
+        for server in replicas:
+            server.wait_ready(180)
+        (tmp_path / "nginx").mkdir()
+        with Nginx(ports, tmp_path / "nginx", free_port()) as nginx:
+            stop = threading.Event()
+            normal: Counter[int] = Counter()
+            attack: Counter[int] = Counter()
+            lock = threading.Lock()
+
+            def valid_requests(k: int) -> None:
+                with httpx.Client(base_url=nginx.url, timeout=60) as client:
+                    i = k
+                    while not stop.is_set():
+                        if i % 4 == k:  # mostly cheap calls, so nginx reuses each pooled connection at once
+                            status = client.post(f"/v1/tasks/cls-{i % 4}/classify", content=image, headers=JPEG).status_code
+                        else:
+                            status = client.get(f"/v1/tasks/cls-{i % 4}").status_code
+                        i += 1
+                        with lock:
+                            normal[status] += 1
+
+            def attacker() -> None:
+                with httpx.Client(base_url=nginx.url, timeout=60) as client:
+                    i, next_at = 0, time.monotonic()
+                    while not stop.is_set():
+                        status = client.post(f"/v2/models/cls-{i % 4}/infer", json={"inputs": []}).status_code
+                        attack[status] += 1
+                        i += 1
+                        next_at += 1 / 20
+                        stop.wait(max(0.0, next_at - time.monotonic()))
+
+            threads = [threading.Thread(target=valid_requests, args=(k,)) for k in range(4)] + [threading.Thread(target=attacker)]
+            for thread in threads:
+                thread.start()
+            time.sleep(30)
+            stop.set()
+            for thread in threads:
+                thread.join(120)
+            upstream_errors = (tmp_path / "nginx" / "error.log").read_text().count("upstream")
+        print(f"fleet: attack {dict(attack)}, normal {dict(normal)}, nginx upstream errors {upstream_errors}")
+        assert attack.keys() == {500} and sum(attack.values()) >= 500
+        assert normal.keys() == {200} and sum(normal.values()) > 0
+        assert upstream_errors == 0
+    finally:
+        for server in replicas:
+            server.stop()

@@ -1,0 +1,145 @@
+"""uvicorn's HTTP/1.1 protocol (h11) with the guards it lacks: deadlines for clients that stall, and a connection cap.
+
+uvicorn waits for a request's headers forever, and a client that trickles a byte now and then keeps
+its connection (and a file descriptor) as long as it likes. Here, as nginx and Envoy do:
+
+- a new connection must deliver its first request's headers within `header_timeout_s`, and on a
+  kept-alive connection the headers of the next request are due that long after their first byte
+  (an idle kept-alive connection is uvicorn's keep-alive timeout's business);
+- a body answered before it was read (a 401 to an upload, say) must finish arriving within
+  `body_timeout_s`, or the connection closes;
+- past `max_connections` open connections, a new connection's request is answered 503 with
+  Retry-After and the connection closed; past `hard_max_connections` (kept below the descriptor
+  limit) a new connection is closed at once, so the process keeps descriptors for its own work.
+
+Bodies being read by the app have their own deadlines (`middleware.BodyGuard`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import h11
+from uvicorn.config import Config
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.server import ServerState
+
+Phase = Literal["head", "drain"]
+
+
+@dataclass(frozen=True)
+class ConnectionRules:
+    header_timeout_s: float
+    body_timeout_s: float
+    max_connections: int
+    hard_max_connections: int
+    headers: tuple[tuple[str, str], ...] = ()
+    """Added to the answers written here (they never reach the app): the replica header."""
+
+
+class GuardedH11Protocol(H11Protocol):
+    """One HTTP/1.1 connection, as uvicorn's `H11Protocol`, with the deadlines and cap in the module docstring."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        rules: ConnectionRules,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.rules = rules
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed: Phase | None = None
+        self._refusing = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        open_connections = len(self.connections)
+        if open_connections > self.rules.hard_max_connections:
+            transport.close()
+            return
+        self._refusing = open_connections > self.rules.max_connections
+        self._track()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refusing:
+            self._refuse(data)
+            return
+        super().data_received(data)
+        self._track()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._track()
+
+    def _phase(self) -> Phase | None:
+        """Which deadline applies now: the client owes us headers, the rest of an answered body, or nothing."""
+        if self.transport.is_closing():
+            return None
+        answered = self.cycle is None or self.cycle.response_complete
+        if not answered:
+            return None  # the app has the request: bodies it reads have their own deadlines
+        if self.conn.their_state is h11.IDLE and (self.cycle is None or self.conn.trailing_data[0]):
+            return "head"
+        if self.conn.their_state is h11.SEND_BODY:
+            return "drain"
+        return None
+
+    def _track(self) -> None:
+        """Arm the deadline of the phase the connection is in (kept from when the phase began), or none."""
+        phase = self._phase()
+        if phase == self._armed:
+            return
+        self._disarm()
+        if phase is not None:
+            delay = self.rules.header_timeout_s if phase == "head" else self.rules.body_timeout_s
+            self._timer = self.loop.call_later(delay, self._expired, phase)
+            self._armed = phase
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._armed = None, None
+
+    def _expired(self, phase: Phase) -> None:
+        self._timer, self._armed = None, None
+        if self._phase() != phase:
+            return
+        if phase == "head" and self.conn.trailing_data[0]:  # half a request is here: say why it ends
+            message = f"the request headers did not arrive within {self.rules.header_timeout_s:g} s (--header-timeout-s)"
+            self.transport.write(self._answer(408, "header_timeout", message))
+        self.transport.close()
+
+    def _refuse(self, data: bytes) -> None:
+        """Over the connection cap: answer the first request with 503 as soon as its headers are in."""
+        self.conn.receive_data(data)
+        try:
+            event = self.conn.next_event()
+        except h11.RemoteProtocolError:
+            self.transport.close()
+            return
+        if isinstance(event, h11.Request):
+            message = f"the server has {len(self.connections) - 1} connections open (--max-connections {self.rules.max_connections}); retry shortly"
+            self.transport.write(self._answer(503, "too_many_connections", message, retry_after_s=1))
+            self.transport.close()
+
+    def _answer(self, status: int, code: str, message: str, retry_after_s: int | None = None) -> bytes:
+        """A complete JSON answer with `Connection: close`, written without h11 (no request may be in its state)."""
+        body = json.dumps({"error": code, "message": message}).encode()
+        headers = [
+            ("content-type", "application/json"), ("content-length", str(len(body))), ("connection", "close"),
+            *((("retry-after", str(retry_after_s)),) if retry_after_s is not None else ()), *self.rules.headers,
+        ]
+        head = f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
+        return (head + "\r\n").encode("latin-1") + body
