@@ -54,7 +54,13 @@ class Decoder:
         image on its lane, in parallel."""
         loop = asyncio.get_running_loop()
         opened = await loop.run_in_executor(self.pool, open_images, images, self.limits, spec.size)
-        return list(await asyncio.gather(*(loop.run_in_executor(self._lane(o), _prepare, o, spec) for o in opened)))
+        futures = [loop.run_in_executor(self._lane(o), _prepare, o, spec) for o in opened]
+        try:
+            return list(await asyncio.gather(*futures))
+        except BaseException:  # one image failed, or the request gave up: the others need not start
+            for future in futures:
+                future.cancel()
+            raise
 
     def _lane(self, image: OpenedImage | Decoded) -> Executor:
         large = isinstance(image, OpenedImage) and image.pixels > LARGE_IMAGE_PIXELS

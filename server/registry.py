@@ -14,9 +14,9 @@ import asyncio
 import functools
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Executor
-from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Literal, TypeVar
 
@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Key = tuple[str, int]
 Location = Literal["gpu", "cpu", "store"]
+STATE_KEY = 0
+"""The version under which a task's unusable serving state file is remembered in `_broken`."""
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,7 @@ class Registry:
                 except FileNotFoundError:
                     state_signature = None  # removed since the listing
                 except ValueError as exc:
-                    broken[(task, 0)] = (state_signature, AdapterError(f"its serving state is unusable ({exc}); serving the newest version"))
+                    broken[(task, STATE_KEY)] = (state_signature, AdapterError(f"its serving state is unusable ({exc}); serving the newest version"))
         return TaskRead(infos, broken, state, state_signature)
 
     def _mark_broken(self, key: Key, signature: str, error: Exception) -> None:
@@ -195,7 +197,7 @@ class Registry:
             return
         self._broken[key] = signature
         self.metrics.store_errors.inc()
-        where = f"{key[0]}/serving.json" if key[1] == 0 else f"{key[0]}/{key[1]}.safetensors"
+        where = f"{key[0]}/serving.json" if key[1] == STATE_KEY else f"{key[0]}/{key[1]}.safetensors"
         log.error("store: skipping %s: %s", where, error)
 
     def _quarantine(self, key: Key, error: Exception) -> None:

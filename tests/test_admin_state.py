@@ -39,6 +39,7 @@ def eventually(check, what: str, timeout: float = 15.0):
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_rollback_and_unload_hold_on_every_replica_and_across_restarts(tmp_path, tiny_weights, shared_backbone):
     for version in (1, 2):
         random_package(shared_backbone, "pets", seed=version, version=version).save(tmp_path / "store" / "pets" / f"{version}.safetensors")
@@ -87,6 +88,7 @@ def test_stale_temp_files_go_at_start_up_and_fresh_ones_stay(tmp_path, tiny_weig
         assert served_version(server, "pets") == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("topology", ["one replica", "two replicas"])
 def test_uploads_racing_purges_are_never_a_500(tmp_path, tiny_weights, shared_backbone, topology):
     """A PUT and a DELETE ?purge=true of one task at once, round after round (through one replica, or

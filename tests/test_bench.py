@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -45,6 +47,7 @@ def test_capacity_bench(tmp_path):
     assert set(result["switch"]) == {"weights_into_resident", "new_full_model", "adapter_into_slot"}
 
 
+@pytest.mark.slow
 def test_serve_bench(tmp_path):
     result = run_bench("serve_bench.py", tmp_path, "--tasks", "1,2", "--duration", "2", "--hot-loads", "1", "--concurrency", "2")
     assert [p["tasks"] for p in result["phases"]] == [1, 2]
@@ -55,6 +58,7 @@ def test_serve_bench(tmp_path):
     assert result["memory"]["slots_used"] == 2  # the two bench tasks, listed before the hot-load phase
 
 
+@pytest.mark.slow
 def test_a_minute_of_load_with_adapter_churn_loses_nothing(tmp_path):
     """bench/churn.py at its full width (20 tasks, 60 s) but without its 10k-request soak: every answer
     is one the server may give, no answer mixes versions, the catalog ends as uploaded. (A minute is too
@@ -97,3 +101,15 @@ def test_the_churn_checker_flags_answers_the_server_may_not_give():
     assert check(1, 2, status=503, code="overloaded") is None
     assert check(1, 2, status=500, code="internal") == "500 internal"
     assert check(1, 2, status=0, code="ConnectError") is not None
+
+
+@pytest.mark.slow
+def test_attack_bench(tmp_path):
+    """bench/attack.py's quick scenarios: the duplicated-output answer is refused, and big JSON bodies
+    past the buffer budget get 503s (the other scenarios hold connections for minutes)."""
+    result = run_bench("attack.py", tmp_path, "--only", "amplification,memory", "--label", "smoke")
+    cases = result["scenarios"]["amplification"]["cases"]
+    assert cases["oip: mask output listed 50 times"]["status"] == 400
+    assert cases["v1: 8 4000x3000 JPEGs, rle=true"]["status"] == 200
+    assert set(result["scenarios"]["memory"]["answers"]) <= {"200", "503"}
+

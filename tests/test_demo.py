@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from monaserve.server.demo import DEMO_TASKS, ensure_demo, missing_demo_tasks
 from monaserve.server.store import AdapterStore
 
@@ -22,6 +24,7 @@ def test_demo_trains_once_per_backbone(tmp_path, tiny_weights, shared_backbone):
     assert retrained == list(DEMO_TASKS) and all(list(store.versions(t)) == [1, 2] for t in DEMO_TASKS)
 
 
+@pytest.mark.slow
 def test_demo_adapters_beat_untrained_ones_on_held_out_data(tmp_path):
     """The slower check: the demo's own training (random backbone, 100 steps each) clearly learns every kind."""
     store = AdapterStore(tmp_path / "store")

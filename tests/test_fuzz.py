@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import random_package
 from server_harness import TOKEN, ServerProcess
 
@@ -14,6 +16,7 @@ CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,re
 EXAMPLES = 25  # per operation and phase: bounded so CI stays short
 
 
+@pytest.mark.slow
 def test_every_route_and_method_survives_fuzzing(tmp_path, tiny_weights, shared_backbone):
     store = tmp_path / "store"
     for name, kind in [("pets", "classify"), ("boxes", "detect")]:

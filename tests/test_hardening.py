@@ -296,6 +296,16 @@ def test_a_body_sent_a_byte_at_a_time_gets_a_408_and_the_connection_closes(serve
     assert metric(http, "monaserve_requests_total", task="cls", status="408") >= 1
 
 
+def test_an_answered_body_that_never_ends_is_cut_off(server):
+    """An upload without a token is answered 401 before its body is read; the rest must then arrive
+    within --body-timeout-s, or the connection closes."""
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"PUT /v1/adapters/cls HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n\r\n" + b"\0" * 100)
+        status, _, _ = read_response(sock)
+        assert status == 401
+        assert closes_within(sock, 10) == b""
+
+
 def test_past_the_connection_cap_requests_get_503_and_capacity_returns(server):
     idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(30)]
     try:
@@ -328,6 +338,7 @@ def test_an_empty_token_refuses_to_start(tmp_path, variable):
     assert done.returncode == 2 and "is set but empty" in done.stderr and done.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_at_the_descriptor_limit_the_log_stays_small_and_the_server_recovers(tmp_path_factory, tiny_weights, shared_backbone):
     """With 300 descriptors and 400 connections held open, the server refuses what it cannot take, logs
     a bounded amount, and answers again once the connections close."""

@@ -31,6 +31,7 @@ def fit(head: torch.nn.Module, features, target, steps: int, lr: float = 1e-3) -
     return losses
 
 
+@pytest.mark.slow
 def test_detect_head_learns_and_predicts_in_input_pixels():
     torch.manual_seed(0)
     head = DetectHead(STAGES, num_classes=3, score_threshold=0.05)

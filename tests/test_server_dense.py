@@ -97,3 +97,18 @@ def test_each_route_refuses_the_other_kinds(server):
         wrong = client.post("/v1/tasks/masks/detect", files={"image": ("x", image_bytes(1))})
         assert wrong.status_code == 409 and wrong.json()["message"].endswith("use /v1/tasks/masks/segment")
         assert client.post("/v1/tasks/boxes/classify", files={"image": ("x", image_bytes(1))}).status_code == 409
+
+
+def test_a_large_jpeg_decoded_at_reduced_scale_still_maps_to_its_original_pixels(server, packages, local):
+    """A 2600x1700 JPEG for a 256x256 letterbox task decodes at 1/4 scale; boxes come back in the
+    original's pixels and match what the same reduced decode gives in process."""
+    data = image_bytes(5, size=(2600, 1700))
+    with server.client() as client:
+        response = client.post("/v1/tasks/boxes/detect?min_score=0.3", content=data, headers={"content-type": "image/jpeg"})
+    assert response.status_code == 200, response.text
+    result = response.json()["results"][0]
+    assert (result["width"], result["height"]) == (2600, 1700)
+    assert all(0 <= d["box"][0] <= d["box"][2] <= 2600 and 0 <= d["box"][1] <= d["box"][3] <= 1700 for d in result["detections"])
+    expected = local_result(local, packages, "boxes", data, min_score=0.3)
+    served = [v for d in result["detections"] for v in d["box"]]
+    assert served == pytest.approx([v for d in expected.detections for v in d.box], abs=0.5)

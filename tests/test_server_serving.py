@@ -46,6 +46,7 @@ def metric(text: str, name: str) -> float:
     return float(match.group(1))
 
 
+@pytest.mark.slow
 def test_mixed_task_batches_equal_single_requests(tmp_path, tiny_weights, shared_backbone):
     tasks = ["a", "b", "c"]
     make_store(tmp_path / "store", shared_backbone, tasks)
@@ -99,6 +100,7 @@ def test_hot_load_under_load_loses_nothing_and_never_mixes_versions(tmp_path, ti
         assert_same_scores(scores(response), expected[version])  # both images of a request from one version
 
 
+@pytest.mark.slow
 def test_eviction_with_two_slots_and_four_tasks(tmp_path, tiny_weights, shared_backbone):
     tasks = ["t0", "t1", "t2", "t3"]
     make_store(tmp_path / "store", shared_backbone, tasks)
@@ -199,6 +201,7 @@ def test_a_backbone_that_cannot_load_stops_the_server_with_exit_1(tmp_path):
     assert "start-up failed" in server.log()
 
 
+@pytest.mark.slow
 def test_repeated_uploads_and_requests_do_not_accumulate_memory(tmp_path, tiny_weights, shared_backbone):
     """Hot-load 12 versions with requests between, twice after a warm-up: the second round must not
     hold on to what the first one used (a package kept per upload would add ~65 MiB)."""

@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import pytest
 
 from deploy_harness import Nginx
 from helpers import random_package
@@ -19,6 +20,7 @@ from server_harness import TOKEN, ServerProcess, free_port, image_bytes
 
 REFRESH_S = 1.0
 JPEG = {"content-type": "image/jpeg"}
+pytestmark = pytest.mark.slow
 REPLICA = "x-monaserve-replica"
 
 

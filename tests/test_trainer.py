@@ -43,6 +43,7 @@ def trained(shapes, tiny_weights, tmp_path_factory) -> dict[str, object]:
     return {kind: train(make_config(kind, shapes, tiny_weights, out, epochs=8), log=lambda _: None) for kind in KINDS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_loss_falls_and_the_package_records_the_evaluation(trained, kind):
     result = trained[kind]
