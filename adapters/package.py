@@ -100,14 +100,16 @@ def read_manifest_from(file: BinaryIO, size: int) -> Manifest:
     return _manifest_from(_parse_header(first, file.read(length)))
 
 
-def atomic_write(path: str | Path, data: bytes, overwrite: bool = True) -> Path:
+def atomic_write(path: str | Path, data: bytes, overwrite: bool = True, make_parents: bool = True) -> Path:
     """Write `data` to a temp file in the same folder, fsync it, then move it into place.
 
     Readers never see half a file. With `overwrite=False` the final step is a hard link, which fails
     with `FileExistsError` if `path` exists, so two writers of one immutable version cannot both win.
+    Without `make_parents` a missing folder is a `FileNotFoundError`, not made anew.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

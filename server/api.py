@@ -169,7 +169,9 @@ def add_middleware(app: FastAPI, config: ServeConfig) -> None:
         timeout_s=config.body_timeout_s,
         min_rate=config.body_min_rate,
     )
-    app.add_middleware(BodyGuard, rules=rules, budget=BodyBudget(int(config.max_body_buffer_mb * 2**20)))
+    budget = BodyBudget(int(config.max_body_buffer_mb * 2**20), "--max-body-buffer-mb")
+    upload_budget = BodyBudget(rules.upload_limit, "one package upload at a time")
+    app.add_middleware(BodyGuard, rules=rules, budget=budget, upload_budget=upload_budget)
     app.add_middleware(ContainErrors)
     app.add_middleware(ReplicaHeader, replica=config.replica_id)
 

@@ -11,7 +11,7 @@ class ServeError(Exception):
     status = 500
     code = "internal"
     close_connection = False
-    """Answer with `Connection: close`: the request's body was not read to its end, so the connection cannot carry another."""
+    """Answer with `Connection: close`: the client is too slow for the rest of its body to be read and thrown away."""
 
     def __init__(self, message: str, retry_after_s: int | None = None) -> None:
         super().__init__(message)
@@ -95,9 +95,8 @@ class Overloaded(ServeError):
 
 
 class BodyBudgetFull(Overloaded):
-    """Request bodies held in memory at once would exceed --max-body-buffer-mb; the body is left unread."""
-
-    close_connection = True
+    """Request bodies held in memory at once would exceed --max-body-buffer-mb; the rest of the body is
+    read and thrown away (within --body-timeout-s), so the connection stays usable."""
 
 
 class StoreUnavailable(ServeError):

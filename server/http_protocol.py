@@ -4,13 +4,14 @@ uvicorn waits for a request's headers forever, and a client that trickles a byte
 its connection (and a file descriptor) as long as it likes. Here, as nginx and Envoy do:
 
 - a new connection must deliver its first request's headers within `header_timeout_s`, and on a
-  kept-alive connection the headers of the next request are due that long after their first byte
-  (an idle kept-alive connection is uvicorn's keep-alive timeout's business);
+  kept-alive connection the headers of the next request are due that long after their first byte;
+- a kept-alive connection with no request on it closes after `keep_alive_s`;
 - a body answered before it was read (a 401 to an upload, say) must finish arriving within
   `body_timeout_s`, or the connection closes;
-- past `max_connections` open connections, a new connection's request is answered 503 with
-  Retry-After and the connection closed; past `hard_max_connections` (kept below the descriptor
-  limit) a new connection is closed at once, so the process keeps descriptors for its own work.
+- past `max_connections` open connections, a new connection first makes room by closing the longest
+  idle kept-alive one (as nginx does); with none idle, its request is answered 503 with Retry-After
+  and it is closed. Past `hard_max_connections` (kept below the descriptor limit) a new connection is
+  closed at once, so the process keeps descriptors for its own work.
 
 Bodies being read by the app have their own deadlines (`middleware.BodyGuard`).
 """
@@ -28,13 +29,14 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
-Phase = Literal["head", "drain"]
+Phase = Literal["head", "idle", "drain"]
 
 
 @dataclass(frozen=True)
 class ConnectionRules:
     header_timeout_s: float
     body_timeout_s: float
+    keep_alive_s: float
     max_connections: int
     hard_max_connections: int
     headers: tuple[tuple[str, str], ...] = ()
@@ -57,6 +59,7 @@ class GuardedH11Protocol(H11Protocol):
         self.rules = rules
         self._timer: asyncio.TimerHandle | None = None
         self._armed: Phase | None = None
+        self._armed_at = 0.0
         self._refusing = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -65,8 +68,19 @@ class GuardedH11Protocol(H11Protocol):
         if open_connections > self.rules.hard_max_connections:
             transport.close()
             return
-        self._refusing = open_connections > self.rules.max_connections
+        if open_connections > self.rules.max_connections:
+            self._refusing = not self._close_an_idle_connection()
         self._track()
+
+    def _close_an_idle_connection(self) -> bool:
+        """Close the kept-alive connection idle the longest, if there is one (nginx does the same)."""
+        idle = [c for c in self.connections if isinstance(c, GuardedH11Protocol) and c._armed == "idle" and c is not self]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: c._armed_at)
+        oldest._disarm()
+        oldest.transport.close()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -90,8 +104,8 @@ class GuardedH11Protocol(H11Protocol):
         answered = self.cycle is None or self.cycle.response_complete
         if not answered:
             return None  # the app has the request: bodies it reads have their own deadlines
-        if self.conn.their_state is h11.IDLE and (self.cycle is None or self.conn.trailing_data[0]):
-            return "head"
+        if self.conn.their_state is h11.IDLE:
+            return "head" if self.cycle is None or self.conn.trailing_data[0] else "idle"
         if self.conn.their_state is h11.SEND_BODY:
             return "drain"
         return None
@@ -103,9 +117,9 @@ class GuardedH11Protocol(H11Protocol):
             return
         self._disarm()
         if phase is not None:
-            delay = self.rules.header_timeout_s if phase == "head" else self.rules.body_timeout_s
+            delay = {"head": self.rules.header_timeout_s, "idle": self.rules.keep_alive_s, "drain": self.rules.body_timeout_s}[phase]
             self._timer = self.loop.call_later(delay, self._expired, phase)
-            self._armed = phase
+            self._armed, self._armed_at = phase, self.loop.time()
 
     def _disarm(self) -> None:
         if self._timer is not None:

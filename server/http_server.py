@@ -96,6 +96,7 @@ def connection_rules(config: ServeConfig) -> ConnectionRules:
     return ConnectionRules(
         header_timeout_s=config.header_timeout_s,
         body_timeout_s=config.body_timeout_s,
+        keep_alive_s=config.keep_alive_s,
         max_connections=cap,
         hard_max_connections=hard_cap,
         headers=((REPLICA_HEADER.lower(), config.replica_id),),
@@ -117,7 +118,7 @@ def run(config: ServeConfig, host: str, port: int, log_level: str = "info") -> i
             port=port,
             log_level=log_level,
             http=functools.partial(GuardedH11Protocol, rules=connection_rules(config)),
-            timeout_keep_alive=int(config.keep_alive_s),
+            timeout_keep_alive=config.keep_alive_s,  # uvicorn's own timer; the protocol's is the same
             timeout_graceful_shutdown=int(config.request_timeout_s) + 5,
         ),
         runtime,

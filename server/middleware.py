@@ -74,79 +74,85 @@ class ContainErrors:
 
 @dataclass(frozen=True)
 class BodyRules:
-    """Limits on request bodies: size by route, the bytes all bodies may hold at once, and read speed."""
+    """Limits on request bodies: size by route, and read speed."""
 
     default_limit: int
     upload_limit: int
     upload_prefix: str
     timeout_s: float
-    """The longest wait for the next part of a body, and the grace before `min_rate` applies."""
+    """The longest wait for the next part of a body, and the window `min_rate` is measured over."""
     min_rate: float
-    """Bytes per second a body must average once `timeout_s` has passed since it started (0: off)."""
+    """Bytes per second a body must average over every `timeout_s` window until it is complete (0: off)."""
 
 
 class BodyGuard:
     """Refuses bodies over their route's limit (413, by Content-Length or while streaming), bodies
-    that do not fit the shared `BodyBudget` (503 with Retry-After), bodies that arrive too slowly
-    (408), and counts a client that leaves mid-body as gone (499).
+    that do not fit their `BodyBudget` (503 with Retry-After), bodies that arrive too slowly (408),
+    and counts a client that leaves mid-body as gone (499). Adapter uploads have a budget of their own,
+    so a package upload and inference bodies never crowd each other out.
 
     The checks that need the body run inside the app's own reads, so their errors are raised where
     the route reads its body and are answered and counted like any other error of that route.
     """
 
-    def __init__(self, app: ASGIApp, rules: BodyRules, budget: BodyBudget) -> None:
-        self.app, self.rules, self.budget = app, rules, budget
+    def __init__(self, app: ASGIApp, rules: BodyRules, budget: BodyBudget, upload_budget: BodyBudget) -> None:
+        self.app, self.rules, self.budget, self.upload_budget = app, rules, budget, upload_budget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         rules = self.rules
-        limit = rules.upload_limit if scope["path"].startswith(rules.upload_prefix) else rules.default_limit
+        upload = scope["path"].startswith(rules.upload_prefix)
+        limit, budget = (rules.upload_limit, self.upload_budget) if upload else (rules.default_limit, self.budget)
         declared_header = dict(scope["headers"]).get(b"content-length")
         declared = int(declared_header) if declared_header is not None and declared_header.isdigit() else 0
         if declared > limit:
             return await self._refuse(scope, receive, send, PayloadTooLarge(f"request body exceeds {limit} bytes"))
-        if not self.budget.take(declared):
-            return await self._refuse(scope, receive, send, self._no_room(declared))
-        held, received, done = declared, 0, False
+        if not budget.fits(declared):  # say so before the client sends it all
+            return await self._refuse(scope, receive, send, self._no_room(budget, declared))
+        held, done = 0, False
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = window_start = loop.time()
+        window_bytes, window_need = 0, rules.min_rate * rules.timeout_s
 
         async def guarded_receive() -> Message:
-            nonlocal held, received, done
+            nonlocal held, done, window_start, window_bytes
             if done:  # the body is in: later reads only wait for the client to leave, with no deadline
                 return await receive()
             deadline = loop.time() + rules.timeout_s
-            if rules.min_rate > 0:
-                deadline = min(deadline, started + max(rules.timeout_s, received / rules.min_rate))
+            if window_bytes < window_need:  # this window still owes bytes: by its end
+                deadline = min(deadline, window_start + rules.timeout_s)
             try:
                 async with asyncio.timeout_at(deadline):
                     message = await receive()
             except TimeoutError:
                 raise RequestTimeout(
-                    f"the request body arrived too slowly: {received} of {declared or 'unknown'} bytes in "
+                    f"the request body arrived too slowly: {held} of {declared or 'unknown'} bytes in "
                     f"{loop.time() - started:.1f} s (--body-timeout-s {rules.timeout_s:g}, --body-min-rate {rules.min_rate:g} bytes/s)"
                 ) from None
             if message["type"] == "http.disconnect":
-                raise ClientGone(f"the client left after sending {received} bytes of its request body")
-            received += len(message.get("body", b""))
-            if received > limit:
+                raise ClientGone(f"the client left after sending {held} bytes of its request body")
+            chunk = len(message.get("body", b""))
+            if held + chunk > limit:
                 raise PayloadTooLarge(f"request body exceeds {limit} bytes")
-            if received > held:  # a body without Content-Length takes its room as it arrives
-                if not self.budget.take(received - held):
-                    raise self._no_room(received)
-                held = received
+            if not budget.take(chunk, own=held):
+                raise self._no_room(budget, held + chunk)
+            held += chunk
+            window_bytes += chunk
+            if window_bytes >= window_need:  # this window is paid: the next one starts now
+                window_start, window_bytes = loop.time(), 0
             done = not message.get("more_body", False)
             return message
 
         try:
             await self.app(scope, guarded_receive, send)
         finally:
-            self.budget.give(held)
+            budget.give(held)
 
-    def _no_room(self, nbytes: int) -> BodyBudgetFull:
+    @staticmethod
+    def _no_room(budget: BodyBudget, nbytes: int) -> BodyBudgetFull:
         return BodyBudgetFull(
-            f"request bodies held at once would exceed {self.budget.capacity} bytes (--max-body-buffer-mb) "
+            f"request bodies held at once would exceed {budget.capacity} bytes ({budget.name}) "
             f"with this one ({nbytes} bytes); retry shortly",
             retry_after_s=1,
         )

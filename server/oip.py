@@ -288,7 +288,8 @@ def _images(inputs: dict, max_images: int) -> list[bytes | np.ndarray]:
 
 
 def _outputs(result: Inference, options: Options, budget: ResponseBudget) -> dict[str, Tensor]:
-    """Every output tensor of `result`'s kind, batch first (masks only after `budget` has room for them)."""
+    """Every output tensor of `result`'s kind, batch first (masks only if `budget` has room for them; they
+    are charged as they are encoded)."""
     manifest, pairs = result.manifest, list(zip(result.outputs, result.prepared))
     n = len(pairs)
     if manifest.kind == "classify":
@@ -322,7 +323,7 @@ def _outputs(result: Inference, options: Options, budget: ResponseBudget) -> dic
             f"the 'mask' output would hold {math.prod(shape)} pixels; the limit as JSON numbers is "
             f"{MAX_INLINE_MASK_PIXELS}: ask for it with binary_data (the binary tensor extension)"
         )
-    budget.charge(encoded_size("UINT8", None, shape, binary=not inline), "output 'mask'")  # before the masks are made
+    budget.check(encoded_size("UINT8", None, shape, binary=not inline), "output 'mask'")  # before the masks are made
     masks = [postprocess.original_class_map(output, prepared) for output, prepared in pairs]
     return {"mask": ("UINT8", np.stack(masks), shape)}
 

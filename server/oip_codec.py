@@ -20,6 +20,9 @@ import numpy as np
 from .errors import BadRequest
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_RANK = 8
+MAX_ELEMENTS = 2**31
+"""Bounds on an input's shape, checked before anything is counted or allocated by it."""
 DTYPES: dict[str, type | None] = {
     "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
     "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
@@ -61,9 +64,7 @@ def read_inputs(header: dict, binary: memoryview) -> dict[str, tuple[str, list[i
         name, datatype, shape = spec["name"], spec.get("datatype"), spec.get("shape")
         if not isinstance(datatype, str) or datatype not in DTYPES:
             raise BadRequest(f"input {name!r}: unknown datatype {short_repr(datatype)}; use one of {', '.join(DTYPES)}")
-        if not isinstance(shape, list) or not all(is_integer(d) and d >= 0 for d in shape):
-            raise BadRequest(f"input {name!r}: 'shape' must be a list of non-negative integers")
-        count = math.prod(shape)
+        count = element_count(name, shape)
         size = parameters_of(spec, f"input {name!r}").get("binary_data_size")
         if size is not None:
             if not is_integer(size) or size < 0 or offset + size > len(binary):
@@ -78,6 +79,19 @@ def read_inputs(header: dict, binary: memoryview) -> dict[str, tuple[str, list[i
     if offset != len(binary):
         raise BadRequest(f"{len(binary) - offset} bytes of binary data belong to no input")
     return found
+
+
+def element_count(name: str, shape: Any) -> int:
+    """The elements of a tensor of `shape`, once `shape` is checked: a list of at most `MAX_RANK`
+    non-negative integers whose product is at most `MAX_ELEMENTS` (checked as it is multiplied)."""
+    if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(is_integer(d) and d >= 0 for d in shape):
+        raise BadRequest(f"input {name!r}: 'shape' must be a list of at most {MAX_RANK} non-negative integers")
+    count = 1
+    for dimension in shape:
+        count *= min(dimension, MAX_ELEMENTS + 1)
+        if count > MAX_ELEMENTS:
+            raise BadRequest(f"input {name!r}: shape {short_repr(shape)} has more than {MAX_ELEMENTS} elements")
+    return count
 
 
 def is_integer(value: Any) -> bool:

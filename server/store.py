@@ -141,8 +141,8 @@ class AdapterStore:
         """Replace the task's serving state, atomically (readers see the old document or the new one)."""
         path = f"{self.root}/{validate_task_name(task)}/{STATE_FILE}"
         with _store_errors(f"record the serving state of {task}"), _purged_meanwhile(task, "its serving state"):
-            if self.local:
-                atomic_write(path, state.to_json(), overwrite=True)
+            if self.local:  # into the folder as it is: one a purge removed meanwhile is not made anew
+                atomic_write(path, state.to_json(), overwrite=True, make_parents=False)
             else:
                 self.fs.pipe_file(path, state.to_json())
             self.fs.invalidate_cache(path)

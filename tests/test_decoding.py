@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 
 from monaserve.adapters import InputSpec
 from monaserve.server.decoding import LARGE_IMAGE_PIXELS, Decoder
-from monaserve.server.errors import PayloadTooLarge
+from monaserve.server.errors import Overloaded, PayloadTooLarge
 from monaserve.server.images import ImageLimits, OpenedImage, decode, open_images
 
 
@@ -69,5 +70,58 @@ def test_large_decodes_take_their_own_lane():
     prepared = asyncio.run(decoder.prepare(images, InputSpec(size=(224, 224))))
     assert [p.original_size for p in prepared] == [(side, side), (200, 300), (5000, 8000)]
     assert (lane.ran, pool.ran) == (1, 2)
+    pool.shutdown()
+    lane.shutdown()
+
+
+def test_the_request_budget_counts_what_will_be_decoded():
+    """Phone photos decode at reduced scale for a small input: three 2000x1500 JPEGs (9 M pixels as
+    stored) count 3 x 500x375 against a 4 M budget, and fit."""
+    opened = open_images([flat(2000, 1500, "JPEG")] * 3, ImageLimits(max_request_pixels=4_000_000), (224, 224))
+    assert [o.pixels for o in opened] == [500 * 375] * 3
+
+
+def test_multi_picture_jpegs_decode_at_reduced_scale_too():
+    first, second = (Image.fromarray(np.full((1500, 2000, 3), v, np.uint8)) for v in (40, 200))
+    buffer = io.BytesIO()
+    first.save(buffer, format="MPO", save_all=True, append_images=[second])
+    (opened,) = open_images([buffer.getvalue()], ImageLimits(), (224, 224))
+    assert opened.image.format == "MPO" and opened.image.size == (500, 375)
+
+
+class GatedPool(ThreadPoolExecutor):
+    """One thread whose work waits for `gate`: a lane kept busy for as long as a test needs."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.gate = threading.Event()
+
+    def submit(self, fn, *args, **kwargs):
+        def gated():
+            self.gate.wait(10)
+            return fn(*args, **kwargs)
+
+        return super().submit(gated)
+
+
+def test_the_large_lane_queues_a_bounded_amount_of_work():
+    pool, lane = ThreadPoolExecutor(1), GatedPool()
+    limits = ImageLimits(max_request_pixels=6_000_000)  # the lane holds up to 12 M pixels
+    decoder = Decoder(limits, pool, lane)
+    large = flat(2300, 2300, "PNG")  # 5.3 M pixels each: one per request fits the budget
+
+    async def scenario():
+        first = asyncio.ensure_future(decoder.prepare([large], InputSpec(size=(224, 224))))
+        second = asyncio.ensure_future(decoder.prepare([large], InputSpec(size=(224, 224))))
+        await asyncio.sleep(0.5)
+        assert decoder.large_pixels == 2 * 2300 * 2300
+        with pytest.raises(Overloaded, match="large-image lane"):
+            await decoder.prepare([large], InputSpec(size=(224, 224)))
+        lane.gate.set()
+        await asyncio.gather(first, second)
+        assert decoder.large_pixels == 0
+        await decoder.prepare([large], InputSpec(size=(224, 224)))  # room again
+
+    asyncio.run(scenario())
     pool.shutdown()
     lane.shutdown()

@@ -22,13 +22,16 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from server_harness import MONASERVE, image_bytes, serve_tasks
+from deploy_harness import require_tool
+from helpers import random_package
+from monaserve.adapters import InputSpec
+from server_harness import MONASERVE, TOKEN, image_bytes, serve_tasks
 
 FAULT_LAUNCHER = [sys.executable, str(Path(__file__).with_name("fault_launcher.py"))]
 TASKS = {"cls": "classify", "seg": "segment"}
 STRICT = (
     "--header-timeout-s", "1.5", "--body-timeout-s", "1.5", "--body-min-rate", "200", "--max-request-pixels", "2000000",
-    "--max-response-mb", "1", "--max-body-buffer-mb", "1", "--max-connections", "30", "--max-delay-ms", "1",
+    "--max-response-mb", "1", "--max-body-buffer-mb", "1", "--max-connections", "30", "--keep-alive-s", "3", "--max-delay-ms", "1",
 )
 
 
@@ -169,6 +172,8 @@ HOSTILE_OIP = {
     "shape holds true": {"inputs": [{**OIP_IMAGE, "shape": [True]}]},
     "binary_data_size is a string": {"inputs": [{**OIP_IMAGE, "parameters": {"binary_data_size": "9"}}]},
     "id is an object": {"inputs": [OIP_IMAGE], "id": {"a": 1}},
+    "shape has a million dimensions": {"inputs": [{**OIP_IMAGE, "shape": [2] * 1_000_000}]},
+    "shape has a 300-digit dimension": {"inputs": [{**OIP_IMAGE, "shape": [10**300]}]},
 }
 
 
@@ -234,19 +239,50 @@ def test_a_request_over_its_pixel_budget_is_refused_before_decoding(http):
     assert http.post("/v1/tasks/cls/classify", files=files[:1]).status_code == 200
 
 
-def test_bodies_held_at_once_are_bounded(server, http):
-    """A body that would take the held bytes past --max-body-buffer-mb (1 MiB) waits for nothing: 503
-    with Retry-After; once the first body is done, the same request is served."""
-    first = 700_000
+def test_bodies_held_at_once_are_bounded(server, http, shared_backbone):
+    """A body that would take the bytes held past --max-body-buffer-mb (1 MiB) waits for nothing: 503
+    with Retry-After, before its body is sent; once the first body is done, the same request is served."""
     with socket.create_connection(("127.0.0.1", server.port)) as holder:
-        holder.sendall(raw_request("POST", "/v1/tasks/cls/classify", b"\xff" * first)[: -first + 100_000])
+        holder.sendall(raw_request("POST", "/v1/tasks/cls/classify", b"\xff" * 800_000)[:-100_000])  # 700 KB held
         time.sleep(0.3)
         second = http.post("/v1/tasks/cls/classify", content=b"\xff" * 500_000, headers={"content-type": "image/jpeg"})
         assert second.status_code == 503 and second.headers["retry-after"] == "1"
         assert second.json()["error"] == "overloaded" and "--max-body-buffer-mb" in second.json()["message"]
+        package = random_package(shared_backbone, "uploaded", seed=5, input=InputSpec(size=(64, 64))).to_bytes()
+        upload = http.put("/v1/adapters/uploaded", content=package, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert upload.status_code == 201, upload.text  # a package upload has a budget of its own
     time.sleep(0.3)
     again = http.post("/v1/tasks/cls/classify", content=b"\xff" * 500_000, headers={"content-type": "image/jpeg"})
     assert again.status_code == 415  # the budget is free again: the bytes are read, and are not an image
+
+
+def test_a_slow_body_holds_only_what_it_has_sent(server, http):
+    """A body that declares 900 KB but has sent 100 KB holds 100 KB of the budget, not 900: another
+    500 KB body fits."""
+    with socket.create_connection(("127.0.0.1", server.port)) as holder:
+        holder.sendall(raw_request("POST", "/v1/tasks/cls/classify", b"\xff" * 900_000)[:-800_000])
+        time.sleep(0.3)
+        other = http.post("/v1/tasks/cls/classify", content=b"\xff" * 500_000, headers={"content-type": "image/jpeg"})
+        assert other.status_code == 415, other.text
+
+
+def test_a_body_that_slows_to_a_trickle_after_a_fast_start_gets_a_408(server):
+    """600 KB at once, then a byte every 0.4 s: the first window is paid, the next is not (the rate is
+    measured per --body-timeout-s window, so a fast start buys no time)."""
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        request = raw_request("POST", "/v1/tasks/cls/classify", b"x" * 700_000)
+        sock.sendall(request[:-100_000])
+        answer, started = b"", time.monotonic()
+        sock.settimeout(0.4)
+        while time.monotonic() - started < 10 and not answer:
+            try:
+                sock.sendall(b"x")
+                answer = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+    assert answer.startswith(b"HTTP/1.1 408") and b"body_timeout" in answer, answer[:200]
 
 
 # ---- slow and half-open clients time out --------------------------------------------------------------
@@ -306,6 +342,35 @@ def test_an_answered_body_that_never_ends_is_cut_off(server):
         assert closes_within(sock, 10) == b""
 
 
+def test_an_answered_body_then_an_idle_connection_closes_after_the_keep_alive(server):
+    """A body answered early (405) and then sent in full leaves a kept-alive connection with nothing on
+    it: it closes after --keep-alive-s (3 s here) like any other."""
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /health/live HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\n\r\n")
+        assert read_response(sock)[0] == 405
+        sock.sendall(b"0123456789")
+        assert closes_within(sock, 10) == b""
+
+
+def test_at_the_connection_cap_an_idle_connection_makes_room(server):
+    """30 kept-alive connections with no request on them: a 31st connection's request is served, and
+    the connection idle the longest is the one closed."""
+    idle = []
+    try:
+        for _ in range(30):
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            sock.sendall(raw_request("GET", "/health/live"))
+            assert read_response(sock)[0] == 200
+            idle.append(sock)
+        with socket.create_connection(("127.0.0.1", server.port)) as extra:
+            extra.sendall(raw_request("GET", "/health/live"))
+            assert read_response(extra)[0] == 200
+        assert closes_within(idle[0], 5) == b""
+    finally:
+        for sock in idle:
+            sock.close()
+
+
 def test_past_the_connection_cap_requests_get_503_and_capacity_returns(server):
     idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(30)]
     try:
@@ -342,7 +407,7 @@ def test_an_empty_token_refuses_to_start(tmp_path, variable):
 def test_at_the_descriptor_limit_the_log_stays_small_and_the_server_recovers(tmp_path_factory, tiny_weights, shared_backbone):
     """With 300 descriptors and 400 connections held open, the server refuses what it cannot take, logs
     a bounded amount, and answers again once the connections close."""
-    launcher = ["prlimit", "--nofile=300:300"]
+    launcher = [require_tool("prlimit"), "--nofile=300:300"]
     with serve_tasks(tmp_path_factory, tiny_weights, shared_backbone, {"cls": "classify"}, "--header-timeout-s", "30",
                      input_size=64, launcher=launcher) as server:
         logged = server.log_path.stat().st_size

@@ -10,6 +10,7 @@ import struct
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from server_harness import TOKEN, image_bytes, serve_tasks
@@ -197,3 +198,24 @@ def test_an_unloaded_model_serves_no_version(server, http):
         assert pinned.status_code == 404 and "unloaded" in pinned.json()["error"]
     finally:
         http.post("/v2/repository/models/boxes/load", headers=admin).raise_for_status()
+
+
+def test_a_mask_is_charged_to_the_answer_budget_once(shared_backbone):
+    """A 1000x800 binary mask (800,000 bytes) fits a 1,000,000-byte answer budget: it is checked before
+    the mask is built and charged once as it is encoded."""
+    from monaserve.adapters import InputSpec
+    from monaserve.adapters.transforms import preprocess
+    from monaserve.server.budgets import ResponseBudget
+    from monaserve.server.oip import Options, _outputs, _response
+    from monaserve.server.runtime import Inference
+
+    from helpers import make_manifest
+
+    manifest = make_manifest(shared_backbone, "masks", num_labels=3, kind="segment", input=InputSpec(size=(64, 64)))
+    prepared = preprocess(Image.new("RGB", (1000, 800)), manifest.input)
+    result = Inference(manifest, 1, [torch.zeros(64, 64, dtype=torch.int32)], [prepared], {})
+    options = Options(top_k=5, min_score=0.0, outputs=[("mask", True)])
+    budget = ResponseBudget(1_000_000)
+    body, headers = _response("masks", {}, result, _outputs(result, options, budget), options, budget)
+    assert len(body) - int(headers[HEADER]) == 800_000 and budget.used == 800_000
+

@@ -294,3 +294,9 @@ def test_temp_files_left_by_a_killed_writer_are_removed_when_stale(shared_backbo
         os.utime(path, (hour_ago, hour_ago))
     assert store.remove_stale_temp_files() == 1
     assert not stale.exists() and fresh.exists() and other.exists()  # a live writer's file, and one not ours
+
+
+def test_a_serving_state_for_a_purged_folder_is_a_409_and_makes_no_folder(tmp_path):
+    with pytest.raises(ConcurrentChange, match="purged while its serving state"):
+        AdapterStore(tmp_path).write_state("gone", ServingState(1, True))
+    assert not (tmp_path / "gone").exists()
