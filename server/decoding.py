@@ -3,9 +3,10 @@
 A 40-megapixel PNG takes seconds of CPU to decode. On the shared pool a few of them would hold every
 thread while small requests wait behind them; here images that decode to more than
 `LARGE_IMAGE_PIXELS` go to one thread of their own, at a lower CPU priority, so they queue behind each
-other and yield the CPU to everything else. The lane queues at most `LARGE_LANE_QUEUE_REQUESTS`
-requests' worth of pixels (a 503 past it), so a stream of large images cannot hold it for ever. Work
-still queued when its request gives up (timeout, client gone) is cancelled before it starts.
+other and yield the CPU to everything else. The lane has no queue bound of its own: its requests wait
+(a client that keeps sending large images is slowed by its own queue, not answered at once and free to
+send more), and work still queued when its request gives up (timeout, client gone) is cancelled before
+it starts.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import numpy as np
 from monaserve.adapters.manifest import InputSpec
 from monaserve.adapters.transforms import Prepared, preprocess
 
-from .errors import Overloaded
 from .images import Decoded, ImageLimits, OpenedImage, decode, open_images
 
 log = logging.getLogger(__name__)
@@ -29,8 +29,6 @@ LARGE_IMAGE_PIXELS = 4_000_000
 """Images decoding to more pixels than this (after any reduced-scale JPEG decode) use the large lane."""
 LARGE_LANE_NICENESS = 10
 """How much lower the large lane's CPU priority is (Linux nice; threads have their own)."""
-LARGE_LANE_QUEUE_REQUESTS = 2
-"""The large lane takes new work while what it holds is under this many `--max-request-pixels`."""
 
 
 def _lower_priority() -> None:
@@ -52,18 +50,12 @@ class Decoder:
         self.limits = limits
         self.pool = pool
         self.large_lane = large_lane
-        self.large_pixels = 0  # queued or decoding on the large lane (changed on the event loop only)
 
     async def prepare(self, images: list[bytes | np.ndarray], spec: InputSpec) -> list[Prepared]:
         """Headers first (the request's pixel budget is checked before anything is decoded), then every
         image on its lane, in parallel."""
         loop = asyncio.get_running_loop()
         opened = await loop.run_in_executor(self.pool, open_images, images, self.limits, spec.size)
-        large = sum(o.pixels for o in opened if _is_large(o))
-        room = LARGE_LANE_QUEUE_REQUESTS * self.limits.max_request_pixels
-        if large and self.large_pixels and self.large_pixels + large > room:
-            raise Overloaded(f"the large-image lane holds {self.large_pixels} pixels to decode; retry shortly", retry_after_s=1)
-        self.large_pixels += large
         futures = [loop.run_in_executor(self.large_lane if _is_large(o) else self.pool, _prepare, o, spec) for o in opened]
         try:
             return list(await asyncio.gather(*futures))
@@ -71,8 +63,6 @@ class Decoder:
             for future in futures:
                 future.cancel()
             raise
-        finally:
-            self.large_pixels -= large
 
 
 def _is_large(image: OpenedImage | Decoded) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -13,7 +12,7 @@ from PIL import Image
 
 from monaserve.adapters import InputSpec
 from monaserve.server.decoding import LARGE_IMAGE_PIXELS, Decoder
-from monaserve.server.errors import Overloaded, PayloadTooLarge
+from monaserve.server.errors import PayloadTooLarge
 from monaserve.server.images import ImageLimits, OpenedImage, decode, open_images
 
 
@@ -87,41 +86,3 @@ def test_multi_picture_jpegs_decode_at_reduced_scale_too():
     first.save(buffer, format="MPO", save_all=True, append_images=[second])
     (opened,) = open_images([buffer.getvalue()], ImageLimits(), (224, 224))
     assert opened.image.format == "MPO" and opened.image.size == (500, 375)
-
-
-class GatedPool(ThreadPoolExecutor):
-    """One thread whose work waits for `gate`: a lane kept busy for as long as a test needs."""
-
-    def __init__(self) -> None:
-        super().__init__(1)
-        self.gate = threading.Event()
-
-    def submit(self, fn, *args, **kwargs):
-        def gated():
-            self.gate.wait(10)
-            return fn(*args, **kwargs)
-
-        return super().submit(gated)
-
-
-def test_the_large_lane_queues_a_bounded_amount_of_work():
-    pool, lane = ThreadPoolExecutor(1), GatedPool()
-    limits = ImageLimits(max_request_pixels=6_000_000)  # the lane holds up to 12 M pixels
-    decoder = Decoder(limits, pool, lane)
-    large = flat(2300, 2300, "PNG")  # 5.3 M pixels each: one per request fits the budget
-
-    async def scenario():
-        first = asyncio.ensure_future(decoder.prepare([large], InputSpec(size=(224, 224))))
-        second = asyncio.ensure_future(decoder.prepare([large], InputSpec(size=(224, 224))))
-        await asyncio.sleep(0.5)
-        assert decoder.large_pixels == 2 * 2300 * 2300
-        with pytest.raises(Overloaded, match="large-image lane"):
-            await decoder.prepare([large], InputSpec(size=(224, 224)))
-        lane.gate.set()
-        await asyncio.gather(first, second)
-        assert decoder.large_pixels == 0
-        await decoder.prepare([large], InputSpec(size=(224, 224)))  # room again
-
-    asyncio.run(scenario())
-    pool.shutdown()
-    lane.shutdown()
