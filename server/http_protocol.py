@@ -98,7 +98,8 @@ class GuardedH11Protocol(H11Protocol):
         self._track()
 
     def _phase(self) -> Phase | None:
-        """Which deadline applies now: the client owes us headers, the rest of an answered body, or nothing."""
+        """Which deadline applies now: the client owes headers, or the rest of an answered body, or the
+        connection is kept alive with nothing on it; None while the app has a request."""
         if self.transport.is_closing():
             return None
         answered = self.cycle is None or self.cycle.response_complete
