@@ -7,18 +7,9 @@ from .accounting import AdapterBudget, adapter_budget, mona_parameters, paper_eq
 from .bank import DENSE_RUN_LIMIT, MonaBank, SlotRouting, SlotRun
 from .compat import check_compatible, expected_shapes
 from .fingerprint import fingerprint_module
-from .heads import ClassifyHead, DetectHead, SegmentHead, build_head, head_tensors, load_head
-from .manifest import (
-    FORMAT,
-    TASK_NAME_PATTERN,
-    BackboneRef,
-    ClassifyHeadConfig,
-    DetectHeadConfig,
-    InputSpec,
-    Manifest,
-    SegmentHeadConfig,
-    validate_task_name,
-)
+from .heads import ClassifyHead, DetectHead, SegmentHead, head_tensors, load_head
+from .kinds import KINDS, ClassifyHeadConfig, DetectHeadConfig, SegmentHeadConfig, TaskKind, build_head, get_kind
+from .manifest import FORMAT, TASK_NAME_PATTERN, BackboneRef, InputSpec, Manifest, validate_task_name
 from .mona import INNER_DIM, FoldedMona, Mona, fold_mona, fold_mona_state
 from .package import AdapterError, AdapterPackage, IncompatibleAdapterError, PackageFormatError, read_manifest
 from .swin import (
@@ -36,6 +27,7 @@ __all__ = [
     "DENSE_RUN_LIMIT",
     "FORMAT",
     "INNER_DIM",
+    "KINDS",
     "SUPPORTED_BACKBONES",
     "TASK_NAME_PATTERN",
     "AdapterBudget",
@@ -60,6 +52,7 @@ __all__ = [
     "SegmentHeadConfig",
     "SlotRouting",
     "SlotRun",
+    "TaskKind",
     "adapter_budget",
     "adapter_modules",
     "build_head",
@@ -70,6 +63,7 @@ __all__ = [
     "fold_mona",
     "fold_mona_state",
     "forward_pyramid",
+    "get_kind",
     "head_tensors",
     "inject_mona",
     "load_head",

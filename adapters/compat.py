@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .fingerprint import short
-from .heads import build_head, head_tensors
+from .heads import head_tensors
+from .kinds import build_head
 from .manifest import Manifest
 from .mona import Mona
 from .package import AdapterPackage, IncompatibleAdapterError

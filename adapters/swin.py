@@ -23,6 +23,7 @@ SUPPORTED_BACKBONES = (
 )
 """timm architectures (optionally with a `.tag` naming pretrained weights) that Mona is injected into."""
 
+DEFAULT_BACKBONE = SUPPORTED_BACKBONES[0]
 HUB = "hub"
 RANDOM = "random"
 

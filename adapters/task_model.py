@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from .compat import check_compatible
-from .heads import build_head, head_tensors, load_head
+from .heads import head_tensors, load_head
+from .kinds import build_head
 from .manifest import Manifest
 from .mona import Mona
 from .package import AdapterPackage

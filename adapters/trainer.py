@@ -16,48 +16,49 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .data.datasets import TaskData, TaskDataset, coco_detection, collate, image_folder, image_masks
+from .config_args import REQUIRED, option
+from .data.datasets import TaskDataset, collate
 from .evaluate import evaluate
-from .manifest import BackboneRef, ClassifyHeadConfig, DetectHeadConfig, InputSpec, Manifest, SegmentHeadConfig
+from .kinds import get_kind
+from .manifest import BackboneRef, InputSpec, KindName, Manifest
 from .package import AdapterPackage, atomic_write
-from .swin import Backbone, resolve_device
+from .swin import DEFAULT_BACKBONE, HUB, Backbone, resolve_device
 from .task_model import MonaTaskModel
 
-Kind = Literal["classify", "detect", "segment"]
 Method = Literal["mona", "head-only", "full"]
 
 
 @dataclass
 class TrainConfig:
-    """Everything `monaserve train` takes."""
+    """Everything `monaserve train` takes: each field's default and help are the command line's."""
 
-    kind: Kind
-    data: Path  # ImageFolder root | COCO json | images folder
-    name: str
-    baseline: Method = "mona"  # head-only / full: the paper's FIXED and FULL baselines
-    masks: Path | None = None  # segment: masks folder
-    images: Path | None = None  # detect: images folder (default: images/ beside the json)
-    version: int = 1
-    out: Path | None = None  # default: <name>-<version>.safetensors
-    backbone: str = "swin_tiny_patch4_window7_224"
-    weights: str = "hub"
-    seed: int = 0
-    input_size: int = 224
-    resize: Literal["resize", "letterbox"] = "resize"
-    head_channels: int = 256  # FPN (detect) or UperNet (segment) width
-    epochs: int = 10
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    clip_grad_norm: float = 10.0
-    warmup_steps: int = 20
-    val_fraction: float = 0.2
-    workers: int = 2
-    device: str = "auto"
-    checkpoint_dir: Path | None = None
-    resume: bool = False
-    max_steps: int | None = None  # stop early (quick runs and tests)
-    progress: bool = True
+    kind: KindName = option(REQUIRED, "the kind of task", positional=True)
+    data: Path = option(REQUIRED, "ImageFolder root (classify), COCO json (detect), images folder (segment)", positional=True)
+    name: str = option(REQUIRED, "task name")
+    baseline: Method = option("mona", "mona, or the paper's FIXED (head-only) or FULL (full: whole backbone) baseline")
+    masks: Path | None = option(None, "segment: folder of PNG class-id masks named like the images")
+    images: Path | None = option(None, "detect: images folder (default: images/ beside the json)")
+    version: int = option(1, "the package's version")
+    out: Path | None = option(None, "package path (default: NAME-VERSION.safetensors)")
+    backbone: str = option(DEFAULT_BACKBONE, "timm Swin name")
+    weights: str = option(HUB, "'hub' (Hugging Face), 'random' (from --seed, offline) or a local .safetensors/.pth file")
+    seed: int = option(0, "seed of the split, the shuffles and random weights")
+    input_size: int = option(224, "square input side (multiple of 32)")
+    resize: Literal["resize", "letterbox"] = option("resize", "how images are fitted to the input size")
+    head_channels: int = option(256, "FPN (detect) or UperNet (segment) width")
+    epochs: int = option(10, "passes over the training split")
+    batch_size: int = option(16, "images per step")
+    lr: float = option(1e-3, "peak AdamW learning rate")
+    weight_decay: float = option(0.05, "AdamW weight decay")
+    clip_grad_norm: float = option(10.0, "gradient norm clip")
+    warmup_steps: int = option(20, "linear warm-up before the cosine decay")
+    val_fraction: float = option(0.2, "held out for the final evaluation")
+    workers: int = option(2, "data loader processes")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    checkpoint_dir: Path | None = option(None, "checkpoint every epoch here")
+    resume: bool = option(False, "continue from the checkpoint in --checkpoint-dir")
+    max_steps: int | None = option(None, "stop after this many steps")
+    progress: bool = option(True, "a progress bar per epoch")
 
     def package_path(self) -> Path:
         return self.out or Path(f"{self.name}-{self.version}.safetensors")
@@ -70,16 +71,6 @@ class TrainResult:
     evaluation: dict[str, float]
     untrained: dict[str, float]
     losses: list[float] = field(default_factory=list)
-
-
-def load_data(config: TrainConfig) -> TaskData:
-    if config.kind == "classify":
-        return image_folder(config.data)
-    if config.kind == "detect":
-        return coco_detection(config.data, config.images)
-    if config.masks is None:
-        raise ValueError("segment training needs --masks (a folder of PNG class-id masks)")
-    return image_masks(config.data, config.masks)
 
 
 def configure_method(model: MonaTaskModel, method: Method) -> None:
@@ -97,14 +88,6 @@ def configure_method(model: MonaTaskModel, method: Method) -> None:
     if method == "full":
         for name, parameter in model.backbone.named_parameters():
             parameter.requires_grad_(".mona" not in name)
-
-
-def head_config(kind: Kind, channels: int) -> ClassifyHeadConfig | DetectHeadConfig | SegmentHeadConfig:
-    if kind == "classify":
-        return ClassifyHeadConfig()
-    if kind == "detect":
-        return DetectHeadConfig(fpn_channels=channels)
-    return SegmentHeadConfig(channels=channels)
 
 
 def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
@@ -158,7 +141,8 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)  # flips in the data pipeline
-    data = load_data(config)
+    kind = get_kind(config.kind)
+    data = kind.read_data(config.data, masks=config.masks, images=config.images)
     train_samples, val_samples = data.split(config.val_fraction, config.seed)
     backbone = Backbone.load(config.backbone, config.weights, config.seed)
     spec = InputSpec(size=(config.input_size, config.input_size), resize=config.resize)
@@ -169,7 +153,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
         labels=data.labels,
         backbone=BackboneRef(name=backbone.name, fingerprint=backbone.fingerprint),
         input=spec,
-        head=head_config(config.kind, config.head_channels),
+        head=kind.default_head(config.head_channels),
     )
     model = MonaTaskModel(backbone, manifest).to(device)
     configure_method(model, config.baseline)
@@ -186,9 +170,9 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
 
     loader_args = {"batch_size": config.batch_size, "collate_fn": collate, "num_workers": config.workers,
                    "persistent_workers": config.workers > 0}
-    train_loader = DataLoader(TaskDataset(config.kind, train_samples, spec, augment=True), shuffle=True,
+    train_loader = DataLoader(TaskDataset(kind, train_samples, spec, augment=True), shuffle=True,
                               drop_last=len(train_samples) > config.batch_size, **loader_args)
-    val_loader = DataLoader(TaskDataset(config.kind, val_samples, spec), **loader_args)
+    val_loader = DataLoader(TaskDataset(kind, val_samples, spec), **loader_args)
     total_steps = config.epochs * len(train_loader)
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)

@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import Field
 
-from .manifest import InputSpec
+from .strict import Strict
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE_INDEX = 255
 """Mask value for pixels that carry no label (letterbox padding)."""
+
+Side = Annotated[int, Field(ge=32, le=2048, multiple_of=32)]
+
+
+class InputSpec(Strict):
+    """How images are prepared for the task."""
+
+    size: tuple[Side, Side] = Field(description="(height, width) fed to the backbone")
+    resize: Literal["resize", "letterbox"] = "resize"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[
+        Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]
+    ] = IMAGENET_STD
 
 
 @dataclass(frozen=True)
@@ -22,6 +39,23 @@ class Prepared:
     original_size: tuple[int, int]  # (height, width)
     scale: tuple[float, float]  # (y, x)
     offset: tuple[int, int]  # (top, left)
+
+    def boxes_to_original(self, boxes: torch.Tensor) -> torch.Tensor:
+        """xyxy boxes in the model input's pixels -> the original image's, clipped to it (`prepare_boxes` inverted)."""
+        height, width = self.original_size
+        original = boxes.clone()
+        original[:, 0::2] = ((boxes[:, 0::2] - self.offset[1]) / self.scale[1]).clamp(0, width)
+        original[:, 1::2] = ((boxes[:, 1::2] - self.offset[0]) / self.scale[0]).clamp(0, height)
+        return original
+
+    def class_map_to_original(self, class_ids: torch.Tensor) -> np.ndarray:
+        """A class map in the model input's pixels, cropped to the image (no letterbox padding) and resized,
+        nearest, to the original size (`prepare_mask` inverted)."""
+        height, width = self.original_size
+        top, left = self.offset
+        inner_h, inner_w = round(height * self.scale[0]), round(width * self.scale[1])
+        crop = class_ids[top : top + inner_h, left : left + inner_w].to(torch.uint8).numpy()
+        return np.asarray(Image.fromarray(crop, mode="L").resize((width, height), Image.Resampling.NEAREST))
 
 
 def preprocess(image: Image.Image, spec: InputSpec, original_size: tuple[int, int] | None = None) -> Prepared:

@@ -237,7 +237,7 @@ def statuses_of(answers: list[tuple[int, float]]) -> dict[str, int]:
 
 def fleet(lab: Lab, args) -> dict:
     """Attackers at 20 requests/s against 2 replicas behind nginx; 4 normal clients meanwhile."""
-    launcher = [sys.executable, str(FAULT_LAUNCHER), "monaserve.server.oip:_parse_request"] if args.fault == "internal" else None
+    launcher = [sys.executable, str(FAULT_LAUNCHER), "monaserve.server.oip:parse_request"] if args.fault == "internal" else None
     ports = [free_port(), free_port()]
     replicas = [lab.server("--replica-id", f"replica-{i}", port=ports[i], launcher=launcher) for i in range(2)]
     image = image_bytes(0, size=(96, 96))

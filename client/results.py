@@ -94,22 +94,34 @@ class Segmentation:
 Result = Classification | Detections | Segmentation
 
 
+def _classifications(body: dict, common: dict) -> list[Classification]:
+    return [Classification([LabelScore(**t) for t in r["top"]], **common) for r in body["results"]]
+
+
+def _detections(body: dict, common: dict) -> list[Detections]:
+    return [
+        Detections(r["width"], r["height"], [Detection(**{**d, "box": tuple(d["box"])}) for d in r["detections"]], **common)
+        for r in body["results"]
+    ]
+
+
+def _segmentations(body: dict, common: dict) -> list[Segmentation]:
+    return [
+        Segmentation(
+            r["width"], r["height"], base64.b64decode(r["mask_png"]),
+            [ClassArea(c["label"], c["index"], c["pixels"]) for c in r["classes"]], **common,
+        )
+        for r in body["results"]
+    ]
+
+
+PARSERS = {"classify": _classifications, "detect": _detections, "segment": _segmentations}
+"""How each kind's /v1 results read, by kind."""
+
+
 def parse_results(body: dict) -> list[Result]:
     """The results of one inference response, one per image."""
-    kind, common = body["kind"], {"task": body["task"], "version": body["version"]}
-    if kind == "classify":
-        return [Classification([LabelScore(**t) for t in r["top"]], **common) for r in body["results"]]
-    if kind == "detect":
-        return [
-            Detections(r["width"], r["height"], [Detection(**{**d, "box": tuple(d["box"])}) for d in r["detections"]], **common)
-            for r in body["results"]
-        ]
-    if kind == "segment":
-        return [
-            Segmentation(
-                r["width"], r["height"], base64.b64decode(r["mask_png"]),
-                [ClassArea(c["label"], c["index"], c["pixels"]) for c in r["classes"]], **common,
-            )
-            for r in body["results"]
-        ]
-    raise ValueError(f"unknown result kind {kind!r}")
+    parser = PARSERS.get(body["kind"])
+    if parser is None:
+        raise ValueError(f"unknown result kind {body['kind']!r}")
+    return parser(body, {"task": body["task"], "version": body["version"]})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from monaserve.adapters import Backbone
@@ -13,7 +14,23 @@ from monaserve.adapters.trainer import TrainConfig, train
 from .store import AdapterStore
 
 log = logging.getLogger(__name__)
-DEMO_TASKS = {"shapes-classify": "classify", "shapes-detect": "detect", "shapes-segment": "segment"}
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    """One demo task: its kind, where its data lies in the shapes folder, and its learning rate."""
+
+    kind: str
+    data: str
+    masks: str | None = None
+    lr: float = 5e-3
+
+
+DEMO_TASKS = {
+    "shapes-classify": DemoTask("classify", "classify"),
+    "shapes-detect": DemoTask("detect", "detect/annotations.json", lr=1e-3),
+    "shapes-segment": DemoTask("segment", "segment/images", masks="segment/masks"),
+}
 
 
 def missing_demo_tasks(store: AdapterStore, fingerprint: str) -> list[str]:
@@ -50,19 +67,13 @@ def ensure_demo(
         return []
     say(f"demo: training {', '.join(missing)} on synthetic shapes ({steps} steps each at {size} px); this runs once")
     shapes = write_shapes(data_dir, num_images=images, size=size, seed=0)
-    data = {
-        "classify": (shapes / "classify", None),
-        "detect": (shapes / "detect" / "annotations.json", None),
-        "segment": (shapes / "segment" / "images", shapes / "segment" / "masks"),
-    }
     for task in missing:
-        kind = DEMO_TASKS[task]
+        demo = DEMO_TASKS[task]
         version = max(store.versions(task), default=0) + 1
-        path, masks = data[kind]
         config = TrainConfig(
-            kind=kind, data=path, masks=masks, name=task, version=version, backbone=backbone, weights=weights,
-            seed=seed, input_size=size, head_channels=64, epochs=1000, max_steps=steps, batch_size=8,
-            lr=1e-3 if kind == "detect" else 5e-3, warmup_steps=10, workers=0, progress=progress,
+            kind=demo.kind, data=shapes / demo.data, masks=demo.masks and shapes / demo.masks, name=task, version=version,
+            backbone=backbone, weights=weights, seed=seed, input_size=size, head_channels=64, epochs=1000, max_steps=steps,
+            batch_size=8, lr=demo.lr, warmup_steps=10, workers=0, progress=progress,
             out=data_dir / f"{task}-{version}.safetensors",
         )
         train(config, log=say)

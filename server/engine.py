@@ -24,6 +24,7 @@ from monaserve.adapters import (
     inject_mona,
     load_head,
 )
+from monaserve.adapters.kinds import to_host
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -118,8 +119,8 @@ class Engine:
     def run(self, images: torch.Tensor, slots: Sequence[int] | torch.Tensor) -> list[HeadOutput]:
         """Run a mixed batch: `images` `(B, 3, H, W)` normalised, `slots[i]` the slot of image i.
 
-        Returns each image's head prediction on the CPU, in batch order: classify logits (float32),
-        detect `{boxes, scores, labels}` in input pixels, or segment class ids `(H, W)`.
+        Returns each image's head prediction on the CPU, in batch order, in the model input's pixels:
+        classify probabilities (float32), detect `{boxes, scores, labels}`, or segment class ids `(H, W)`.
         """
         slot_ids = torch.as_tensor(slots, dtype=torch.long)
         if slot_ids.shape != (images.shape[0],):
@@ -138,15 +139,9 @@ class Engine:
         for slot, start, stop in routing.runs:
             predictions = self.heads[slot].predict([level[start:stop] for level in features])
             for i, prediction in zip(positions[start:stop], predictions):
-                outputs[i] = _to_host(prediction)
+                outputs[i] = to_host(prediction)
         return outputs
 
 
 HeadOutput = torch.Tensor | dict[str, torch.Tensor]
 
-
-def _to_host(output: HeadOutput) -> HeadOutput:
-    """On the CPU, floating point as float32."""
-    if isinstance(output, dict):
-        return {name: _to_host(value) for name, value in output.items()}
-    return output.float().cpu() if output.is_floating_point() else output.cpu()

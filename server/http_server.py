@@ -12,7 +12,7 @@ from typing import Any
 
 import uvicorn
 
-from .api import create_app
+from .app import create_app
 from .http_protocol import ConnectionRules, GuardedH11Protocol
 from .middleware import REPLICA_HEADER
 from .runtime import Runtime, ServeConfig
@@ -99,11 +99,11 @@ def connection_rules(config: ServeConfig) -> ConnectionRules:
         keep_alive_s=config.keep_alive_s,
         max_connections=cap,
         hard_max_connections=hard_cap,
-        headers=((REPLICA_HEADER.lower(), config.replica_id),),
+        headers=((REPLICA_HEADER.lower(), config.replica),),
     )
 
 
-def run(config: ServeConfig, host: str, port: int, log_level: str = "info") -> int:
+def run(config: ServeConfig) -> int:
     """Serve until signalled; 0 after a clean drain, 1 if start-up failed."""
     server: DrainingServer | None = None
 
@@ -114,9 +114,9 @@ def run(config: ServeConfig, host: str, port: int, log_level: str = "info") -> i
     server = DrainingServer(
         uvicorn.Config(
             create_app(runtime),
-            host=host,
-            port=port,
-            log_level=log_level,
+            host=config.host,
+            port=config.port,
+            log_level=config.log_level,
             http=functools.partial(GuardedH11Protocol, rules=connection_rules(config)),
             timeout_keep_alive=config.keep_alive_s,  # uvicorn's own timer; the protocol's is the same
             timeout_graceful_shutdown=int(config.request_timeout_s) + 5,

@@ -1,99 +1,35 @@
-"""The running server: configuration, start-up in the background, the inference path, and drain."""
+"""The running server: configuration, start-up in the background, and drain."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import gc
 import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 
-from monaserve.adapters import Backbone, Manifest
+from monaserve.adapters import Backbone
 from monaserve.adapters.swin import resolve_device
-from monaserve.adapters.transforms import Prepared
 
 from .decoding import Decoder, large_image_lane
 from .engine import Engine
-from .errors import NotReady, Timeout
+from .engine_client import EngineClient, LocalEngine
+from .errors import NotReady
 from .images import ImageLimits
+from .config import ServeConfig
 from .metrics import Metrics
 from .registry import Registry
-from .scheduler import Job, Scheduler
+from .scheduler import Scheduler
 from .store import AdapterStore
 
 log = logging.getLogger(__name__)
 MiB = 2**20
 
-
-@dataclass
-class ServeConfig:
-    """Every `monaserve serve` option (each also read from `MONASERVE_<NAME>`)."""
-
-    backbone: str = "swin_tiny_patch4_window7_224"
-    weights: str = "hub"
-    seed: int = 0
-    store: str = "var/adapters"
-    device: str = "auto"
-    gpu_slots: int = 16
-    gpu_adapter_mb: float | None = None
-    cpu_cache_mb: float = 1024.0
-    max_batch: int = 32
-    max_delay_ms: float = 5.0
-    max_queue: int = 512
-    request_timeout_s: float = 30.0
-    preload: str = ""
-    admin_token: str | None = None
-    insecure_admin: bool = False
-    api_token: str | None = None
-    cors_origins: str = ""
-    max_image_bytes: int = 20 * MiB
-    max_image_pixels: int = 40_000_000
-    max_request_pixels: int = 100_000_000
-    max_images_per_request: int = 64
-    max_request_mb: float = 64.0
-    max_body_buffer_mb: float = 256.0
-    max_response_mb: float = 64.0
-    max_connections: int = 2048
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 30.0
-    body_min_rate: float = 1024.0
-    keep_alive_s: float = 75.0
-    decode_threads: int = 4
-    drain_delay_s: float = 0.0
-    catalog_refresh_s: float = 10.0
-    replica_id: str = "monaserve"
-
-    def check(self) -> None:
-        """Refuse settings that cannot be meant: empty tokens, and limits that are not positive."""
-        for flag, token in (("--admin-token (MONASERVE_ADMIN_TOKEN)", self.admin_token), ("--api-token (MONASERVE_API_TOKEN)", self.api_token)):
-            if token is not None and not token.strip():
-                raise ValueError(f"{flag} is set but empty: give a token (e.g. `openssl rand -hex 32`) or leave it unset")
-        limits = ("max_request_pixels", "max_images_per_request", "max_request_mb", "max_body_buffer_mb", "max_response_mb",
-                  "max_connections", "header_timeout_s", "body_timeout_s", "request_timeout_s", "keep_alive_s", "decode_threads")
-        for name in limits:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.body_min_rate < 0:
-            raise ValueError(f"--body-min-rate must be 0 (off) or positive, got {self.body_min_rate}")
-
-
-
-@dataclass(frozen=True)
-class Inference:
-    """One request's outputs, all from one adapter version."""
-
-    manifest: Manifest
-    version: int
-    outputs: list[torch.Tensor]
-    prepared: list[Prepared]
-    timings_s: dict[str, float]
+__all__ = ["Runtime", "ServeConfig"]
 
 
 class Runtime:
@@ -115,9 +51,10 @@ class Runtime:
         self.engine: Engine | None = None
         self.registry: Registry | None = None
         self.scheduler: Scheduler | None = None
+        self.engine_client: EngineClient | None = None
         self._scheduler_task: asyncio.Task | None = None
         self._refresh_task: asyncio.Task | None = None
-        self.metrics.replica.labels(config.replica_id).set(1)
+        self.metrics.replica.labels(config.replica).set(1)
 
     @property
     def ready(self) -> bool:
@@ -153,6 +90,7 @@ class Runtime:
                 max_delay_s=config.max_delay_ms / 1000,
                 max_queue=config.max_queue,
             )
+            self.engine_client = LocalEngine(self.registry, self.scheduler)
             self._scheduler_task = asyncio.create_task(self.scheduler.run())
             self._scheduler_task.add_done_callback(self._scheduler_stopped)
             await self._preload()
@@ -223,37 +161,3 @@ class Runtime:
             raise NotReady("the server is still loading its backbone", retry_after_s=5)
         if self.state not in ("ready", "draining"):
             raise NotReady(f"the server is {self.state}", retry_after_s=1)
-
-    async def infer(self, task: str, kind: str | None, images: list[bytes | np.ndarray], version: int | None = None) -> Inference:
-        """Run `images` (encoded files, or `(H, W, 3)` uint8 pixels) through `task`, one version for all of
-        them, within the request timeout. `kind` None accepts the task's own kind."""
-        self.require_ready()
-        timeout = self.config.request_timeout_s
-        started = time.monotonic()
-        pinned = version is not None
-        try:
-            async with asyncio.timeout(timeout):
-                version, manifest = await self.registry.resolve(task, version, kind)
-                prepared = await self.decoder.prepare(images, manifest.input)
-                decoded = time.monotonic()
-                lease = await self.registry.acquire(task, version, manifest, pinned)
-                job = Job(
-                    [p.tensor for p in prepared],
-                    lease.slot,
-                    on_settled=functools.partial(self.registry.release, lease),
-                    future=asyncio.get_running_loop().create_future(),
-                )
-                try:
-                    self.scheduler.submit(job)
-                except BaseException:
-                    self.registry.release(lease)
-                    raise
-                outputs = await job.future
-        except TimeoutError:
-            raise Timeout(f"request for {task!r} did not finish within {timeout:g} s") from None
-        total = time.monotonic() - started
-        timings = {"decode": decoded - started, "queue": job.queue_s, "inference": job.inference_s, "total": total}
-        for stage, seconds in timings.items():
-            self.metrics.latency.labels(task, stage).observe(seconds)
-        self.metrics.images.labels(task).inc(len(images))
-        return Inference(lease.manifest, lease.version, outputs, prepared, timings)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
 from fastapi import Path
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 
-from monaserve.adapters import TASK_NAME_PATTERN
+from monaserve.adapters import KINDS, TASK_NAME_PATTERN, TaskKind
 
-Kind = Literal["classify", "detect", "segment"]
+Kind = Literal[tuple(KINDS)]
 TaskName = Annotated[str, Path(pattern=TASK_NAME_PATTERN, description="task name: 1-64 of a-z, 0-9, '_', '-'")]
 VersionNumber = Annotated[str, Path(pattern=r"^[1-9][0-9]{0,9}$", description="adapter version, a positive integer")]
 
@@ -33,16 +33,6 @@ class ImagesRequest(BaseModel):
     images: list[str] = Field(min_length=1, description="base64 of each JPEG/PNG/WebP file")
 
 
-class LabelScore(BaseModel):
-    label: str
-    index: int
-    score: float
-
-
-class ClassifyResult(BaseModel):
-    top: list[LabelScore]
-
-
 class Timings(BaseModel):
     decode_ms: float
     queue_ms: float
@@ -50,57 +40,21 @@ class Timings(BaseModel):
     total_ms: float
 
 
-class ClassifyResponse(BaseModel):
-    task: str
-    kind: Literal["classify"] = "classify"
-    version: int = Field(description="the adapter version that produced every result of this response")
-    results: list[ClassifyResult]
-    timings_ms: Timings
-
-
-class Detection(BaseModel):
-    label: str
-    index: int
-    score: float
-    box: list[float] = Field(min_length=4, max_length=4, description="x1, y1, x2, y2 in the original image's pixels")
-
-
-class DetectResult(BaseModel):
-    width: int
-    height: int
-    detections: list[Detection]
-
-
-class DetectResponse(BaseModel):
-    task: str
-    kind: Literal["detect"] = "detect"
-    version: int
-    results: list[DetectResult]
-    timings_ms: Timings
-
-
-class ClassArea(BaseModel):
-    label: str
-    index: int
-    pixels: int
-    rle: list[int] | None = Field(
-        default=None, description="COCO uncompressed RLE counts (column-major, starting with a 0-run); with ?rle=true"
+def response_model(kind: TaskKind) -> type[BaseModel]:
+    """The /v1 answer of a `kind` request: its task, the version that made every result, one result per image."""
+    return create_model(
+        f"{kind.name.capitalize()}Response",
+        task=(str, ...),
+        kind=(Literal[kind.name], kind.name),
+        version=(int, Field(description="the adapter version that produced every result of this response")),
+        results=(list[kind.result_schema], ...),
+        timings_ms=(Timings, ...),
     )
 
 
-class SegmentResult(BaseModel):
-    width: int
-    height: int
-    mask_png: str = Field(description="base64 PNG (8-bit grey) whose pixel values are class indices")
-    classes: list[ClassArea]
-
-
-class SegmentResponse(BaseModel):
-    task: str
-    kind: Literal["segment"] = "segment"
-    version: int
-    results: list[SegmentResult]
-    timings_ms: Timings
+RESPONSES = {name: response_model(kind) for name, kind in KINDS.items()}
+InferResponse = Union[tuple(RESPONSES.values())]
+ERROR_STATUSES = (400, 401, 403, 404, 408, 409, 413, 415, 422, 503, 504, 507)
 
 
 class TaskInfo(BaseModel):

@@ -13,9 +13,9 @@ def test_demo_trains_once_per_backbone(tmp_path, tiny_weights, shared_backbone):
     quick = {"steps": 1, "size": 64, "images": 12, "progress": False, "say": lambda _: None}
     trained = ensure_demo(store, "swin_tiny_patch4_window7_224", str(tiny_weights), 0, tmp_path / "data", **quick)
     assert trained == list(DEMO_TASKS)
-    for task, kind in DEMO_TASKS.items():
+    for task, demo in DEMO_TASKS.items():
         manifest = store.manifest(task, 1)
-        assert manifest.kind == kind and manifest.backbone.fingerprint == shared_backbone.fingerprint
+        assert manifest.kind == demo.kind and manifest.backbone.fingerprint == shared_backbone.fingerprint
         assert manifest.training["steps"] == 1
     assert missing_demo_tasks(store, shared_backbone.fingerprint) == []
     assert ensure_demo(store, "swin_tiny_patch4_window7_224", str(tiny_weights), 0, tmp_path / "data", **quick) == []

@@ -20,11 +20,10 @@ REDUCED_DEPTHS = (2, 2, 2, 2)  # every width, window and shifted block of the ba
 
 
 def reference_outputs(backbone: Backbone, package: AdapterPackage, images: torch.Tensor) -> torch.Tensor:
-    """Logits of the unfolded, single-task reference model with `package` loaded."""
+    """Predictions (class probabilities) of the unfolded, single-task reference model with `package` loaded."""
     model = MonaTaskModel(backbone, package.manifest).eval()
     model.load_package(package)
-    with torch.no_grad():
-        return model(images)
+    return torch.stack(model.predict(images))
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

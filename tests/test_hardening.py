@@ -48,7 +48,7 @@ def empty_iccp_png() -> bytes:
 def server(tmp_path_factory, tiny_weights, shared_backbone):
     """A server whose segment post-processing raises on /v1 and /v2 (patched in its process by the tests' launcher),
     with tight limits and timeouts so each guard can be reached quickly."""
-    launcher = [*FAULT_LAUNCHER, "monaserve.server.postprocess:segment,monaserve.server.postprocess:original_class_map"]
+    launcher = [*FAULT_LAUNCHER, "monaserve.adapters.kinds.segment:Segment.to_json,monaserve.adapters.transforms:Prepared.class_map_to_original"]
     with serve_tasks(tmp_path_factory, tiny_weights, shared_backbone, TASKS, *STRICT, input_size=64, launcher=launcher) as server:
         yield server
 

@@ -13,7 +13,7 @@ from monaserve.adapters.swin import block_dims
 
 
 class ReferenceMonaOp(nn.Module):
-    """`MonaOp` as printed in the paper's released code (shared/reference/mona-article-zh.txt)."""
+    """`MonaOp` as printed in the paper's released code (github.com/Leiyi-Hu/mona, class `MonaOp`)."""
 
     def __init__(self, in_features):
         super().__init__()

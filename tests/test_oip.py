@@ -204,18 +204,20 @@ def test_a_mask_is_charged_to_the_answer_budget_once(shared_backbone):
     """A 1000x800 binary mask (800,000 bytes) fits a 1,000,000-byte answer budget: it is checked before
     the mask is built and charged once as it is encoded."""
     from monaserve.adapters import InputSpec
+    from monaserve.adapters.kinds import Options, get_kind
     from monaserve.adapters.transforms import preprocess
     from monaserve.server.budgets import ResponseBudget
-    from monaserve.server.oip import Options, _outputs, _response
-    from monaserve.server.runtime import Inference
+    from monaserve.server.dataplane import InferResult
+    from monaserve.server.oip_answer import OipAnswer
 
     from helpers import make_manifest
 
     manifest = make_manifest(shared_backbone, "masks", num_labels=3, kind="segment", input=InputSpec(size=(64, 64)))
     prepared = preprocess(Image.new("RGB", (1000, 800)), manifest.input)
-    result = Inference(manifest, 1, [torch.zeros(64, 64, dtype=torch.int32)], [prepared], {})
-    options = Options(top_k=5, min_score=0.0, outputs=[("mask", True)])
+    kind = get_kind("segment")
+    segmentation = kind.postprocess(torch.zeros(64, 64, dtype=torch.int32), manifest.labels, prepared, Options())
+    answer = OipAnswer("masks", {"outputs": [{"name": "mask", "parameters": {"binary_data": True}}]})
+    answer.check(kind)
     budget = ResponseBudget(1_000_000)
-    body, headers = _response("masks", {}, result, _outputs(result, options, budget), options, budget)
+    body, headers = answer(InferResult("masks", kind, 1, [segmentation], answer.options, {}, budget))
     assert len(body) - int(headers[HEADER]) == 800_000 and budget.used == 800_000
-

@@ -1,4 +1,5 @@
-"""Mapping results back to the original image: letterbox and resize, boxes, class maps and RLE."""
+"""Each kind's post-process: results mapped back to the original image (letterbox and resize, boxes,
+class maps) and written as /v1 JSON (PNG masks, RLE), within the answer's budget."""
 
 from __future__ import annotations
 
@@ -13,10 +14,19 @@ from PIL import Image
 
 from helpers import make_manifest
 from monaserve.adapters import InputSpec
+from monaserve.adapters.kinds import Options, get_kind
+from monaserve.adapters.kinds.segment import json_length, rle_encode
 from monaserve.adapters.transforms import preprocess
 from monaserve.server.budgets import ResponseBudget
 from monaserve.server.errors import ResponseTooLarge
-from monaserve.server.postprocess import detect, json_length, original_class_map, rle_encode, segment
+
+DETECT, SEGMENT = get_kind("detect"), get_kind("segment")
+
+
+def segment(class_ids, manifest, prepared, rle: bool, budget: ResponseBudget):
+    """The /v1 JSON result of one segment prediction."""
+    options = Options(rle=rle)
+    return SEGMENT.to_json(SEGMENT.postprocess(class_ids, manifest.labels, prepared, options), options, budget)
 
 
 def rle_decode(counts: list[int], height: int, width: int) -> np.ndarray:
@@ -34,7 +44,7 @@ def test_box_in_model_pixels_maps_back_to_the_original(resize, manifest):
     else:
         model_box = [64.0, 64.0, 128.0, 192.0]
     output = {"boxes": torch.tensor([model_box, model_box]), "scores": torch.tensor([0.9, 0.2]), "labels": torch.tensor([1, 0])}
-    result = detect(output, manifest, prepared, min_score=0.5)
+    result = DETECT.postprocess(output, manifest.labels, prepared, Options(min_score=0.5))
     assert (result.width, result.height) == (400, 200)
     assert len(result.detections) == 1 and result.detections[0].label == "b"
     expected = (100.0, 50.0, 200.0, 150.0)
@@ -51,7 +61,7 @@ def test_letterboxed_class_map_is_cropped_and_resized():
     class_ids = torch.full((256, 256), 9, dtype=torch.int32)  # padding rows hold junk
     class_ids[64:192, :128] = 1
     class_ids[64:192, 128:] = 2
-    mask = original_class_map(class_ids, prepared)
+    mask = prepared.class_map_to_original(class_ids)
     assert mask.shape == (200, 400)
     assert (mask[:, :200] == 1).all() and (mask[:, 200:] == 2).all()
 

@@ -29,6 +29,12 @@ def make_registry(backbone, store_dir, slots=4, budget=None) -> Registry:
     )
 
 
+async def serving(registry: Registry, task: str) -> tuple:
+    """The version and manifest an unpinned request for `task` runs."""
+    target = await registry.catalog.serving(task)
+    return target.version, target.manifest
+
+
 def test_an_upload_that_cannot_load_stores_nothing(tiny_backbone, shared_backbone, tmp_path):
     async def scenario():
         registry = make_registry(tiny_backbone, tmp_path)
@@ -65,7 +71,7 @@ def test_store_reads_that_overlap_uploads_never_win(tiny_backbone, shared_backbo
             await asyncio.gather(registry.refresh(), registry.upload("t", data), registry.refresh())
             entry = registry.catalog["t"]
             assert entry.serving == version and sorted(entry.versions) == list(range(1, version + 1))
-            version_now, _ = await registry.resolve("t", kind="classify")
+            version_now, _ = await serving(registry, "t")
             assert version_now == version
 
     asyncio.run(scenario())
@@ -76,24 +82,24 @@ def test_purge_and_reupload_while_a_request_holds_the_old_weights(tiny_backbone,
         registry = make_registry(tiny_backbone, tmp_path)
         old = random_package(shared_backbone, "p", seed=1, num_labels=5)
         await registry.upload("p", old.to_bytes())
-        version, manifest = await registry.resolve("p")
+        version, manifest = await serving(registry, "p")
         held = await registry.acquire("p", version, manifest)
         await registry.unload("p", purge=True)
         with pytest.raises(UnknownTask):
-            await registry.resolve("p")
+            await serving(registry, "p")
         with pytest.raises(UnknownVersion):  # a request that resolved before the purge cannot reload it
             await registry.acquire("p", version, manifest)
         new = random_package(shared_backbone, "p", seed=2, num_labels=3)
         await registry.upload("p", new.to_bytes())
-        version, manifest = await registry.resolve("p")
+        version, manifest = await serving(registry, "p")
         fresh = await registry.acquire("p", version, manifest)
         assert fresh.slot != held.slot
         assert registry.engine.manifests[fresh.slot].labels == new.manifest.labels
         assert registry.engine.manifests[held.slot].labels == old.manifest.labels  # still running on it
         registry.release(held)
-        assert registry.engine.manifests[held.slot] is None and held.slot in registry.free_slots
+        assert registry.engine.manifests[held.slot] is None and held.slot in registry.slots.free
         registry.release(fresh)
-        assert registry.residents[("p", 1)] is fresh.resident
+        assert registry.slots.residents[("p", 1)] is fresh.resident
 
     asyncio.run(scenario())
 
@@ -104,20 +110,20 @@ def test_concurrent_loads_respect_the_byte_budget(tiny_backbone, shared_backbone
             random_package(shared_backbone, name, seed=1).save(tmp_path / name / "1.safetensors")
         registry = make_registry(tiny_backbone, tmp_path, slots=4)
         await registry.ensure_loaded(("a", 1))
-        per_adapter = registry.resident_bytes()
-        registry._evict(registry.residents[("a", 1)])
-        registry.gpu_budget_bytes = int(per_adapter * 1.5)
+        per_adapter = registry.slots.resident_bytes()
+        registry.slots.evict(registry.slots.residents[("a", 1)])
+        registry.slots.budget_bytes = int(per_adapter * 1.5)
         peaks = []
         original = registry.engine.install
 
         def watching_install(slot, package):
-            peaks.append(registry.resident_bytes())
+            peaks.append(registry.slots.resident_bytes())
             original(slot, package)
 
         registry.engine.install = watching_install
         await asyncio.gather(registry.ensure_loaded(("a", 1)), registry.ensure_loaded(("b", 1)))
-        assert max(peaks) <= registry.gpu_budget_bytes
-        assert len(registry.residents) == 1 and registry.resident_bytes() <= registry.gpu_budget_bytes
+        assert max(peaks) <= registry.slots.budget_bytes
+        assert len(registry.slots.residents) == 1 and registry.slots.resident_bytes() <= registry.slots.budget_bytes
 
     asyncio.run(scenario())
 
@@ -126,12 +132,12 @@ def test_load_after_unload_keeps_a_resident_that_requests_still_hold(tiny_backbo
     async def scenario():
         registry = make_registry(tiny_backbone, tmp_path)
         await registry.upload("u", random_package(shared_backbone, "u", seed=1).to_bytes())
-        version, manifest = await registry.resolve("u")
+        version, manifest = await serving(registry, "u")
         lease = await registry.acquire("u", version, manifest)
         await registry.unload("u")
         await registry.load("u")
         registry.release(lease)
-        assert ("u", 1) in registry.residents and registry.catalog["u"].enabled
+        assert ("u", 1) in registry.slots.residents and registry.catalog["u"].enabled
 
     asyncio.run(scenario())
 
@@ -152,18 +158,18 @@ def test_replicas_sharing_a_store_see_uploads_purges_and_versions_stored_anew(ti
         b = make_registry(Backbone.load(TINY, tiny_weights), tmp_path)
         await a.upload("pets", random_package(shared_backbone, "pets", seed=1).to_bytes())
         await b.load("pets")
-        assert ("pets", 1) in b.residents
+        assert ("pets", 1) in b.slots.residents
 
         await a.upload("pets", random_package(shared_backbone, "pets", seed=2, version=2).to_bytes())
         await b.refresh()
         assert b.catalog["pets"].serving == 2
         await asyncio.sleep(0.5)  # the new version preloads in the background where the task was in use
-        assert ("pets", 2) in b.residents
+        assert ("pets", 2) in b.slots.residents
 
         await a.unload("pets", purge=True)
         await b.refresh()
-        assert "pets" not in b.catalog and not any(key[0] == "pets" for key in b.residents)
-        assert ("pets", 1) not in b.cpu_cache
+        assert "pets" not in b.catalog and not any(key[0] == "pets" for key in b.slots.residents)
+        assert ("pets", 1) not in b.loader.cache
 
         # the same version number comes back with other weights: B must not serve what it had
         await a.upload("pets", random_package(shared_backbone, "pets", seed=3, num_labels=7).to_bytes())
@@ -171,13 +177,13 @@ def test_replicas_sharing_a_store_see_uploads_purges_and_versions_stored_anew(ti
         lease = await b.acquire("pets", 1, b.catalog["pets"].versions[1].manifest)
         assert b.engine.manifests[lease.slot].labels == [f"pets-class-{i}" for i in range(7)]
         b.release(lease)
-        old = b.residents[("pets", 1)]
+        old = b.slots.residents[("pets", 1)]
 
         # purged and stored anew between two refreshes of B: the file's signature gives it away
         await a.unload("pets", purge=True)
         await a.upload("pets", random_package(shared_backbone, "pets", seed=4, num_labels=3).to_bytes())
         await b.refresh()
-        assert b.residents.get(("pets", 1)) is not old
+        assert b.slots.residents.get(("pets", 1)) is not old
         lease = await b.acquire("pets", 1, b.catalog["pets"].versions[1].manifest)
         assert len(b.engine.manifests[lease.slot].labels) == 3
         b.release(lease)
@@ -222,7 +228,7 @@ def test_serving_state_is_shared_through_the_store_and_survives_a_restart(tiny_w
         for registry in (a, b, make_registry(Backbone.load(TINY, tiny_weights), tmp_path)):
             await registry.refresh()
             with pytest.raises(TaskUnloaded):
-                await registry.resolve("pets", 1)  # pinned requests too
+                await registry.catalog.serving("pets", 1)  # pinned requests too
         await a.load("pets")
         restarted = make_registry(Backbone.load(TINY, tiny_weights), tmp_path)
         await restarted.refresh()
@@ -244,7 +250,7 @@ def test_an_unloaded_task_frees_its_slots_on_other_replicas(tiny_weights, shared
         await b.load("pets")
         await a.unload("pets")
         await b.refresh()
-        assert not any(key[0] == "pets" for key in b.residents) and ("pets", 1) not in b.cpu_cache
+        assert not any(key[0] == "pets" for key in b.slots.residents) and ("pets", 1) not in b.loader.cache
 
     asyncio.run(scenario())
 

@@ -11,9 +11,9 @@ from PIL import Image
 
 from helpers import TINY, make_manifest, prepare_as_served, random_adapter_tensors
 from monaserve.adapters import AdapterPackage, Backbone, InputSpec, expected_shapes
-from monaserve.server.engine import Engine
+from monaserve.adapters.kinds import Options, get_kind
 from monaserve.server.budgets import ResponseBudget
-from monaserve.server.postprocess import detect, segment
+from monaserve.server.engine import Engine
 from server_harness import ServerProcess, image_bytes
 
 
@@ -52,9 +52,8 @@ def local_result(engine, packages, task, data, **options):
     manifest = packages[task].manifest
     prepared = prepare_as_served(data, manifest.input)
     output = engine.run(prepared.tensor[None], [slot])[0]
-    if manifest.kind == "detect":
-        return detect(output, manifest, prepared, options.get("min_score", 0.0))
-    return segment(output, manifest, prepared, options.get("rle", False), ResponseBudget(2**30))
+    kind, options = get_kind(manifest.kind), Options(**options)
+    return kind.to_json(kind.postprocess(output, manifest.labels, prepared, options), options, ResponseBudget(2**30))
 
 
 def test_detect_returns_boxes_in_original_pixels(server, packages, local):

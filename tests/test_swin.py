@@ -1,4 +1,4 @@
-"""Mona injection into timm Swin: placement, freezing, and the parameter figures of FIGURES.md."""
+"""Mona injection into timm Swin: placement, freezing, and the parameter figures of docs/reference-figures.md."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from monaserve.adapters import (
 )
 from monaserve.adapters.swin import MonaSwinBlock, architecture, block_dims
 
-# shared/reference/FIGURES.md: backbone params (timm, num_classes=0), Mona per task (code), %, eq. (6), %
+# docs/reference-figures.md (from the official Mona code and the paper's eq. (6)): backbone params (timm, num_classes=0), Mona per task (code), %, eq. (6), %
 FIGURES = {
     "swin_tiny_patch4_window7_224": (27_519_354, 1_408_128, "5.12", 1_384_368, "5.03"),
     "swin_small_patch4_window7_224": (48_837_258, 2_867_328, "5.87", 2_819_040, "5.77"),

@@ -138,7 +138,7 @@ def test_internal_errors_at_20_per_second_cost_other_clients_nothing_through_ngi
     store = tmp_path / "store"
     for i in range(4):
         random_package(shared_backbone, f"cls-{i}", seed=i, input=InputSpec(size=(64, 64))).save(store / f"cls-{i}" / "1.safetensors")
-    launcher = [sys.executable, str(Path(__file__).with_name("fault_launcher.py")), "monaserve.server.oip:_parse_request"]
+    launcher = [sys.executable, str(Path(__file__).with_name("fault_launcher.py")), "monaserve.server.oip:parse_request"]
     ports = [free_port(), free_port()]
     replicas = [
         ServerProcess(tiny_weights, store, "--replica-id", f"replica-{i}", env={"MONASERVE_ADMIN_TOKEN": TOKEN},

@@ -13,6 +13,7 @@ import torch
 
 from monaserve.adapters import AdapterPackage, InputSpec, check_compatible
 from monaserve.adapters.data.datasets import TaskDataset, coco_detection, image_masks
+from monaserve.adapters.kinds import get_kind
 from monaserve.adapters.data.shapes import write_shapes
 from monaserve.adapters.trainer import TrainConfig, train, warmup_cosine
 from server_harness import TOKEN, ServerProcess, image_bytes
@@ -131,15 +132,15 @@ def test_augmentation_keeps_boxes_and_masks_on_their_pixels(shapes):
     random.seed(3)
     detect = coco_detection(shapes / "detect" / "annotations.json")
     masks = image_masks(shapes / "segment" / "images", shapes / "segment" / "masks")
-    plain_boxes = TaskDataset("detect", detect.samples, spec)[0][1]["boxes"]
-    plain_mask = TaskDataset("segment", masks.samples, spec)[0][1]
+    plain_boxes = TaskDataset(get_kind("detect"), detect.samples, spec)[0][1]["boxes"]
+    plain_mask = TaskDataset(get_kind("segment"), masks.samples, spec)[0][1]
     seen_flip = False
     for _ in range(20):
-        image, target = TaskDataset("detect", detect.samples, spec, augment=True)[0]
+        image, target = TaskDataset(get_kind("detect"), detect.samples, spec, augment=True)[0]
         flipped = plain_boxes.clone()
         flipped[:, [0, 2]] = 64 - plain_boxes[:, [2, 0]]
         assert torch.allclose(target["boxes"], plain_boxes) or torch.allclose(target["boxes"], flipped)
         seen_flip |= torch.allclose(target["boxes"], flipped) and not torch.allclose(flipped, plain_boxes)
-        _, mask = TaskDataset("segment", masks.samples, spec, augment=True)[0]
+        _, mask = TaskDataset(get_kind("segment"), masks.samples, spec, augment=True)[0]
         assert torch.equal(mask, plain_mask) or torch.equal(mask, plain_mask.flip(-1))
     assert seen_flip

@@ -19,7 +19,9 @@ from PIL import Image
 
 from monaserve.server.errors import ServeError
 from monaserve.server.images import ImageLimits, decode, open_images
-from monaserve.server.oip import OUTPUTS, _options, _parse_request
+from monaserve.adapters.kinds import KINDS
+from monaserve.server.dataplane import check_image_count
+from monaserve.server.oip_answer import OipAnswer, parse_request
 
 LIMITS = ImageLimits(max_bytes=2**20, max_pixels=4_000_000, max_request_pixels=8_000_000)
 PNG_CHUNKS = [b"iCCP", b"zTXt", b"iTXt", b"tEXt", b"pHYs", b"gAMA", b"sRGB", b"cHRM", b"sBIT", b"tRNS", b"bKGD", b"eXIf", b"acTL", b"fcTL", b"PLTE"]
@@ -105,12 +107,14 @@ HEADERS = st.fixed_dictionaries(
 
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(header=HEADERS | JSON_VALUES, binary=st.binary(max_size=16), header_length=st.one_of(st.none(), st.integers(-2, 400).map(str), st.text(max_size=4)))
-def test_any_inference_request_json_fails_only_with_a_400(header, binary, header_length):
+def test_any_inference_request_json_fails_only_with_a_4xx(header, binary, header_length):
     text = json.dumps(header).encode()
     body = text + binary if header_length is not None else text
     try:
-        parsed, _ = _parse_request(body, header_length, max_images=8)
-        for kind in OUTPUTS:
-            _options(kind, parsed)
+        parsed, images = parse_request(body, header_length)
+        check_image_count(len(images), 8)
+        answer = OipAnswer("model", parsed)
+        for kind in KINDS.values():
+            answer.check(kind)
     except ServeError as exc:
-        assert exc.status == 400, f"{exc.status} {exc.message}"
+        assert exc.status in (400, 413), f"{exc.status} {exc.message}"

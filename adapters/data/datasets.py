@@ -7,13 +7,16 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..manifest import InputSpec
-from ..transforms import prepare_boxes, prepare_mask, preprocess
+from ..transforms import InputSpec, preprocess
+
+if TYPE_CHECKING:
+    from ..kinds import TaskKind
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -106,12 +109,12 @@ def image_masks(images: str | Path, masks: str | Path, labels: Sequence[str] | N
 
 
 class TaskDataset(Dataset):
-    """Images prepared like the server prepares them, with targets mapped the same way.
+    """Images prepared like the server prepares them, with targets mapped the same way (by their kind).
 
-    With `augment`, images (and their boxes and masks) are flipped left-right at random.
+    With `augment`, images (and their targets) are flipped left-right at random.
     """
 
-    def __init__(self, kind: str, samples: list[Sample], spec: InputSpec, augment: bool = False) -> None:
+    def __init__(self, kind: TaskKind, samples: list[Sample], spec: InputSpec, augment: bool = False) -> None:
         self.kind, self.samples, self.spec, self.augment = kind, samples, spec, augment
 
     def __len__(self) -> int:
@@ -120,21 +123,11 @@ class TaskDataset(Dataset):
     def __getitem__(self, index: int):
         sample = self.samples[index]
         image = Image.open(sample.path).convert("RGB")
-        mask = Image.open(sample.target) if self.kind == "segment" else None
         flip = self.augment and random.random() < 0.5
         if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mask is not None else None
         prepared = preprocess(image, self.spec)
-        if self.kind == "classify":
-            return prepared.tensor, sample.target
-        if self.kind == "segment":
-            return prepared.tensor, prepare_mask(mask, prepared, self.spec)
-        boxes = sample.target["boxes"].clone()
-        if flip:
-            boxes[:, [0, 2]] = image.width - boxes[:, [2, 0]]
-        target = dict(sample.target, boxes=prepare_boxes(boxes, prepared))
-        return prepared.tensor, target
+        return prepared.tensor, self.kind.target(sample, prepared, flip, self.spec)
 
 
 def collate(batch: list[tuple[torch.Tensor, object]]):

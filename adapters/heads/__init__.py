@@ -1,7 +1,8 @@
-"""Task heads, built from a manifest's head config.
+"""Task heads (each kind builds its own: `kinds.build_head`).
 
 Every head reads the backbone's NHWC pyramid (four stages, the last passed through the final norm) and has
-`forward` (raw outputs), `loss(features, targets)` and `predict(features)` (one result per image).
+`forward` (raw outputs), `loss(features, targets)` and `predict(features)`: one result per image, all at
+the same stage, the answer in the model input's pixels (class probabilities, boxes after NMS, class ids).
 """
 
 from __future__ import annotations
@@ -9,12 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..manifest import Manifest
 from .classify import ClassifyHead
 from .detect import DetectHead
 from .segment import SegmentHead
 
-__all__ = ["ClassifyHead", "DetectHead", "SegmentHead", "build_head", "head_tensors", "load_head"]
+__all__ = ["ClassifyHead", "DetectHead", "SegmentHead", "head_tensors", "load_head"]
 
 
 def head_tensors(head: nn.Module) -> dict[str, torch.Tensor]:
@@ -29,19 +29,3 @@ def load_head(head: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     if missing or unexpected:
         raise ValueError(f"head tensors do not match: missing {missing}, unexpected {unexpected}")
 
-
-def build_head(manifest: Manifest, stage_dims: list[int]) -> nn.Module:
-    """The head a manifest describes, over backbone stages of widths `stage_dims`."""
-    config, num_classes = manifest.head, len(manifest.labels)
-    if manifest.kind == "classify":
-        return ClassifyHead(stage_dims[-1], num_classes, dropout=config.dropout)
-    if manifest.kind == "detect":
-        return DetectHead(
-            stage_dims,
-            num_classes,
-            fpn_channels=config.fpn_channels,
-            score_threshold=config.score_threshold,
-            nms_threshold=config.nms_threshold,
-            max_detections=config.max_detections,
-        )
-    return SegmentHead(stage_dims, num_classes, channels=config.channels, pool_scales=config.pool_scales)

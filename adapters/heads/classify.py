@@ -26,5 +26,5 @@ class ClassifyHead(nn.Module):
 
     @torch.no_grad()
     def predict(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Logits, one row per image."""
-        return list(self(features))
+        """Class probabilities (softmax over the logits), one row per image."""
+        return list(self(features).float().softmax(dim=-1))

@@ -1,0 +1,151 @@
+"""What a kind of task is, as one object: its head, training data, metric, post-process and answers.
+
+Each kind (classify, detect, segment) is a `TaskKind` subclass in a module of its own, registered by
+name with `@register_kind` (timm registers models the same way). Code that differs by kind asks the
+kind instead of testing its name, so a fourth kind is one new module.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from ..data.datasets import Sample, TaskData
+from ..strict import Strict
+from ..transforms import InputSpec, Prepared
+
+MAX_LABELS = 100_000
+Result = TypeVar("Result")
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a request asks of its results, whatever the protocol: labels per image (classify), the lowest
+    box score (detect), and per-class RLE (segment). Each kind reads the ones that concern it."""
+
+    top_k: int = 5
+    min_score: float = 0.0
+    rle: bool = False
+
+
+class Budget(Protocol):
+    """Bytes an answer may still take; `charge` raises once it would be exceeded."""
+
+    def charge(self, nbytes: int, what: str) -> None: ...
+
+
+class Metric(Protocol):
+    """A held-out evaluation, fed batch by batch: the heads' predictions, targets as `data.datasets.collate` stacks them."""
+
+    def update(self, predictions: list[Any], targets: Any) -> None: ...
+
+    def compute(self) -> dict[str, float]: ...
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """One tensor of an Open Inference Protocol answer: name, datatype, shape (-1 where it varies)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One output of a batch of results; `values` builds them, so a shape can be checked before anything is built."""
+
+    datatype: str
+    shape: list[int]
+    values: Callable[[], Any]
+
+
+class ResultShapeError(ValueError):
+    """The results cannot take the asked-for form (a client's mistake, e.g. masks of different sizes in one tensor)."""
+
+
+class TaskKind(ABC, Generic[Result]):
+    """Everything that differs between kinds of task. Heads' `predict` all stop at the same stage: the
+    answer in the model input's pixels (probabilities, boxes after NMS, class ids); `postprocess` maps
+    it back to the original image."""
+
+    name: ClassVar[str]
+    head_config: ClassVar[type[Strict]]
+    """The head's configuration in a manifest; its `type` field names the head, its defaults are the kind's."""
+    result_schema: ClassVar[type[BaseModel]]
+    """One image's result as the /v1 API answers it."""
+    outputs: ClassVar[tuple[OutputSpec, ...]]
+    """The tensors an Open Inference Protocol answer holds, in order."""
+    max_labels: ClassVar[int] = MAX_LABELS
+
+    # ---- the model --------------------------------------------------------------------------
+
+    def default_head(self, channels: int) -> Strict:
+        """The head config `monaserve train` writes (`channels`: the width of dense heads)."""
+        return self.head_config()
+
+    @abstractmethod
+    def build_head(self, config: Strict, stage_dims: list[int], num_classes: int) -> nn.Module:
+        """The head `config` describes, over backbone stages of widths `stage_dims`."""
+
+    # ---- training data and evaluation -------------------------------------------------------
+
+    @abstractmethod
+    def read_data(self, data: Path, masks: Path | None = None, images: Path | None = None) -> TaskData:
+        """A dataset in the format this kind's data ships in (`masks` and `images` where the kind needs them)."""
+
+    @abstractmethod
+    def target(self, sample: Sample, prepared: Prepared, flip: bool, spec: InputSpec) -> Any:
+        """`sample`'s target in the model input's pixels, mirrored left-right when its image was (`flip`)."""
+
+    @abstractmethod
+    def metric(self, num_classes: int) -> Metric:
+        """A fresh accumulator of this kind's evaluation."""
+
+    # ---- serving ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def postprocess(self, prediction: Any, labels: list[str], prepared: Prepared, options: Options) -> Result:
+        """One image's head prediction as its typed result, in the original image's pixels."""
+
+    def to_json(self, result: Result, options: Options, budget: Budget) -> BaseModel:
+        """`result` as `result_schema` (the /v1 answer), charging what it adds beyond plain fields to `budget`."""
+        return result  # classify and detect results are their /v1 form already
+
+    @abstractmethod
+    def tensors(self, results: list[Result]) -> dict[str, OutputTensor]:
+        """The Open Inference Protocol outputs of a batch of results, batch first (values built on demand)."""
+
+
+KINDS: dict[str, TaskKind] = {}
+"""Every registered kind, by name."""
+
+
+def register_kind(cls: type[TaskKind]) -> type[TaskKind]:
+    """Class decorator: make `cls`'s one instance known by its `name`."""
+    if cls.name in KINDS:
+        raise ValueError(f"task kind {cls.name!r} is registered twice")
+    KINDS[cls.name] = cls()
+    return cls
+
+
+def get_kind(name: str) -> TaskKind:
+    """The registered kind called `name`; a ValueError lists the known ones."""
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise ValueError(f"unknown task kind {name!r}; known: {sorted(KINDS)}") from None
+
+
+def to_host(prediction: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
+    """A prediction on the CPU, floating point as float32."""
+    if isinstance(prediction, dict):
+        return {name: to_host(value) for name, value in prediction.items()}
+    return prediction.float().cpu() if prediction.is_floating_point() else prediction.cpu()

@@ -1,0 +1,106 @@
+"""Detection: boxes with labels, from an FPN + RetinaNet head; read from COCO json; COCO mAP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+from torch import nn
+
+from ..data.datasets import Sample, TaskData, coco_detection
+from ..metrics import CocoMap
+from ..heads.detect import DetectHead
+from ..strict import Strict
+from ..transforms import InputSpec, Prepared, prepare_boxes
+from .base import Options, OutputSpec, OutputTensor, TaskKind, register_kind
+
+
+class DetectHeadConfig(Strict):
+    """FPN + RetinaNet over `labels` (object classes, no background)."""
+
+    type: Literal["retinanet"] = "retinanet"
+    fpn_channels: int = Field(default=256, ge=8, le=1024)
+    score_threshold: float = Field(default=0.05, ge=0.0, le=1.0)
+    nms_threshold: float = Field(default=0.5, gt=0.0, le=1.0)
+    max_detections: int = Field(default=100, ge=1, le=1000)
+
+
+class Detection(BaseModel):
+    label: str
+    index: int
+    score: float
+    box: list[float] = Field(min_length=4, max_length=4, description="x1, y1, x2, y2 in the original image's pixels")
+
+
+class DetectResult(BaseModel):
+    width: int
+    height: int
+    detections: list[Detection]
+
+
+@register_kind
+class Detect(TaskKind[DetectResult]):
+    name = "detect"
+    head_config = DetectHeadConfig
+    result_schema = DetectResult
+    outputs = (
+        OutputSpec("boxes", "FP32", (-1, -1, 4)), OutputSpec("scores", "FP32", (-1, -1)), OutputSpec("labels", "BYTES", (-1, -1)),
+        OutputSpec("indices", "INT64", (-1, -1)), OutputSpec("num_detections", "INT32", (-1,)),
+    )
+
+    def default_head(self, channels: int) -> DetectHeadConfig:
+        return DetectHeadConfig(fpn_channels=channels)
+
+    def build_head(self, config: DetectHeadConfig, stage_dims: list[int], num_classes: int) -> nn.Module:
+        return DetectHead(
+            stage_dims, num_classes, fpn_channels=config.fpn_channels, score_threshold=config.score_threshold,
+            nms_threshold=config.nms_threshold, max_detections=config.max_detections,
+        )
+
+    def read_data(self, data: Path, masks: Path | None = None, images: Path | None = None) -> TaskData:
+        return coco_detection(data, images)
+
+    def target(self, sample: Sample, prepared: Prepared, flip: bool, spec: InputSpec) -> dict[str, torch.Tensor]:
+        boxes = sample.target["boxes"].clone()
+        if flip:
+            boxes[:, [0, 2]] = prepared.original_size[1] - boxes[:, [2, 0]]
+        return dict(sample.target, boxes=prepare_boxes(boxes, prepared))
+
+    def metric(self, num_classes: int) -> CocoMap:
+        return CocoMap(num_classes)
+
+    def postprocess(self, output: dict[str, torch.Tensor], labels: list[str], prepared: Prepared, options: Options) -> DetectResult:
+        """Boxes scoring at least `options.min_score`, mapped back to the original image (xyxy pixels), best first."""
+        keep = output["scores"] >= options.min_score
+        boxes = prepared.boxes_to_original(output["boxes"][keep])
+        detections = [
+            Detection(label=labels[label], index=label, score=score, box=[round(v, 2) for v in box])
+            for box, score, label in zip(boxes.tolist(), output["scores"][keep].tolist(), output["labels"][keep].tolist())
+        ]
+        height, width = prepared.original_size
+        return DetectResult(width=width, height=height, detections=detections)
+
+    def tensors(self, results: list[DetectResult]) -> dict[str, OutputTensor]:
+        """Boxes, scores, labels and indices padded to the most detections of any image; `num_detections` says how many are real."""
+        n, m = len(results), max(len(r.detections) for r in results)
+
+        def padded(field: str, dtype: type, width: tuple[int, ...] = ()) -> np.ndarray:
+            values = np.zeros((n, m, *width), dtype)
+            for i, result in enumerate(results):
+                for j, detection in enumerate(result.detections):
+                    values[i, j] = getattr(detection, field)
+            return values
+
+        def labels() -> list[str]:
+            return [r.detections[j].label if j < len(r.detections) else "" for r in results for j in range(m)]
+
+        return {
+            "boxes": OutputTensor("FP32", [n, m, 4], lambda: padded("box", np.float32, (4,))),
+            "scores": OutputTensor("FP32", [n, m], lambda: padded("score", np.float32)),
+            "labels": OutputTensor("BYTES", [n, m], labels),
+            "indices": OutputTensor("INT64", [n, m], lambda: padded("index", np.int64)),
+            "num_detections": OutputTensor("INT32", [n], lambda: [len(r.detections) for r in results]),
+        }

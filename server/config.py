@@ -1,0 +1,87 @@
+"""`ServeConfig`: every `monaserve serve` option, its default and its help, written once.
+
+The command line (`--help` shows each default) and the `MONASERVE_<NAME>` environment variables are made
+from these fields (`adapters.config_args`), and so is every default the server uses.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from monaserve.adapters.config_args import option
+from monaserve.adapters.swin import DEFAULT_BACKBONE, HUB
+
+MiB = 2**20
+
+
+@dataclass
+class ServeConfig:
+    """Every `monaserve serve` option (each also read from `MONASERVE_<NAME>`)."""
+
+    # the backbone
+    backbone: str = option(DEFAULT_BACKBONE, "timm Swin name")
+    weights: str = option(HUB, "'hub' (Hugging Face), 'random' (from --seed, offline) or a local .safetensors/.pth file")
+    seed: int = option(0, "seed for random weights")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    # listening
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0 in containers)")
+    port: int = option(8000, "port to listen on")
+    replica_id: str | None = option(None, "this replica's name in responses and metrics (default: host:port)")
+    log_level: Literal["debug", "info", "warning", "error"] = option("info", "log level")
+    # the store and the demo
+    store: str = option("var/adapters", "adapter store: a directory, or an fsspec URL such as s3://bucket/prefix")
+    catalog_refresh_s: float = option(10.0, "re-read the store this often (0: only on a miss)")
+    preload: str = option("", "tasks to load at start-up: 'all' or a comma-separated list")
+    demo: bool = option(False, "first train the shapes demo tasks into the store if they are missing")
+    demo_data: Path = option(Path("var/demo-data"), "where --demo writes its training images")
+    # adapters on the device
+    gpu_slots: int = option(16, "adapter slots on the device")
+    gpu_adapter_mb: float | None = option(None, "device memory budget for adapters (default: slots only)")
+    cpu_cache_mb: float = option(1024.0, "CPU cache of loaded packages")
+    # batching
+    max_batch: int = option(32, "images per engine batch")
+    max_delay_ms: float = option(5.0, "longest wait for a batch to fill")
+    max_queue: int = option(512, "images waiting before requests get 503")
+    request_timeout_s: float = option(30.0, "per-request deadline (504 after it)")
+    decode_threads: int = option(4, "threads that decode and prepare images")
+    # access
+    admin_token: str | None = option(None, "bearer token for /v1/adapters (prefer MONASERVE_ADMIN_TOKEN)")
+    insecure_admin: bool = option(False, "serve the admin routes without a token")
+    api_token: str | None = option(None, "bearer token for inference routes (prefer MONASERVE_API_TOKEN; default: open)")
+    cors_origins: str = option("", "comma-separated origins allowed to call from browsers (default: none)")
+    # limits on what clients send
+    max_image_bytes: int = option(20 * MiB, "bytes of one encoded image")
+    max_image_pixels: int = option(40_000_000, "pixels of one image as stored")
+    max_request_pixels: int = option(100_000_000, "pixels of all images of one request together")
+    max_images_per_request: int = option(64, "images in one request (413 past it)")
+    max_request_mb: float = option(64.0, "body limit of inference requests")
+    max_body_buffer_mb: float = option(256.0, "request bodies held in memory at once, all requests together (past it: 503 with Retry-After)")
+    max_response_mb: float = option(64.0, "largest answer one request may get")
+    # connections
+    max_connections: int = option(2048, "open connections; past it, requests get 503 (kept below the descriptor limit)")
+    header_timeout_s: float = option(10.0, "a request's headers must arrive within this")
+    body_timeout_s: float = option(30.0, "longest wait for the next part of a request body, and the window --body-min-rate is measured over")
+    body_min_rate: float = option(1024.0, "bytes/s a request body must average over each --body-timeout-s window (0: off)")
+    keep_alive_s: float = option(75.0, "idle keep-alive connections close after this (above a load balancer's 60 s)")
+    drain_delay_s: float = option(0.0, "on SIGTERM, stay up this long with readiness false")
+
+    @property
+    def replica(self) -> str:
+        """This replica's name: --replica-id, else host:port."""
+        return self.replica_id or f"{socket.gethostname()}:{self.port}"
+
+    def check(self) -> None:
+        """Refuse settings that cannot be meant: empty tokens, and limits that are not positive."""
+        for flag, token in (("--admin-token (MONASERVE_ADMIN_TOKEN)", self.admin_token), ("--api-token (MONASERVE_API_TOKEN)", self.api_token)):
+            if token is not None and not token.strip():
+                raise ValueError(f"{flag} is set but empty: give a token (e.g. `openssl rand -hex 32`) or leave it unset")
+        limits = ("max_request_pixels", "max_images_per_request", "max_request_mb", "max_body_buffer_mb", "max_response_mb",
+                  "max_connections", "header_timeout_s", "body_timeout_s", "request_timeout_s", "keep_alive_s", "decode_threads")
+        for name in limits:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.body_min_rate < 0:
+            raise ValueError(f"--body-min-rate must be 0 (off) or positive, got {self.body_min_rate}")

@@ -1,0 +1,154 @@
+"""The data plane: what every request does, whatever protocol carried it.
+
+An inference request is resolved (task, version, kind), its images decoded and prepared, run on the
+engine (`EngineClient`: this process's or another's), and each image post-processed by its kind into a
+typed result in the original image's pixels. Limits and metrics are applied here, once; `/v1` and `/v2`
+(`rest_v1.py`, `oip.py`) only translate their protocol to an `InferRequest` and the typed results back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+
+from monaserve.adapters.kinds import Options, TaskKind, get_kind
+
+from .budgets import ResponseBudget
+from .errors import PayloadTooLarge, Timeout, WrongKind, status_of
+from .catalog import TaskEntry, TaskVersion
+from .registry import Registry
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+T = TypeVar("T")
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """One inference request as every protocol reads it."""
+
+    task: str
+    images: list[bytes | np.ndarray]  # encoded files, or `(H, W, 3)` uint8 pixels
+    version: int | None = None  # pinned; None follows the version the task serves
+    kind: str | None = None  # the kind the caller addressed (a /v1 URL); None accepts the task's own
+    options: Options = field(default_factory=Options)
+
+
+@dataclass(frozen=True)
+class InferResult:
+    """One request's typed results, all from one adapter version, and the budget its answer is rendered within."""
+
+    task: str
+    kind: TaskKind
+    version: int
+    results: list[Any]
+    options: Options
+    timings_s: dict[str, float]
+    budget: ResponseBudget
+
+
+def check_image_count(count: int, limit: int) -> None:
+    """The one limit on images per request, for every protocol: 413 past it."""
+    if count > limit:
+        raise PayloadTooLarge(f"{count} images in one request; the limit is {limit} (--max-images-per-request)")
+
+
+class DataPlane:
+    """Inference, metadata and readiness over the runtime's registry, decoder and engine."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.config = runtime.config
+        self.metrics = runtime.metrics
+
+    # ---- server ----------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.runtime.ready
+
+    @property
+    def registry(self) -> Registry:
+        """The registry, once start-up has made it (503 with Retry-After before)."""
+        self.runtime.require_ready()
+        return self.runtime.registry
+
+    # ---- tasks -----------------------------------------------------------------------------
+
+    async def task(self, name: str, version: int | None = None) -> TaskVersion:
+        """`name` at `version` (default: the version it serves); 404 for an unknown task or version."""
+        return await self.registry.catalog.version(name, version)
+
+    def tasks(self) -> list[TaskEntry]:
+        """Every task in the catalog, by name (kept fresh by the catalog refresh; no store read per call)."""
+        catalog = self.registry.catalog
+        return [catalog[name] for name in sorted(catalog)]
+
+    # ---- inference -------------------------------------------------------------------------
+
+    @contextmanager
+    def counted(self, task: str, label: str) -> Iterator[None]:
+        """Count one request for `task` under `label` with the status it ends with (a task the
+        catalog does not know is not counted: names a client makes up must not grow the metrics)."""
+        status = 500
+        try:
+            yield
+            status = 200
+        except BaseException as exc:
+            status = status_of(exc)
+            raise
+        finally:
+            registry = self.runtime.registry
+            if registry is not None and task in registry.catalog:
+                self.metrics.requests.labels(task, label, str(status)).inc()
+
+    async def infer(
+        self, request: InferRequest, render: Callable[[InferResult], T], check: Callable[[TaskKind], None] | None = None
+    ) -> T:
+        """Run `request` within the request timeout, then post-process and `render` its results (the
+        protocol's answer) off the event loop. `check` sees the task's kind before any work runs (what a
+        protocol can only validate once it knows the kind)."""
+        check_image_count(len(request.images), self.config.max_images_per_request)
+        timeout = self.config.request_timeout_s
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):
+                target = await self._resolve(request)
+                if check is not None:
+                    check(target.kind)
+                prepared = await self.runtime.decoder.prepare(request.images, target.manifest.input)
+                decoded = time.monotonic()
+                run = await self.runtime.engine_client.run(
+                    request.task, target.version, target.manifest, [p.tensor for p in prepared], request.version is not None
+                )
+        except TimeoutError:
+            raise Timeout(f"request for {request.task!r} did not finish within {timeout:g} s") from None
+        total = time.monotonic() - started
+        timings = {"decode": decoded - started, "queue": run.queue_s, "inference": run.inference_s, "total": total}
+        for stage, seconds in timings.items():
+            self.metrics.latency.labels(request.task, stage).observe(seconds)
+        self.metrics.images.labels(request.task).inc(len(request.images))
+        kind = get_kind(run.manifest.kind)
+        budget = ResponseBudget(int(self.config.max_response_mb * MiB))
+
+        def finish() -> T:  # mask resizing, encoding and JSON are CPU work
+            results = [kind.postprocess(p, run.manifest.labels, q, request.options) for p, q in zip(run.predictions, prepared)]
+            return render(InferResult(request.task, kind, run.version, results, request.options, timings, budget))
+
+        return await asyncio.get_running_loop().run_in_executor(self.runtime.decode_pool, finish)
+
+    async def _resolve(self, request: InferRequest) -> TaskVersion:
+        """The version `request` gets: 404 if unknown, unloaded (pinned too) or the wrong kind."""
+        target = await self.registry.catalog.serving(request.task, request.version)
+        if request.kind is not None and target.manifest.kind != request.kind:
+            kind = target.manifest.kind
+            raise WrongKind(f"task {request.task!r} is a {kind} task; use /v1/tasks/{request.task}/{kind}")
+        return target

@@ -1,0 +1,63 @@
+"""Health, metrics and the playground page: the routes load balancers, Prometheus and people open."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from importlib import resources
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+
+from .dataplane import DataPlane
+from .schemas import Health
+
+
+def page_headers(page: bytes) -> dict[str, str]:
+    """Security headers for the playground: only its own inline script (by hash) runs, only same-origin fetches."""
+    scripts = re.findall(rb"<script>(.*?)</script>", page, re.DOTALL)
+    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s).digest()).decode()}'" for s in scripts)
+    return {
+        "Content-Security-Policy": f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; "
+        "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+    }
+
+
+class HealthEndpoints:
+    """Liveness, readiness (with what the server is doing), Prometheus metrics and the playground."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        self.runtime = plane.runtime
+        self.page = (resources.files("monaserve.server") / "static" / "playground.html").read_bytes()
+        self.page_headers = page_headers(self.page)
+
+    async def live(self) -> Health:
+        return Health(status="alive")
+
+    async def ready(self) -> Response:
+        if self.runtime.ready:
+            return JSONResponse(Health(status="ready").model_dump())
+        return JSONResponse(Health(status=self.runtime.state, detail=self.runtime.error).model_dump(), status_code=503)
+
+    async def metrics(self) -> Response:
+        return Response(self.runtime.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def playground(self) -> Response:
+        """Pick a task, drop an image, see the result drawn (plain HTML and JS, same origin)."""
+        return Response(self.page, media_type="text/html; charset=utf-8", headers=self.page_headers)
+
+
+def health_router(plane: DataPlane) -> APIRouter:
+    """`/health/live`, `/health/ready`, `/metrics` and the playground at `/` (no token: probes and browsers call them)."""
+    endpoints = HealthEndpoints(plane)
+    router = APIRouter()
+    router.add_api_route("/health/live", endpoints.live, methods=["GET"], response_model=Health, tags=["health"])
+    router.add_api_route(
+        "/health/ready", endpoints.ready, methods=["GET"], response_model=Health, responses={503: {"model": Health}}, tags=["health"]
+    )
+    router.add_api_route("/metrics", endpoints.metrics, methods=["GET"], response_class=Response, tags=["health"])
+    router.add_api_route("/", endpoints.playground, methods=["GET"], include_in_schema=False)
+    return router

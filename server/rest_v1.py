@@ -1,0 +1,139 @@
+"""The /v1 inference API: images in as multipart, JSON base64 or a raw body; each kind's JSON results out.
+
+A translator only: it reads the request into an `InferRequest` and renders the data plane's typed
+results with the kind's `to_json`; everything else happens in `dataplane.py`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+from pydantic import ValidationError
+
+from monaserve.adapters.kinds import Options
+
+from .dataplane import DataPlane, InferRequest, InferResult, check_image_count
+from .disconnect import unless_client_leaves
+from .errors import BadRequest, ResponseTooLarge, UnsupportedMedia
+from .registry import TaskEntry
+from .schemas import ERROR_STATUSES, RESPONSES, ErrorBody, ImagesRequest, InferResponse, Kind, TaskInfo, TaskName, Timings
+
+ERROR_RESPONSES = {status: {"model": ErrorBody} for status in ERROR_STATUSES}
+IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "required": ["image"],
+                }
+            },
+            "application/json": {"schema": ImagesRequest.model_json_schema()},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/webp": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+async def read_images(request: Request, max_images: int) -> list[bytes]:
+    """Image files from a multipart form (`image` fields), JSON base64 (`images`), or a raw image body."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        form = await request.form(max_files=max_images + 1, max_fields=max_images + 16)
+        files = [f for f in form.getlist("image") if not isinstance(f, str)]
+        if not files:
+            raise BadRequest("multipart body has no file in an 'image' field")
+        check_image_count(len(files), max_images)
+        return [await f.read() for f in files]
+    if content_type == "application/json":
+        try:
+            body = ImagesRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise BadRequest(f"invalid JSON body: {exc.errors(include_url=False)[0]['msg']} (expected {{\"images\": [base64, ...]}})") from None
+        check_image_count(len(body.images), max_images)
+        images = []
+        for i, encoded in enumerate(body.images):
+            try:
+                images.append(base64.b64decode(encoded, validate=True))
+            except (binascii.Error, ValueError):
+                raise BadRequest(f"images[{i}] is not valid base64") from None
+        return images
+    if content_type.startswith("image/") or content_type == "application/octet-stream":
+        return [await request.body()]
+    raise UnsupportedMedia(
+        f"unsupported content type {content_type or '(none)'!r}: send multipart/form-data, application/json or an image"
+    )
+
+
+def render(result: InferResult) -> bytes:
+    """The JSON answer of a /v1 inference request, no larger than its budget allows."""
+    kind, budget = result.kind, result.budget
+    response = RESPONSES[kind.name](
+        task=result.task,
+        version=result.version,
+        results=[kind.to_json(r, result.options, budget) for r in result.results],
+        timings_ms=Timings(**{f"{k}_ms": round(v * 1000, 3) for k, v in result.timings_s.items()}),
+    )
+    body = response.model_dump_json().encode()
+    if len(body) > budget.limit:
+        raise ResponseTooLarge(
+            f"the answer would be {len(body)} bytes; the limit is {budget.limit} (--max-response-mb): send fewer images per request"
+        )
+    return body
+
+
+def task_info(entry: TaskEntry) -> TaskInfo:
+    serving = entry.versions[entry.serving].manifest
+    return TaskInfo(
+        name=entry.name, kind=serving.kind, enabled=entry.enabled, serving_version=entry.serving,
+        versions=sorted(entry.versions), labels=serving.labels, input_size=serving.input.size,
+    )
+
+
+class InferenceEndpoints:
+    """The /v1 inference and task routes over one data plane."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+
+    async def infer(
+        self,
+        task: TaskName,
+        kind: Kind,
+        request: Request,
+        version: int | None = Query(default=None, ge=1, description="pin an adapter version"),
+        top_k: int = Query(default=5, ge=1, le=1000, description="classify: labels per image"),
+        min_score: float = Query(default=0.0, ge=0.0, le=1.0, description="detect: drop boxes scoring less"),
+        rle: bool = Query(default=False, description="segment: add per-class RLE"),
+    ) -> Response:
+        with self.plane.counted(task, kind):
+            images = await read_images(request, self.plane.config.max_images_per_request)
+            work = InferRequest(task, images, version, kind, Options(top_k, min_score, rle))
+            body = await unless_client_leaves(request, self.plane.infer(work, render))
+        return Response(body, media_type="application/json")
+
+    async def list_tasks(self) -> list[TaskInfo]:
+        return [task_info(entry) for entry in self.plane.tasks()]
+
+    async def get_task(self, task: TaskName) -> TaskInfo:
+        return task_info((await self.plane.task(task)).entry)
+
+
+def inference_router(plane: DataPlane, require_api) -> APIRouter:
+    """The /v1 inference routes, each guarded by `require_api`."""
+    endpoints = InferenceEndpoints(plane)
+    router = APIRouter(prefix="/v1/tasks", tags=["inference"], dependencies=[Depends(require_api)])
+    router.add_api_route(
+        "/{task}/{kind}", endpoints.infer, methods=["POST"], response_model=InferResponse, responses=ERROR_RESPONSES,
+        openapi_extra=IMAGE_BODY, summary="Run images through a task",
+    )
+    router.add_api_route("", endpoints.list_tasks, methods=["GET"], response_model=list[TaskInfo], summary="Tasks this server can run")
+    router.add_api_route("/{task}", endpoints.get_task, methods=["GET"], response_model=TaskInfo, responses=ERROR_RESPONSES, summary="One task")
+    return router
