@@ -29,6 +29,7 @@ COPY pyproject.toml README.md ./
 COPY adapters ./adapters
 COPY server ./server
 COPY client ./client
+COPY testing ./testing
 RUN pip install ".[s3]"
 
 # ---- runtime: the venv only, as an unprivileged user ----

@@ -62,9 +62,7 @@ class MonaBank(nn.Module):
     on a view); a batch of more runs gathers each sample's weights and uses batched matmuls.
     """
 
-    def __init__(
-        self, dim: int, inner_dim: int, num_slots: int, eps: float = 1e-5, dense_run_limit: int = DENSE_RUN_LIMIT
-    ) -> None:
+    def __init__(self, dim: int, inner_dim: int, num_slots: int, eps: float = 1e-5, dense_run_limit: int = DENSE_RUN_LIMIT) -> None:
         super().__init__()
         self.dim, self.inner_dim, self.num_slots, self.eps = dim, inner_dim, num_slots, eps
         self.dense_run_limit = dense_run_limit

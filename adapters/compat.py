@@ -40,9 +40,7 @@ def check_compatible(package: AdapterPackage, backbone: Backbone) -> None:
     manifest = package.manifest
     who = f"adapter {manifest.name!r} v{manifest.version}"
     if manifest.backbone.name.split(".", 1)[0] != backbone.name:
-        raise IncompatibleAdapterError(
-            f"{who} was trained on backbone {manifest.backbone.name!r}; this server runs {backbone.name!r}"
-        )
+        raise IncompatibleAdapterError(f"{who} was trained on backbone {manifest.backbone.name!r}; this server runs {backbone.name!r}")
     if manifest.backbone.fingerprint != backbone.fingerprint:
         raise IncompatibleAdapterError(
             f"{who} was trained on other weights of {backbone.name}: its backbone fingerprint is "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import AwareDatetime, Field, StringConstraints, field_validator, model_validator
@@ -23,10 +23,7 @@ Label = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 def validate_task_name(name: str) -> str:
     """Return `name` if it is a valid task name, else raise ValueError saying what is allowed."""
     if not isinstance(name, str) or not re.fullmatch(TASK_NAME_PATTERN, name):
-        raise ValueError(
-            f"invalid task name {name!r}: use 1-64 characters from a-z, 0-9, '_' and '-', "
-            "starting with a letter or digit"
-        )
+        raise ValueError(f"invalid task name {name!r}: use 1-64 characters from a-z, 0-9, '_' and '-', starting with a letter or digit")
     return name
 
 
@@ -37,7 +34,7 @@ class BackboneRef(Strict):
     fingerprint: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
 
 
-HeadConfig = Annotated[Union[tuple(kind.head_config for kind in KINDS.values())], Field(discriminator="type")]
+HeadConfig = Annotated[Union[tuple(kind.head_config for kind in KINDS.values())], Field(discriminator="type")]  # noqa: UP007 (from the registered kinds)
 KindName = Literal[tuple(KINDS)]
 
 
@@ -53,7 +50,7 @@ class Manifest(Strict):
     mona_inner_dim: int = Field(default=INNER_DIM, ge=1, le=1024)
     input: InputSpec
     head: HeadConfig = Field(description="defaults to the kind's head")
-    created_at: AwareDatetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    created_at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
     training: dict[str, Any] = Field(default_factory=dict, description="training summary and evaluation")
 
     @model_validator(mode="before")

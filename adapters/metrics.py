@@ -48,8 +48,14 @@ class CocoMap:
             images.append({"id": image_id})
             for (x1, y1, x2, y2), label in zip(target["boxes"].tolist(), target["labels"].tolist()):
                 annotations.append(
-                    {"id": len(annotations) + 1, "image_id": image_id, "category_id": label + 1,
-                     "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0}
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        "category_id": label + 1,
+                        "bbox": [x1, y1, x2 - x1, y2 - y1],
+                        "area": (x2 - x1) * (y2 - y1),
+                        "iscrowd": 0,
+                    }
                 )
         results = [
             {"image_id": image_id, "category_id": label + 1, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}
@@ -60,8 +66,7 @@ class CocoMap:
             return {"mAP": 0.0, "mAP50": 0.0}
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its tables
             truth = COCO()
-            truth.dataset = {"images": images, "annotations": annotations,
-                             "categories": [{"id": i + 1} for i in range(self.num_classes)]}
+            truth.dataset = {"images": images, "annotations": annotations, "categories": [{"id": i + 1} for i in range(self.num_classes)]}
             truth.createIndex()
             evaluation = COCOeval(truth, truth.loadRes(results), "bbox")
             evaluation.evaluate()

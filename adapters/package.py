@@ -42,9 +42,7 @@ class IncompatibleAdapterError(AdapterError):
 
 
 def _describe(error: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'manifest'}: {e['msg']}" for e in error.errors(include_url=False)
-    )
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'manifest'}: {e['msg']}" for e in error.errors(include_url=False))
 
 
 def _not_safetensors(data: bytes, why: str) -> PackageFormatError:
@@ -59,9 +57,7 @@ def _header_length(first: bytes, size: int) -> int:
         raise _not_safetensors(first, f"{size} bytes is too short for a header")
     (length,) = struct.unpack("<Q", first[:8])
     if length > min(MAX_HEADER_BYTES, size - 8):
-        raise _not_safetensors(
-            first, f"header length {length} exceeds the file ({size} bytes) or the {MAX_HEADER_BYTES} byte limit"
-        )
+        raise _not_safetensors(first, f"header length {length} exceeds the file ({size} bytes) or the {MAX_HEADER_BYTES} byte limit")
     return length
 
 

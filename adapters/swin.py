@@ -154,9 +154,7 @@ def adapter_modules(model: SwinTransformer) -> dict[str, nn.Module]:
     }
 
 
-def forward_pyramid(
-    model: SwinTransformer, images: torch.Tensor, routing: SlotRouting | None = None
-) -> list[torch.Tensor]:
+def forward_pyramid(model: SwinTransformer, images: torch.Tensor, routing: SlotRouting | None = None) -> list[torch.Tensor]:
     """Run the backbone and return each stage's NHWC output; the last is passed through the final norm.
 
     This is timm's `forward_intermediates(norm=True)` with `routing` threaded into every (injected) block;

@@ -15,9 +15,7 @@ from .package import AdapterPackage
 from .swin import Backbone
 
 
-def make_manifest(
-    backbone: Backbone, name: str, num_labels: int = 5, version: int = 1, kind: str = "classify", **fields
-) -> Manifest:
+def make_manifest(backbone: Backbone, name: str, num_labels: int = 5, version: int = 1, kind: str = "classify", **fields) -> Manifest:
     """A manifest of `kind` for `backbone` (input at the backbone's size unless `input` is given)."""
     fields.setdefault("input", InputSpec(size=backbone.input_size))
     return Manifest(

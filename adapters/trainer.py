@@ -163,15 +163,22 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
             counts["head" if name.startswith("head.") else "Mona" if ".mona" in name else "backbone"] += p.numel()
     trainable = sum(counts.values())
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    log(f"{config.kind} task {config.name!r} ({config.baseline}): {len(train_samples)} train / {len(val_samples)} "
-        f"val images, {len(data.labels)} classes, device {device}")
+    log(
+        f"{config.kind} task {config.name!r} ({config.baseline}): {len(train_samples)} train / {len(val_samples)} "
+        f"val images, {len(data.labels)} classes, device {device}"
+    )
     parts = " + ".join(f"{part} {n:,}" for part, n in counts.items() if n)
     log(f"parameters: trainable {trainable:,} ({parts}), frozen {frozen:,}")
 
-    loader_args = {"batch_size": config.batch_size, "collate_fn": collate, "num_workers": config.workers,
-                   "persistent_workers": config.workers > 0}
-    train_loader = DataLoader(TaskDataset(kind, train_samples, spec, augment=True), shuffle=True,
-                              drop_last=len(train_samples) > config.batch_size, **loader_args)
+    loader_args = {
+        "batch_size": config.batch_size,
+        "collate_fn": collate,
+        "num_workers": config.workers,
+        "persistent_workers": config.workers > 0,
+    }
+    train_loader = DataLoader(
+        TaskDataset(kind, train_samples, spec, augment=True), shuffle=True, drop_last=len(train_samples) > config.batch_size, **loader_args
+    )
     val_loader = DataLoader(TaskDataset(kind, val_samples, spec), **loader_args)
     total_steps = config.epochs * len(train_loader)
     if config.max_steps is not None:
@@ -212,8 +219,10 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
             if step >= total_steps:
                 break
         losses += epoch_losses
-        log(f"epoch {epoch + 1}: loss {sum(epoch_losses) / max(1, len(epoch_losses)):.4f}, "
-            f"{seen / (time.monotonic() - epoch_start):.1f} img/s")
+        log(
+            f"epoch {epoch + 1}: loss {sum(epoch_losses) / max(1, len(epoch_losses)):.4f}, "
+            f"{seen / (time.monotonic() - epoch_start):.1f} img/s"
+        )
         if checkpoint is not None:
             save_checkpoint(checkpoint, model, optimizer, epoch, step)
 

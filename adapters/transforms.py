@@ -26,9 +26,7 @@ class InputSpec(Strict):
     size: tuple[Side, Side] = Field(description="(height, width) fed to the backbone")
     resize: Literal["resize", "letterbox"] = "resize"
     mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[
-        Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]
-    ] = IMAGENET_STD
+    std: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = IMAGENET_STD
 
 
 @dataclass(frozen=True)

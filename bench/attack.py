@@ -7,7 +7,7 @@ what the attack did to the server and to well-behaved clients of the same run:
                  (an empty iCCP chunk after IDAT) at 20, then 200 requests/s while 4 clients send
                  valid requests: the normal clients' answers by status. `--fault internal` makes the
                  attackers trigger an injected exception instead (OIP request parsing patched to
-                 raise, by tests/fault_launcher.py).
+                 raise, by monaserve.testing.faults).
 - amplification: one small segment request that lists the `mask` output 50 times (OIP, JSON), and
                  64 noise JPEGs with per-class RLE (v1): response bytes over request bytes, server
                  memory, and the worst /health/live latency meanwhile.
@@ -45,18 +45,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
-from common import percentile, print_table, write_result
 from PIL import Image
 from safetensors.torch import save_file
 
 from monaserve.adapters import Backbone, InputSpec
 from monaserve.adapters.synthetic import random_package
+from monaserve.testing import FAULTS, TOKEN, Nginx, ServerProcess, find_tool, free_port, image_bytes
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.deploy_harness import Nginx  # noqa: E402  (the tests' launchers: one way to start things)
-from tests.server_harness import TOKEN, ServerProcess, free_port, image_bytes  # noqa: E402
+from common import percentile, print_table, write_result
 
-FAULT_LAUNCHER = Path(__file__).resolve().parents[1] / "tests" / "fault_launcher.py"
+NGINX_CONF = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "nginx.conf"
 JPEG = {"content-type": "image/jpeg"}
 MiB = 2**20
 
@@ -129,9 +127,17 @@ class Lab:
     def server(self, *args: str, launcher: list[str] | None = None, port: int | None = None, env: dict | None = None) -> ServerProcess:
         self._count += 1
         return ServerProcess(
-            self.weights, self.store, "--device", self.device, "--log-level", "warning", *args,
-            env={"MONASERVE_ADMIN_TOKEN": TOKEN, **(env or {})}, log=self.dir / f"server-{self._count}.log",
-            port=port, launcher=launcher,
+            self.weights,
+            self.store,
+            "--device",
+            self.device,
+            "--log-level",
+            "warning",
+            *args,
+            env={"MONASERVE_ADMIN_TOKEN": TOKEN, **(env or {})},
+            log=self.dir / f"server-{self._count}.log",
+            port=port,
+            launcher=launcher,
         )
 
 
@@ -168,8 +174,9 @@ class Sampler:
         self.rss.append(self.server.rss_bytes())
 
 
-def clients(url: str, send: Callable[[httpx.Client, int], httpx.Response], count: int, stop: threading.Event,
-            rate: float | None = None) -> list[tuple[int, float]]:
+def clients(
+    url: str, send: Callable[[httpx.Client, int], httpx.Response], count: int, stop: threading.Event, rate: float | None = None
+) -> list[tuple[int, float]]:
     """`count` threads calling `send` until `stop`, back to back or, with `rate`, that many requests a
     second together; (status, seconds) of each answer (status 0: a transport error)."""
     answers: list[tuple[int, float]] = []
@@ -237,7 +244,7 @@ def statuses_of(answers: list[tuple[int, float]]) -> dict[str, int]:
 
 def fleet(lab: Lab, args) -> dict:
     """Attackers at 20 requests/s against 2 replicas behind nginx; 4 normal clients meanwhile."""
-    launcher = [sys.executable, str(FAULT_LAUNCHER), "monaserve.server.oip:parse_request"] if args.fault == "internal" else None
+    launcher = [*FAULTS, "monaserve.server.oip:parse_request"] if args.fault == "internal" else None
     ports = [free_port(), free_port()]
     replicas = [lab.server("--replica-id", f"replica-{i}", port=ports[i], launcher=launcher) for i in range(2)]
     image = image_bytes(0, size=(96, 96))
@@ -258,7 +265,10 @@ def fleet(lab: Lab, args) -> dict:
             replica.wait_ready(180)
         workdir = lab.dir / f"nginx-{free_port()}"
         workdir.mkdir()
-        with Nginx(ports, workdir, free_port()) as nginx:
+        nginx_binary = find_tool("nginx")
+        if nginx_binary is None:
+            raise SystemExit("the fleet attack needs nginx (apt-get install nginx)")
+        with Nginx(ports, workdir, free_port(), config=NGINX_CONF, binary=nginx_binary) as nginx:
             with httpx.Client(base_url=nginx.url, timeout=60) as client:
                 for i in range(len(classify)):  # warm every task's slot on the replica nginx hashes it to
                     normal(client, i)
@@ -268,21 +278,28 @@ def fleet(lab: Lab, args) -> dict:
                 good, bad = run_for(
                     args.duration,
                     lambda stop: clients(nginx.url, normal, 4, stop),
-                    lambda stop: clients(nginx.url, attack, 2, stop, rate),
+                    lambda stop, rate=rate: clients(nginx.url, attack, 2, stop, rate),
                 )
                 failed = sum(1 for status, _ in good if status != 200)
-                phases.append({
-                    "attack_rate": rate,
-                    "attack_answers": statuses_of(bad),
-                    "normal_requests": len(good),
-                    "normal_answers": statuses_of(good),
-                    "normal_failed": failed,
-                    "nginx_upstream_errors_logged": (workdir / "error.log").read_text().count("upstream") - logged,
-                })
+                phases.append(
+                    {
+                        "attack_rate": rate,
+                        "attack_answers": statuses_of(bad),
+                        "normal_requests": len(good),
+                        "normal_answers": statuses_of(good),
+                        "normal_failed": failed,
+                        "nginx_upstream_errors_logged": (workdir / "error.log").read_text().count("upstream") - logged,
+                    }
+                )
                 attack_name = "injected exception" if args.fault == "internal" else f"iCCP PNG of {len(payload)} B"
-                rows.append(["fleet", f"{attack_name} x {rate:g}/s, {args.duration:g} s",
-                             f"{failed} of {len(good)} normal requests failed",
-                             ", ".join(f"{k}: {v}" for k, v in statuses_of(good).items())])
+                rows.append(
+                    [
+                        "fleet",
+                        f"{attack_name} x {rate:g}/s, {args.duration:g} s",
+                        f"{failed} of {len(good)} normal requests failed",
+                        ", ".join(f"{k}: {v}" for k, v in statuses_of(good).items()),
+                    ]
+                )
     finally:
         for replica in replicas:
             replica.stop()
@@ -292,14 +309,20 @@ def fleet(lab: Lab, args) -> dict:
 def amplification(lab: Lab, args) -> dict:
     """Response bytes per request byte: duplicated OIP outputs, and many masks with RLE on v1."""
     smooth = flat_image(1600, 1200, "JPEG")
-    oip = json.dumps({
-        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(smooth).decode()]}],
-        "outputs": [{"name": "mask"}] * 50,
-    }).encode()
+    oip = json.dumps(
+        {
+            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(smooth).decode()]}],
+            "outputs": [{"name": "mask"}] * 50,
+        }
+    ).encode()
     large = [flat_image(4000, 3000 + i, "JPEG") for i in range(8)]
     cases = {
-        "oip: mask output listed 50 times": lambda c: c.post("/v2/models/seg-0/infer", content=oip, headers={"content-type": "application/json"}),
-        "v1: 8 4000x3000 JPEGs, rle=true": lambda c: c.post("/v1/tasks/seg-0/segment?rle=true", files=[("image", (f"{i}.jpg", d)) for i, d in enumerate(large)]),
+        "oip: mask output listed 50 times": lambda c: c.post(
+            "/v2/models/seg-0/infer", content=oip, headers={"content-type": "application/json"}
+        ),
+        "v1: 8 4000x3000 JPEGs, rle=true": lambda c: c.post(
+            "/v1/tasks/seg-0/segment?rle=true", files=[("image", (f"{i}.jpg", d)) for i, d in enumerate(large)]
+        ),
     }
     request_bytes = {"oip: mask output listed 50 times": len(oip), "v1: 8 4000x3000 JPEGs, rle=true": sum(map(len, large))}
     results, rows = {}, []
@@ -322,8 +345,14 @@ def amplification(lab: Lab, args) -> dict:
                 "live_max_ms": ms(max(sampler.live_s, default=0.0)),
             }
             r = results[name]
-            rows.append(["amplification", name, f"{r['status']}: {r['response_bytes'] / MiB:.1f} MiB answer ({r['ratio']}x), {r['seconds']} s",
-                         f"RSS +{r['rss_growth_mib']} MiB, /health/live worst {r['live_max_ms']} ms"])
+            rows.append(
+                [
+                    "amplification",
+                    name,
+                    f"{r['status']}: {r['response_bytes'] / MiB:.1f} MiB answer ({r['ratio']}x), {r['seconds']} s",
+                    f"RSS +{r['rss_growth_mib']} MiB, /health/live worst {r['live_max_ms']} ms",
+                ]
+            )
     return {"cases": results, "table": rows}
 
 
@@ -352,18 +381,28 @@ def decode(lab: Lab, args) -> dict:
                 good, bad = run_for(
                     args.phase_s,
                     lambda stop: clients(server.url, normal, 4, stop),
-                    lambda stop: clients(server.url, attacker(data, count, fmt), 3, stop),
+                    lambda stop, data=data, count=count, fmt=fmt: clients(server.url, attacker(data, count, fmt), 3, stop),
                 )
                 p50 = percentile([s for status, s in good if status == 200], 0.5)
-                phases.append({
-                    "attack": f"3 clients x {count} {fmt} 8000x5000 ({len(data) // 1000} KB each) per request",
-                    "normal_p50_ms": ms(p50), "p50_ratio": round(p50 / base_p50, 2),
-                    "normal_answers": statuses_of(good), "attack_answers": statuses_of(bad),
-                    "server_cpu_s": round(cpu_seconds(server.process.pid) - server_cpu, 1),
-                    "load_generator_cpu_s": round(time.process_time() - client_cpu, 1),  # the same 2 cores
-                })
-                rows.append(["decode", phases[-1]["attack"], f"normal p50 {ms(base_p50)} -> {ms(p50)} ms ({p50 / base_p50:.2f}x)",
-                             "attack: " + ", ".join(f"{k}: {v}" for k, v in statuses_of(bad).items())])
+                phases.append(
+                    {
+                        "attack": f"3 clients x {count} {fmt} 8000x5000 ({len(data) // 1000} KB each) per request",
+                        "normal_p50_ms": ms(p50),
+                        "p50_ratio": round(p50 / base_p50, 2),
+                        "normal_answers": statuses_of(good),
+                        "attack_answers": statuses_of(bad),
+                        "server_cpu_s": round(cpu_seconds(server.process.pid) - server_cpu, 1),
+                        "load_generator_cpu_s": round(time.process_time() - client_cpu, 1),  # the same 2 cores
+                    }
+                )
+                rows.append(
+                    [
+                        "decode",
+                        phases[-1]["attack"],
+                        f"normal p50 {ms(base_p50)} -> {ms(p50)} ms ({p50 / base_p50:.2f}x)",
+                        "attack: " + ", ".join(f"{k}: {v}" for k, v in statuses_of(bad).items()),
+                    ]
+                )
     return {"phases": phases, "table": rows}
 
 
@@ -379,7 +418,9 @@ def memory(lab: Lab, args) -> dict:
 
             def send() -> None:
                 with httpx.Client(base_url=server.url, timeout=300) as c:
-                    answers.append(c.post("/v1/tasks/cls-0/classify", content=body, headers={"content-type": "application/json"}).status_code)
+                    answers.append(
+                        c.post("/v1/tasks/cls-0/classify", content=body, headers={"content-type": "application/json"}).status_code
+                    )
 
             threads = [threading.Thread(target=send) for _ in range(8)]
             for thread in threads:
@@ -389,9 +430,17 @@ def memory(lab: Lab, args) -> dict:
     growth = (max(sampler.rss) - before) / MiB
     answered = dict(sorted(Counter(str(s) for s in answers).items()))
     return {
-        "body_mib": round(len(body) / MiB, 1), "rss_growth_mib": round(growth, 1), "answers": answered,
-        "table": [["memory", f"8 concurrent {len(body) / MiB:.0f} MiB JSON requests", f"RSS +{growth:.0f} MiB",
-                   ", ".join(f"{k}: {v}" for k, v in answered.items())]],
+        "body_mib": round(len(body) / MiB, 1),
+        "rss_growth_mib": round(growth, 1),
+        "answers": answered,
+        "table": [
+            [
+                "memory",
+                f"8 concurrent {len(body) / MiB:.0f} MiB JSON requests",
+                f"RSS +{growth:.0f} MiB",
+                ", ".join(f"{k}: {v}" for k, v in answered.items()),
+            ]
+        ],
     }
 
 
@@ -405,7 +454,9 @@ def half_sent(url_port: int, count: int) -> list[socket.socket]:
     for i in range(count):
         s = socket.create_connection(("127.0.0.1", url_port))
         if i % 2:
-            s.sendall(b"POST /v1/tasks/cls-0/classify HTTP/1.1\r\nHost: a\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n0123456789")
+            s.sendall(
+                b"POST /v1/tasks/cls-0/classify HTTP/1.1\r\nHost: a\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n0123456789"
+            )
         else:
             s.sendall(b"POST /v1/tasks/cls-0/classify HTTP/1.1\r\nHost: a\r\nX-Slow: ")
         sockets.append(s)
@@ -452,18 +503,31 @@ def slowloris(lab: Lab, args) -> dict:
         limit = 60.0
         header = trickle_lifetime(port, b"GET /health/live HTTP/1.1\r\n", b"X-Slow: " + b"a" * 200, limit)
         body = trickle_lifetime(
-            port, b"POST /v1/tasks/cls-0/classify HTTP/1.1\r\nHost: a\r\nContent-Type: image/jpeg\r\nContent-Length: 500\r\n\r\n", b"x" * 500, limit
+            port,
+            b"POST /v1/tasks/cls-0/classify HTTP/1.1\r\nHost: a\r\nContent-Type: image/jpeg\r\nContent-Length: 500\r\n\r\n",
+            b"x" * 500,
+            limit,
         )
+
     def kept(seconds: float | None) -> str:
         return f"still open after {limit:g} s" if seconds is None else f"closed after {seconds} s"
 
     return {
-        "connections": args.connections, "descriptors_idle": idle, "descriptors_after_connect": opened,
-        "descriptors_after_30s": held, "live_status": live, "live_ms": ms(live_s),
-        "header_at_1_byte_per_s": header, "body_at_1_byte_per_s": body,
+        "connections": args.connections,
+        "descriptors_idle": idle,
+        "descriptors_after_connect": opened,
+        "descriptors_after_30s": held,
+        "live_status": live,
+        "live_ms": ms(live_s),
+        "header_at_1_byte_per_s": header,
+        "body_at_1_byte_per_s": body,
         "table": [
-            ["slowloris", f"{args.connections} half-sent requests", f"{held} descriptors held after 30 s (idle: {idle})",
-             f"/health/live {live} in {ms(live_s)} ms"],
+            [
+                "slowloris",
+                f"{args.connections} half-sent requests",
+                f"{held} descriptors held after 30 s (idle: {idle})",
+                f"/health/live {live} in {ms(live_s)} ms",
+            ],
             ["slowloris", "headers at 1 byte/s", kept(header), ""],
             ["slowloris", "a body at 1 byte/s", kept(body), ""],
         ],
@@ -498,9 +562,18 @@ def descriptors(lab: Lab, args) -> dict:
             except httpx.TransportError:
                 time.sleep(0.2)
     return {
-        "limit": limit, "connections": len(sockets), "log_bytes_in_15s": logged, "live_after_close_s": recovered,
-        "table": [["descriptors", f"{len(sockets)} connections against {limit} descriptors, 15 s",
-                   f"{logged / MiB:.2f} MiB of log", "/health/live " + ("never answered" if recovered is None else f"200 {recovered} s after they closed")]],
+        "limit": limit,
+        "connections": len(sockets),
+        "log_bytes_in_15s": logged,
+        "live_after_close_s": recovered,
+        "table": [
+            [
+                "descriptors",
+                f"{len(sockets)} connections against {limit} descriptors, 15 s",
+                f"{logged / MiB:.2f} MiB of log",
+                "/health/live " + ("never answered" if recovered is None else f"200 {recovered} s after they closed"),
+            ]
+        ],
     }
 
 

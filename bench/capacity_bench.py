@@ -21,9 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import print_table, write_result
 from safetensors.torch import load_file, save_file
-
 from torch import nn
 
 from monaserve.adapters import (
@@ -41,6 +39,8 @@ from monaserve.adapters import (
 from monaserve.adapters.swin import block_dims
 from monaserve.adapters.synthetic import make_manifest, random_package
 from monaserve.server.engine import Engine, default_dtype
+
+from common import print_table, write_result
 
 GIB = 2**30
 
@@ -179,8 +179,18 @@ def main() -> None:
     print_table(
         ["", "per task MiB", "shared MiB", f"tasks resident in {args.device_gib:.0f} GiB"],
         [
-            ["monaserve (folded Mona slot + head)", f"{math['per_task_bytes'] / mib:.1f}", f"{(math['backbone_bytes'] + workspace) / mib:.0f}", math["tasks_resident"]],
-            ["one full model per task", f"{math['naive_per_task_bytes'] / mib:.1f}", f"{workspace / mib:.0f}", math["naive_tasks_resident"]],
+            [
+                "monaserve (folded Mona slot + head)",
+                f"{math['per_task_bytes'] / mib:.1f}",
+                f"{(math['backbone_bytes'] + workspace) / mib:.0f}",
+                math["tasks_resident"],
+            ],
+            [
+                "one full model per task",
+                f"{math['naive_per_task_bytes'] / mib:.1f}",
+                f"{workspace / mib:.0f}",
+                math["naive_tasks_resident"],
+            ],
         ],
     )
     print(
@@ -188,19 +198,32 @@ def main() -> None:
         f"{math['backbone_bytes'] / mib:.0f} MiB; workspace {workspace / mib:.0f} MiB "
         f"({'measured at batch ' + str(args.batch) if device.type == 'cuda' else 'assumed, --workspace-gib'})"
     )
-    print(f"measured on {args.device} ({dtype}): {args.slots} slots filled in {fill_s:.1f} s, "
-          f"{engine_bytes / mib:.0f} MiB for the engine, {measured_per_task / mib:.2f} MiB per task beyond the backbone\n")
+    print(
+        f"measured on {args.device} ({dtype}): {args.slots} slots filled in {fill_s:.1f} s, "
+        f"{engine_bytes / mib:.0f} MiB for the engine, {measured_per_task / mib:.2f} MiB per task beyond the backbone\n"
+    )
     print_table(
         ["task switch from a local file", "median ms", "vs adapter"],
-        [[label, f"{switch[key]:.0f}", f"{switch[key] / switch['adapter_into_slot']:.1f}x"] for label, key in [
-            ("naive: full model's weights into a resident model", "weights_into_resident"),
-            ("naive: a new full model (built on the device, weights loaded)", "new_full_model"),
-            ("monaserve: read, validate, fold, install one adapter", "adapter_into_slot"),
-        ]],
+        [
+            [label, f"{switch[key]:.0f}", f"{switch[key] / switch['adapter_into_slot']:.1f}x"]
+            for label, key in [
+                ("naive: full model's weights into a resident model", "weights_into_resident"),
+                ("naive: a new full model (built on the device, weights loaded)", "new_full_model"),
+                ("monaserve: read, validate, fold, install one adapter", "adapter_into_slot"),
+            ]
+        ],
     )
-    result = {"backbone": args.backbone, "labels": args.labels, "slots": args.slots, "fill_s": fill_s, "dtype": str(dtype),
-              "memory_math_bf16": math, "measured_engine_bytes": engine_bytes, "measured_per_task_bytes": measured_per_task,
-              "switch": switch}
+    result = {
+        "backbone": args.backbone,
+        "labels": args.labels,
+        "slots": args.slots,
+        "fill_s": fill_s,
+        "dtype": str(dtype),
+        "memory_math_bf16": math,
+        "measured_engine_bytes": engine_bytes,
+        "measured_per_task_bytes": measured_per_task,
+        "switch": switch,
+    }
     print(f"wrote {write_result('capacity', device, result)}")
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import tempfile
 import threading
 import time
@@ -36,15 +35,14 @@ from pathlib import Path
 
 import httpx
 import torch
-from common import percentile, print_table, write_result
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import save_file
 
 from monaserve.adapters import Backbone, InputSpec
 from monaserve.adapters.synthetic import random_package
+from monaserve.testing import TOKEN, ServerProcess, image_bytes
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.server_harness import TOKEN, ServerProcess, image_bytes  # noqa: E402  (the tests' server launcher)
+from common import percentile, print_table, write_result
 
 IMAGES = [image_bytes(seed, size=(40 + 8 * seed, 36)) for seed in range(4)]
 LABELS = 4
@@ -178,7 +176,12 @@ def churn_loop(admin: httpx.Client, backbone: Backbone, history: dict[str, Histo
             version = max(entry.versions) + 1
             index = int(task.rsplit("-", 1)[1])
             package = random_package(
-                backbone, task, seed=1000 * index + version, num_labels=LABELS, version=version, kind=entry.kind,
+                backbone,
+                task,
+                seed=1000 * index + version,
+                num_labels=LABELS,
+                version=version,
+                kind=entry.kind,
                 input=InputSpec(size=(args.input_size, args.input_size)),
             )
             timing = call("upload", "PUT", f"/v1/adapters/{task}", 201, content=package.to_bytes())
@@ -258,18 +261,18 @@ def gauges(client: httpx.Client, names: set[str]) -> dict[str, float]:
     return found
 
 
-def sample_memory(
-    server: ServerProcess, client: httpx.Client, answers: list[Answer], samples: list[dict], stop: threading.Event
-) -> None:
+def sample_memory(server: ServerProcess, client: httpx.Client, answers: list[Answer], samples: list[dict], stop: threading.Event) -> None:
     """Every half second: answers so far, server RSS, device memory and queue depth."""
     while not stop.wait(0.5):
         values = gauges(client, {"monaserve_device_memory_bytes", "monaserve_queue_depth"})
-        samples.append({
-            "answers": len(answers),
-            "rss": server.rss_bytes(),
-            "device": values.get("monaserve_device_memory_bytes", 0.0),
-            "queue": values.get("monaserve_queue_depth", 0.0),
-        })
+        samples.append(
+            {
+                "answers": len(answers),
+                "rss": server.rss_bytes(),
+                "device": values.get("monaserve_device_memory_bytes", 0.0),
+                "queue": values.get("monaserve_queue_depth", 0.0),
+            }
+        )
 
 
 def slope_per_10k(samples: list[dict], key: str) -> float:
@@ -289,8 +292,15 @@ def memory_report(samples: list[dict], warmup: float) -> dict:
     return {
         "samples": len(samples),
         "warmup_answers": steady[0]["answers"],
-        "rss_mib": {k: round(v / MiB, 1) for k, v in (("start", samples[0]["rss"]), ("after_warmup", steady[0]["rss"]),
-                                                          ("end", samples[-1]["rss"]), ("max", max(s["rss"] for s in samples)))},
+        "rss_mib": {
+            k: round(v / MiB, 1)
+            for k, v in (
+                ("start", samples[0]["rss"]),
+                ("after_warmup", steady[0]["rss"]),
+                ("end", samples[-1]["rss"]),
+                ("max", max(s["rss"] for s in samples)),
+            )
+        },
         "rss_slope_mib_per_10k": round(slope_per_10k(steady, "rss"), 2),
         "device_mib": {"after_warmup": round(steady[0]["device"] / MiB, 1), "end": round(samples[-1]["device"] / MiB, 1)},
         "device_slope_mib_per_10k": round(slope_per_10k(steady, "device"), 2),
@@ -312,10 +322,26 @@ def make_server(args, workdir: Path) -> tuple[ServerProcess, Backbone, dict[str,
         package.save(workdir / "store" / name / "1.safetensors")
         history[name] = History(kind)
     server = ServerProcess(
-        weights, workdir / "store", "--backbone", args.backbone, "--device", args.device,
-        "--gpu-slots", str(args.gpu_slots), "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
-        "--cpu-cache-mb", "64", "--catalog-refresh-s", "2", "--log-level", "warning",
-        env={"MONASERVE_ADMIN_TOKEN": TOKEN}, log=workdir / "server.log",
+        weights,
+        workdir / "store",
+        "--backbone",
+        args.backbone,
+        "--device",
+        args.device,
+        "--gpu-slots",
+        str(args.gpu_slots),
+        "--max-batch",
+        str(args.max_batch),
+        "--max-queue",
+        str(args.max_queue),
+        "--cpu-cache-mb",
+        "64",
+        "--catalog-refresh-s",
+        "2",
+        "--log-level",
+        "warning",
+        env={"MONASERVE_ADMIN_TOKEN": TOKEN},
+        log=workdir / "server.log",
     )
     return server, backbone, history
 
@@ -327,9 +353,7 @@ def run(args) -> dict:
     samples: list[dict] = []
     stop_load, stop_churn, stop_sampling = threading.Event(), threading.Event(), threading.Event()
     with server, server.client() as admin, server.client() as probe:
-        clients = [
-            threading.Thread(target=client_loop, args=(server.url, history, answers, stop_load, k)) for k in range(args.concurrency)
-        ]
+        clients = [threading.Thread(target=client_loop, args=(server.url, history, answers, stop_load, k)) for k in range(args.concurrency)]
         sampler = threading.Thread(target=sample_memory, args=(server, probe, answers, samples, stop_sampling))
         admin_actions: Counter = Counter()
         churner = threading.Thread(target=lambda: admin_actions.update(churn_loop(admin, backbone, history, args, stop_churn)))
@@ -378,15 +402,32 @@ def main() -> None:
     print(f"{args.tasks} tasks at {args.input_size}px on {args.device}, {args.concurrency} clients, {result['duration_s']} s")
     print_table(
         ["requests", "req/s", "p50 ms", "p99 ms", "answers", "failures", "torn", "admin actions"],
-        [[result["requests"], result["requests_per_s"], result["latency_ms"]["p50"], result["latency_ms"]["p99"],
-          ", ".join(f"{k}: {v}" for k, v in result["answers"].items()), result["failures"], result["torn_answers"],
-          ", ".join(f"{k}: {v}" for k, v in result["admin"].items())]],
+        [
+            [
+                result["requests"],
+                result["requests_per_s"],
+                result["latency_ms"]["p50"],
+                result["latency_ms"]["p99"],
+                ", ".join(f"{k}: {v}" for k, v in result["answers"].items()),
+                result["failures"],
+                result["torn_answers"],
+                ", ".join(f"{k}: {v}" for k, v in result["admin"].items()),
+            ]
+        ],
     )
     print()
     print_table(
         ["RSS after warm-up MiB", "RSS end MiB", "RSS max MiB", "RSS slope MiB/10k", "device slope MiB/10k", "queue mean/max"],
-        [[memory["rss_mib"]["after_warmup"], memory["rss_mib"]["end"], memory["rss_mib"]["max"], memory["rss_slope_mib_per_10k"],
-          memory["device_slope_mib_per_10k"], f"{memory['queue_depth']['mean']}/{memory['queue_depth']['max']:.0f}"]],
+        [
+            [
+                memory["rss_mib"]["after_warmup"],
+                memory["rss_mib"]["end"],
+                memory["rss_mib"]["max"],
+                memory["rss_slope_mib_per_10k"],
+                memory["device_slope_mib_per_10k"],
+                f"{memory['queue_depth']['mean']}/{memory['queue_depth']['max']:.0f}",
+            ]
+        ],
     )
     for line in result["failure_examples"] + result["catalog_problems"]:
         print("problem:", line)

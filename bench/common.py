@@ -42,7 +42,7 @@ def environment(device: torch.device) -> dict:
         "torchvision": torchvision.__version__,
         "timm": timm.__version__,
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
 
 

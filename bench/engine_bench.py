@@ -24,11 +24,12 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import device_name, print_table, write_result
 
 from monaserve.adapters import Backbone, Mona, SlotRouting, forward_pyramid, inject_mona
 from monaserve.adapters.synthetic import random_package, randomize_
 from monaserve.server.engine import Engine, default_dtype
+
+from common import device_name, print_table, write_result
 
 
 def parse_args() -> argparse.Namespace:
@@ -100,10 +101,7 @@ class Variants:
         routings = [SlotRouting.of([run.slot] * (run.stop - run.start), self.device) for run in runs]
 
         def forward() -> list:
-            return [
-                forward_pyramid(self.engine.model, self.images[run.start : run.stop], routing)
-                for run, routing in zip(runs, routings)
-            ]
+            return [forward_pyramid(self.engine.model, self.images[run.start : run.stop], routing) for run, routing in zip(runs, routings)]
 
         return forward
 

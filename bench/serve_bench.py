@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -27,17 +26,15 @@ from pathlib import Path
 
 import httpx
 import torch
-from common import percentile, print_table, write_result
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import save_file
 
 from monaserve.adapters import Backbone
 from monaserve.adapters.synthetic import random_package
 from monaserve.server.store import AdapterStore
+from monaserve.testing import TOKEN, ServerProcess, image_bytes
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.server_harness import TOKEN, ServerProcess, image_bytes  # noqa: E402  (the tests' server launcher)
-
+from common import percentile, print_table, write_result
 
 JPEG = {"content-type": "image/jpeg"}
 
@@ -159,10 +156,24 @@ def main() -> None:
         store.write(name, 1, random_package(backbone, name, seed=i).to_bytes())
     image = image_bytes(0, size=(224, 224))
     server = ServerProcess(
-        weights, workdir / "store", "--backbone", args.backbone, "--device", args.device,
-        "--gpu-slots", str(len(names) + 1), "--max-batch", str(args.max_batch), "--preload", "all",
-        "--max-queue", str(4 * args.concurrency), "--log-level", "warning",
-        env={"MONASERVE_ADMIN_TOKEN": TOKEN}, log=workdir / "server.log",
+        weights,
+        workdir / "store",
+        "--backbone",
+        args.backbone,
+        "--device",
+        args.device,
+        "--gpu-slots",
+        str(len(names) + 1),
+        "--max-batch",
+        str(args.max_batch),
+        "--preload",
+        "all",
+        "--max-queue",
+        str(4 * args.concurrency),
+        "--log-level",
+        "warning",
+        env={"MONASERVE_ADMIN_TOKEN": TOKEN},
+        log=workdir / "server.log",
     )
     with server, server.client() as admin:
         phases = []
@@ -186,21 +197,46 @@ def main() -> None:
     print(f"{args.backbone} on {args.device}, max batch {args.max_batch}, {args.concurrency} in flight, {args.duration:.0f} s per phase")
     print_table(
         ["tasks", "requests", "errors", "images/s", "p50 ms", "p99 ms", "mean batch", "engine images/s", "end to end / engine"],
-        [[p["tasks"], p["requests"], p["errors"] or "none", f"{p['images_per_s']:.1f}", f"{p['p50_ms']:.0f}", f"{p['p99_ms']:.0f}",
-          f"{p['mean_batch']:.1f}", f"{p['engine_images_per_s']:.1f}", f"{p['end_to_end_fraction']:.2f}"] for p in phases],
+        [
+            [
+                p["tasks"],
+                p["requests"],
+                p["errors"] or "none",
+                f"{p['images_per_s']:.1f}",
+                f"{p['p50_ms']:.0f}",
+                f"{p['p99_ms']:.0f}",
+                f"{p['mean_batch']:.1f}",
+                f"{p['engine_images_per_s']:.1f}",
+                f"{p['end_to_end_fraction']:.2f}",
+            ]
+            for p in phases
+        ],
     )
     print()
     print_table(
         ["hot-load", "p50 ms", "max ms"],
-        [[label, f"{hot[key]['p50']:.0f}", f"{hot[key]['max']:.0f}"] for label, key in [
-            ("upload -> first request served by it", "upload_to_served_ms"),
-            ("upload round trip (validate, load, store, switch)", "upload_round_trip_ms"),
-            ("load a new version from the store (local disk)", "load_from_store_ms"),
-        ]],
+        [
+            [label, f"{hot[key]['p50']:.0f}", f"{hot[key]['max']:.0f}"]
+            for label, key in [
+                ("upload -> first request served by it", "upload_to_served_ms"),
+                ("upload round trip (validate, load, store, switch)", "upload_round_trip_ms"),
+                ("load a new version from the store (local disk)", "load_from_store_ms"),
+            ]
+        ],
     )
-    print(f"\npackage {hot['package_bytes'] / 2**20:.1f} MiB; {memory['bytes_per_adapter'] / 2**20:.2f} MiB per resident adapter on {args.device}")
-    result = {"backbone": args.backbone, "max_batch": args.max_batch, "concurrency": args.concurrency,
-              "duration_s": args.duration, "phases": phases, "hot_load": hot, "memory": memory}
+    print(
+        f"\npackage {hot['package_bytes'] / 2**20:.1f} MiB; "
+        f"{memory['bytes_per_adapter'] / 2**20:.2f} MiB per resident adapter on {args.device}"
+    )
+    result = {
+        "backbone": args.backbone,
+        "max_batch": args.max_batch,
+        "concurrency": args.concurrency,
+        "duration_s": args.duration,
+        "phases": phases,
+        "hot_load": hot,
+        "memory": memory,
+    }
     print(f"wrote {write_result('serve', device, result)}")
 
 

@@ -1,9 +1,9 @@
 """A light Python client for monaserve; imports no torch.
 
-    from monaserve.client import MonaClient
+from monaserve.client import MonaClient
 
-    with MonaClient("http://127.0.0.1:8000") as client:
-        print(client.classify("pets", "cat.jpg").best.label)
+with MonaClient("http://127.0.0.1:8000") as client:
+    print(client.classify("pets", "cat.jpg").best.label)
 """
 
 from .client import DEFAULT_URL, AsyncMonaClient, MonaClient, RetryPolicy

@@ -101,9 +101,7 @@ def cmd_adapters(args: argparse.Namespace) -> int:
         print(json.dumps(body, indent=2))
     elif args.verb == "list":
         for task in body["tasks"]:
-            versions = ", ".join(
-                f"v{v['version']}{'*' if v['serving'] else ''} ({v['location']})" for v in task["versions"]
-            )
+            versions = ", ".join(f"v{v['version']}{'*' if v['serving'] else ''} ({v['location']})" for v in task["versions"])
             print(f"{task['name']:24} {task['kind']:9} {'' if task['enabled'] else 'unloaded '}{versions}")
         device = body["device"]
         print(f"device {device['device']} {device['dtype']}: {device['slots_used']}/{device['slots']} slots used")
@@ -136,6 +134,11 @@ def describe(result: Result) -> str:
 
 def _as_json(result: Result) -> dict:
     if isinstance(result, Segmentation):
-        return {"width": result.width, "height": result.height, "mask_png": base64.b64encode(result.mask_png).decode(),
-                "classes": [c.__dict__ for c in result.classes], "version": result.version}
+        return {
+            "width": result.width,
+            "height": result.height,
+            "mask_png": base64.b64encode(result.mask_png).decode(),
+            "classes": [c.__dict__ for c in result.classes],
+            "version": result.version,
+        }
     return dataclasses.asdict(result)

@@ -108,8 +108,11 @@ def _detections(body: dict, common: dict) -> list[Detections]:
 def _segmentations(body: dict, common: dict) -> list[Segmentation]:
     return [
         Segmentation(
-            r["width"], r["height"], base64.b64decode(r["mask_png"]),
-            [ClassArea(c["label"], c["index"], c["pixels"]) for c in r["classes"]], **common,
+            r["width"],
+            r["height"],
+            base64.b64decode(r["mask_png"]),
+            [ClassArea(c["label"], c["index"], c["pixels"]) for c in r["classes"]],
+            **common,
         )
         for r in body["results"]
     ]

@@ -31,15 +31,23 @@ class AdapterEndpoints:
         serving = entry.versions[entry.serving].manifest
         versions = [
             VersionView(
-                version=version, bytes=info.nbytes, created_at=info.manifest.created_at,
-                location=registry.location((entry.name, version)), slot=registry.slot_of((entry.name, version)),
+                version=version,
+                bytes=info.nbytes,
+                created_at=info.manifest.created_at,
+                location=registry.location((entry.name, version)),
+                slot=registry.slot_of((entry.name, version)),
                 serving=version == entry.serving,
             )
             for version, info in sorted(entry.versions.items())
         ]
         return TaskView(
-            name=entry.name, kind=serving.kind, enabled=entry.enabled, serving_version=entry.serving,
-            labels=len(serving.labels), input_size=serving.input.size, versions=versions,
+            name=entry.name,
+            kind=serving.kind,
+            enabled=entry.enabled,
+            serving_version=entry.serving,
+            labels=len(serving.labels),
+            input_size=serving.input.size,
+            versions=versions,
         )
 
     async def list_adapters(self) -> AdapterList:
@@ -49,8 +57,12 @@ class AdapterEndpoints:
         return AdapterList(
             tasks=[self.task_view(entry) for entry in self.plane.tasks()],
             device=DeviceView(
-                device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."), slots=engine.num_slots,
-                slots_used=len(slots.residents), slot_bytes=engine.slot_nbytes, resident_bytes=slots.resident_bytes(),
+                device=str(engine.device),
+                dtype=str(engine.dtype).removeprefix("torch."),
+                slots=engine.num_slots,
+                slots_used=len(slots.residents),
+                slot_bytes=engine.slot_nbytes,
+                resident_bytes=slots.resident_bytes(),
                 budget_bytes=slots.budget_bytes,
             ),
             cpu_cache=CacheView(entries=len(cache), bytes=cache.nbytes, capacity_bytes=cache.capacity),
@@ -84,7 +96,12 @@ def admin_router(plane: DataPlane, require_admin) -> APIRouter:
     add("", endpoints.list_adapters, methods=["GET"], response_model=AdapterList, summary="List tasks, versions and where they are loaded")
     add("/{task}", endpoints.get_adapter, methods=["GET"], response_model=TaskView, summary="One task")
     add(
-        "/{task}", endpoints.upload_adapter, methods=["PUT"], response_model=TaskView, status_code=201, openapi_extra=PACKAGE_BODY,
+        "/{task}",
+        endpoints.upload_adapter,
+        methods=["PUT"],
+        response_model=TaskView,
+        status_code=201,
+        openapi_extra=PACKAGE_BODY,
         summary="Upload a package (validated, stored, then hot-loaded)",
     )
     add("/{task}/load", endpoints.load_adapter, methods=["POST"], response_model=TaskView, summary="Load a stored version")

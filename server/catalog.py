@@ -225,7 +225,10 @@ class Catalog(Mapping[str, TaskEntry]):
                 except FileNotFoundError:
                     state_signature = None  # removed since the listing
                 except ValueError as exc:
-                    broken[(task, STATE_KEY)] = (state_signature, AdapterError(f"its serving state is unusable ({exc}); serving the newest version"))
+                    broken[(task, STATE_KEY)] = (
+                        state_signature,
+                        AdapterError(f"its serving state is unusable ({exc}); serving the newest version"),
+                    )
         return _TaskRead(infos, broken, state, state_signature)
 
     def mark_broken(self, key: Key, signature: str, error: Exception) -> None:

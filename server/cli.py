@@ -17,7 +17,6 @@ from pathlib import Path
 from monaserve.client.cli import add_client_commands
 
 
-
 def _add_info_arguments(parser: argparse.ArgumentParser) -> None:
     """`info`'s flags (train and serve take theirs from their configs)."""
     from monaserve.adapters.swin import DEFAULT_BACKBONE, HUB
@@ -87,8 +86,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("Mona modules", f"{budget.num_adapters} (2 per block x {budget.num_blocks} blocks), inner dim {args.inner_dim}"),
         ("Mona per task", f"{budget.mona_parameters:,} ({budget.mona_percent:.2f}% of the backbone)"),
         ("paper eq. (6)", f"{budget.paper_eq6_parameters:,} ({budget.paper_eq6_percent:.2f}%)"),
-        ("folded per task", f"{budget.folded_parameters:,} values in a GPU slot "
-         f"({budget.folded_parameters * 2 / 2**20:.1f} MiB bf16)"),
+        ("folded per task", f"{budget.folded_parameters:,} values in a GPU slot ({budget.folded_parameters * 2 / 2**20:.1f} MiB bf16)"),
         ("classify head", f"{head:,} ({args.num_classes} classes)"),
         ("package (fp32)", f"{(budget.mona_parameters + head) * 4 / 2**20:.1f} MiB per task version"),
     ]
@@ -148,7 +146,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         if chosen is None or chosen == name:
             ARGUMENTS[name](command)
             command.add_argument(
-                "--random-init", dest="weights", action="store_const", const="random", help="random weights from --seed (offline use)"
+                "--random-init",
+                dest="weights",
+                action="store_const",
+                const="random",
+                default=argparse.SUPPRESS,
+                help="random weights from --seed (offline use; the same as --weights random)",
             )
         command.set_defaults(handler=handler)
 

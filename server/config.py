@@ -58,12 +58,16 @@ class ServeConfig:
     max_request_pixels: int = option(100_000_000, "pixels of all images of one request together")
     max_images_per_request: int = option(64, "images in one request (413 past it)")
     max_request_mb: float = option(64.0, "body limit of inference requests")
-    max_body_buffer_mb: float = option(256.0, "request bodies held in memory at once, all requests together (past it: 503 with Retry-After)")
+    max_body_buffer_mb: float = option(
+        256.0, "request bodies held in memory at once, all requests together (past it: 503 with Retry-After)"
+    )
     max_response_mb: float = option(64.0, "largest answer one request may get")
     # connections
     max_connections: int = option(2048, "open connections; past it, requests get 503 (kept below the descriptor limit)")
     header_timeout_s: float = option(10.0, "a request's headers must arrive within this")
-    body_timeout_s: float = option(30.0, "longest wait for the next part of a request body, and the window --body-min-rate is measured over")
+    body_timeout_s: float = option(
+        30.0, "longest wait for the next part of a request body, and the window --body-min-rate is measured over"
+    )
     body_min_rate: float = option(1024.0, "bytes/s a request body must average over each --body-timeout-s window (0: off)")
     keep_alive_s: float = option(75.0, "idle keep-alive connections close after this (above a load balancer's 60 s)")
     drain_delay_s: float = option(0.0, "on SIGTERM, stay up this long with readiness false")
@@ -75,11 +79,25 @@ class ServeConfig:
 
     def check(self) -> None:
         """Refuse settings that cannot be meant: empty tokens, and limits that are not positive."""
-        for flag, token in (("--admin-token (MONASERVE_ADMIN_TOKEN)", self.admin_token), ("--api-token (MONASERVE_API_TOKEN)", self.api_token)):
+        for flag, token in (
+            ("--admin-token (MONASERVE_ADMIN_TOKEN)", self.admin_token),
+            ("--api-token (MONASERVE_API_TOKEN)", self.api_token),
+        ):
             if token is not None and not token.strip():
                 raise ValueError(f"{flag} is set but empty: give a token (e.g. `openssl rand -hex 32`) or leave it unset")
-        limits = ("max_request_pixels", "max_images_per_request", "max_request_mb", "max_body_buffer_mb", "max_response_mb",
-                  "max_connections", "header_timeout_s", "body_timeout_s", "request_timeout_s", "keep_alive_s", "decode_threads")
+        limits = (
+            "max_request_pixels",
+            "max_images_per_request",
+            "max_request_mb",
+            "max_body_buffer_mb",
+            "max_response_mb",
+            "max_connections",
+            "header_timeout_s",
+            "body_timeout_s",
+            "request_timeout_s",
+            "keep_alive_s",
+            "decode_threads",
+        )
         for name in limits:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

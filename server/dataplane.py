@@ -20,8 +20,8 @@ import numpy as np
 from monaserve.adapters.kinds import Options, TaskKind, get_kind
 
 from .budgets import ResponseBudget
-from .errors import PayloadTooLarge, Timeout, WrongKind, status_of
 from .catalog import TaskEntry, TaskVersion
+from .errors import PayloadTooLarge, Timeout, WrongKind, status_of
 from .registry import Registry
 
 if TYPE_CHECKING:
@@ -110,9 +110,7 @@ class DataPlane:
             if registry is not None and task in registry.catalog:
                 self.metrics.requests.labels(task, label, str(status)).inc()
 
-    async def infer(
-        self, request: InferRequest, render: Callable[[InferResult], T], check: Callable[[TaskKind], None] | None = None
-    ) -> T:
+    async def infer(self, request: InferRequest, render: Callable[[InferResult], T], check: Callable[[TaskKind], None] | None = None) -> T:
         """Run `request` within the request timeout, then post-process and `render` its results (the
         protocol's answer) off the event loop. `check` sees the task's kind before any work runs (what a
         protocol can only validate once it knows the kind)."""

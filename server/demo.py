@@ -71,9 +71,23 @@ def ensure_demo(
         demo = DEMO_TASKS[task]
         version = max(store.versions(task), default=0) + 1
         config = TrainConfig(
-            kind=demo.kind, data=shapes / demo.data, masks=demo.masks and shapes / demo.masks, name=task, version=version,
-            backbone=backbone, weights=weights, seed=seed, input_size=size, head_channels=64, epochs=1000, max_steps=steps,
-            batch_size=8, lr=demo.lr, warmup_steps=10, workers=0, progress=progress,
+            kind=demo.kind,
+            data=shapes / demo.data,
+            masks=demo.masks and shapes / demo.masks,
+            name=task,
+            version=version,
+            backbone=backbone,
+            weights=weights,
+            seed=seed,
+            input_size=size,
+            head_channels=64,
+            epochs=1000,
+            max_steps=steps,
+            batch_size=8,
+            lr=demo.lr,
+            warmup_steps=10,
+            workers=0,
+            progress=progress,
             out=data_dir / f"{task}-{version}.safetensors",
         )
         train(config, log=say)

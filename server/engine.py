@@ -144,4 +144,3 @@ class Engine:
 
 
 HeadOutput = torch.Tensor | dict[str, torch.Tensor]
-

@@ -48,7 +48,9 @@ class LocalEngine:
     async def run(self, task: str, version: int, manifest: Manifest, images: list[torch.Tensor], pinned: bool) -> EngineRun:
         lease = await self.registry.acquire(task, version, manifest, pinned)
         job = Job(
-            images, lease.slot, on_settled=functools.partial(self.registry.release, lease),
+            images,
+            lease.slot,
+            on_settled=functools.partial(self.registry.release, lease),
             future=asyncio.get_running_loop().create_future(),
         )
         try:

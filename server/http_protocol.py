@@ -145,7 +145,8 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.close()
             return
         if isinstance(event, h11.Request):
-            message = f"the server has {len(self.connections) - 1} connections open (--max-connections {self.rules.max_connections}); retry shortly"
+            open_now, cap = len(self.connections) - 1, self.rules.max_connections
+            message = f"the server has {open_now} connections open (--max-connections {cap}); retry shortly"
             self.transport.write(self._answer(503, "too_many_connections", message, retry_after_s=1))
             self.transport.close()
 
@@ -153,8 +154,11 @@ class GuardedH11Protocol(H11Protocol):
         """A complete JSON answer with `Connection: close`, written without h11 (no request may be in its state)."""
         body = json.dumps({"error": code, "message": message}).encode()
         headers = [
-            ("content-type", "application/json"), ("content-length", str(len(body))), ("connection", "close"),
-            *((("retry-after", str(retry_after_s)),) if retry_after_s is not None else ()), *self.rules.headers,
+            ("content-type", "application/json"),
+            ("content-length", str(len(body))),
+            ("connection", "close"),
+            *((("retry-after", str(retry_after_s)),) if retry_after_s is not None else ()),
+            *self.rules.headers,
         ]
         head = f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
         return (head + "\r\n").encode("latin-1") + body

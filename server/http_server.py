@@ -92,7 +92,12 @@ def connection_rules(config: ServeConfig) -> ConnectionRules:
     hard_cap = max(1, descriptor_limit() - RESERVED_DESCRIPTORS)
     cap = min(config.max_connections, hard_cap - hard_cap // 4)  # room to answer 503 before closing at once
     if cap < config.max_connections:
-        log.warning("--max-connections %d lowered to %d: the process may open %d files", config.max_connections, cap, hard_cap + RESERVED_DESCRIPTORS)
+        log.warning(
+            "--max-connections %d lowered to %d: the process may open %d files",
+            config.max_connections,
+            cap,
+            hard_cap + RESERVED_DESCRIPTORS,
+        )
     return ConnectionRules(
         header_timeout_s=config.header_timeout_s,
         body_timeout_s=config.body_timeout_s,

@@ -44,9 +44,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.batch_tasks = Histogram(
-            "monaserve_batch_tasks", "Distinct adapter slots per engine batch.", buckets=BATCH_BUCKETS, registry=r
-        )
+        self.batch_tasks = Histogram("monaserve_batch_tasks", "Distinct adapter slots per engine batch.", buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("monaserve_queue_depth", "Images waiting for the engine.", registry=r)
         self.dropped_images = Counter(
             "monaserve_dropped_images",
@@ -54,9 +52,7 @@ class Metrics:
             registry=r,
         )
         self.adapter_loads = Counter("monaserve_adapter_loads", "Adapters installed into a device slot.", ["task"], registry=r)
-        self.adapter_evictions = Counter(
-            "monaserve_adapter_evictions", "Adapters removed from a device slot.", ["task"], registry=r
-        )
+        self.adapter_evictions = Counter("monaserve_adapter_evictions", "Adapters removed from a device slot.", ["task"], registry=r)
         self.adapter_load_seconds = Histogram(
             "monaserve_adapter_load_seconds", "Time from load start to a ready slot.", buckets=LATENCY_BUCKETS, registry=r
         )
@@ -70,13 +66,9 @@ class Metrics:
         self.resident_bytes = Gauge(
             "monaserve_gpu_adapter_bytes", "Bytes of adapters resident on the device (slots in use plus heads).", registry=r
         )
-        self.budget_bytes = Gauge(
-            "monaserve_gpu_adapter_budget_bytes", "Device byte budget for adapters (0: no limit).", registry=r
-        )
+        self.budget_bytes = Gauge("monaserve_gpu_adapter_budget_bytes", "Device byte budget for adapters (0: no limit).", registry=r)
         self.cpu_cache_bytes = Gauge("monaserve_cpu_cache_bytes", "Bytes of packages in the CPU cache.", registry=r)
-        self.device_memory = Gauge(
-            "monaserve_device_memory_bytes", "Device memory allocated by the engine (CUDA only).", registry=r
-        )
+        self.device_memory = Gauge("monaserve_device_memory_bytes", "Device memory allocated by the engine (CUDA only).", registry=r)
         self.replica = Gauge("monaserve_replica", "1, labelled with this replica's id.", ["replica"], registry=r)
         self.ready = Gauge("monaserve_ready", "1 when the server is ready to serve.", registry=r)
 

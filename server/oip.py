@@ -91,7 +91,9 @@ class OipEndpoints:
         with self.plane.counted(name, "oip"):
             body = await request.body()
             loop = asyncio.get_running_loop()
-            header, images = await loop.run_in_executor(self.plane.runtime.decode_pool, parse_request, body, request.headers.get(HEADER_LENGTH))
+            header, images = await loop.run_in_executor(
+                self.plane.runtime.decode_pool, parse_request, body, request.headers.get(HEADER_LENGTH)
+            )
             answer = OipAnswer(name, header)
             work = InferRequest(name, images, version_number(version), options=answer.options)
             body, headers = await unless_client_leaves(request, self.plane.infer(work, answer, check=answer.check))
@@ -108,7 +110,9 @@ class OipEndpoints:
                 serving = entry.enabled and version == entry.serving
                 if not only_ready or serving:
                     reason = "" if serving else ("unloaded" if not entry.enabled else "not the serving version")
-                    models.append({"name": entry.name, "version": str(version), "state": "READY" if serving else "UNAVAILABLE", "reason": reason})
+                    models.append(
+                        {"name": entry.name, "version": str(version), "state": "READY" if serving else "UNAVAILABLE", "reason": reason}
+                    )
         return models
 
     async def load(self, name: TaskName) -> Response:
@@ -128,13 +132,19 @@ def oip_router(plane: DataPlane, require_api, require_admin) -> APIRouter:
     add("", endpoints.server_metadata, methods=["GET"], summary="Server metadata")
     add("/health/live", endpoints.live, methods=["GET"], summary="200 while the process runs", response_class=Response)
     add(
-        "/health/ready", endpoints.ready, methods=["GET"], summary="200 once the backbone is loaded and warmed, 400 otherwise",
-        response_class=Response, responses={400: {"description": "not ready"}},
+        "/health/ready",
+        endpoints.ready,
+        methods=["GET"],
+        summary="200 once the backbone is loaded and warmed, 400 otherwise",
+        response_class=Response,
+        responses={400: {"description": "not ready"}},
     )
     api = {"dependencies": [Depends(require_api)], "responses": OIP_ERRORS}
     ready = {
-        "summary": "Model readiness: 200 ready, 400 not (empty bodies)", "response_class": Response,
-        "dependencies": api["dependencies"], "responses": {**OIP_ERRORS, 400: {"description": "not ready"}},
+        "summary": "Model readiness: 200 ready, 400 not (empty bodies)",
+        "response_class": Response,
+        "dependencies": api["dependencies"],
+        "responses": {**OIP_ERRORS, 400: {"description": "not ready"}},
     }
     infer = {"summary": "Inference", "response_class": Response, "openapi_extra": INFER_DOC, **api}
     for prefix in ("/models/{name}", "/models/{name}/versions/{version}"):
@@ -143,6 +153,13 @@ def oip_router(plane: DataPlane, require_api, require_admin) -> APIRouter:
         add(prefix + "/infer", endpoints.infer, methods=["POST"], **infer)
     admin = {"dependencies": [Depends(require_admin)], "responses": OIP_ERRORS}
     add("/repository/index", endpoints.index, methods=["POST"], summary="Models in the repository and their state", **admin)
-    add("/repository/models/{name}/load", endpoints.load, methods=["POST"], summary="Load a model (its newest version)", response_class=Response, **admin)
+    add(
+        "/repository/models/{name}/load",
+        endpoints.load,
+        methods=["POST"],
+        summary="Load a model (its newest version)",
+        response_class=Response,
+        **admin,
+    )
     add("/repository/models/{name}/unload", endpoints.unload, methods=["POST"], summary="Unload a model", response_class=Response, **admin)
     return router

@@ -56,7 +56,9 @@ async def read_images(request: Request, max_images: int) -> list[bytes]:
         try:
             body = ImagesRequest.model_validate_json(await request.body())
         except ValidationError as exc:
-            raise BadRequest(f"invalid JSON body: {exc.errors(include_url=False)[0]['msg']} (expected {{\"images\": [base64, ...]}})") from None
+            raise BadRequest(
+                f'invalid JSON body: {exc.errors(include_url=False)[0]["msg"]} (expected {{"images": [base64, ...]}})'
+            ) from None
         check_image_count(len(body.images), max_images)
         images = []
         for i, encoded in enumerate(body.images):
@@ -67,9 +69,7 @@ async def read_images(request: Request, max_images: int) -> list[bytes]:
         return images
     if content_type.startswith("image/") or content_type == "application/octet-stream":
         return [await request.body()]
-    raise UnsupportedMedia(
-        f"unsupported content type {content_type or '(none)'!r}: send multipart/form-data, application/json or an image"
-    )
+    raise UnsupportedMedia(f"unsupported content type {content_type or '(none)'!r}: send multipart/form-data, application/json or an image")
 
 
 def render(result: InferResult) -> bytes:
@@ -92,8 +92,13 @@ def render(result: InferResult) -> bytes:
 def task_info(entry: TaskEntry) -> TaskInfo:
     serving = entry.versions[entry.serving].manifest
     return TaskInfo(
-        name=entry.name, kind=serving.kind, enabled=entry.enabled, serving_version=entry.serving,
-        versions=sorted(entry.versions), labels=serving.labels, input_size=serving.input.size,
+        name=entry.name,
+        kind=serving.kind,
+        enabled=entry.enabled,
+        serving_version=entry.serving,
+        versions=sorted(entry.versions),
+        labels=serving.labels,
+        input_size=serving.input.size,
     )
 
 
@@ -131,9 +136,16 @@ def inference_router(plane: DataPlane, require_api) -> APIRouter:
     endpoints = InferenceEndpoints(plane)
     router = APIRouter(prefix="/v1/tasks", tags=["inference"], dependencies=[Depends(require_api)])
     router.add_api_route(
-        "/{task}/{kind}", endpoints.infer, methods=["POST"], response_model=InferResponse, responses=ERROR_RESPONSES,
-        openapi_extra=IMAGE_BODY, summary="Run images through a task",
+        "/{task}/{kind}",
+        endpoints.infer,
+        methods=["POST"],
+        response_model=InferResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra=IMAGE_BODY,
+        summary="Run images through a task",
     )
     router.add_api_route("", endpoints.list_tasks, methods=["GET"], response_model=list[TaskInfo], summary="Tasks this server can run")
-    router.add_api_route("/{task}", endpoints.get_task, methods=["GET"], response_model=TaskInfo, responses=ERROR_RESPONSES, summary="One task")
+    router.add_api_route(
+        "/{task}", endpoints.get_task, methods=["GET"], response_model=TaskInfo, responses=ERROR_RESPONSES, summary="One task"
+    )
     return router

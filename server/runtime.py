@@ -15,12 +15,12 @@ import torch
 from monaserve.adapters import Backbone
 from monaserve.adapters.swin import resolve_device
 
+from .config import ServeConfig
 from .decoding import Decoder, large_image_lane
 from .engine import Engine
 from .engine_client import EngineClient, LocalEngine
 from .errors import NotReady
 from .images import ImageLimits
-from .config import ServeConfig
 from .metrics import Metrics
 from .registry import Registry
 from .scheduler import Scheduler
@@ -107,7 +107,12 @@ class Runtime:
         self.metrics.ready.set(1)
         log.info(
             "ready: %s on %s (%s), %d slots, %d tasks in %s, %.1f s",
-            backbone.name, device, self.engine.dtype, config.gpu_slots, len(self.registry.catalog), config.store,
+            backbone.name,
+            device,
+            self.engine.dtype,
+            config.gpu_slots,
+            len(self.registry.catalog),
+            config.store,
             time.monotonic() - started,
         )
 

@@ -19,6 +19,8 @@ class OipError(BaseModel):
     """The Open Inference Protocol's error body."""
 
     error: str
+
+
 Location = Literal["gpu", "cpu", "store"]
 
 
@@ -53,7 +55,7 @@ def response_model(kind: TaskKind) -> type[BaseModel]:
 
 
 RESPONSES = {name: response_model(kind) for name, kind in KINDS.items()}
-InferResponse = Union[tuple(RESPONSES.values())]
+InferResponse = Union[tuple(RESPONSES.values())]  # noqa: UP007 (built from the registered kinds)
 ERROR_STATUSES = (400, 401, 403, 404, 408, 409, 413, 415, 422, 503, 504, 507)
 
 

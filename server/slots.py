@@ -68,8 +68,13 @@ class SlotPool:
     """The engine's slots, and the device bytes of what is in them (`budget_bytes`: None means slots only)."""
 
     def __init__(
-        self, engine: Engine, executor: Executor, metrics: Metrics, budget_bytes: int | None = None,
-        admission_timeout_s: float = 30.0, policy: EvictionPolicy | None = None,
+        self,
+        engine: Engine,
+        executor: Executor,
+        metrics: Metrics,
+        budget_bytes: int | None = None,
+        admission_timeout_s: float = 30.0,
+        policy: EvictionPolicy | None = None,
     ) -> None:
         self.engine = engine
         self.executor = executor

@@ -8,8 +8,16 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 
-from helpers import TINY
 from monaserve.adapters import Backbone, create_swin
+
+from helpers import TINY
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts processes of its own is slow: the fast tier (-m 'not slow') runs in this process."""
+    for item in items:
+        if item.get_closest_marker("process") is not None:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

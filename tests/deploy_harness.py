@@ -5,14 +5,12 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
-import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
+
+from monaserve import testing
 
 ROOT = Path(__file__).resolve().parents[1]
 NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
@@ -20,7 +18,7 @@ NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
 
 def require_tool(name: str) -> str:
     """The path of a Debian-packaged tool; skip without it, except in CI where `.ci/run` installs it."""
-    path = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
+    path = testing.find_tool(name)
     if path is None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{name} is missing; .ci/run installs it")
@@ -63,41 +61,6 @@ def parse_env(args: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in shlex.split(args))
 
 
-class Nginx:
-    """nginx on 127.0.0.1 running deploy/nginx/nginx.conf with its upstream pointed at `ports`."""
-
-    def __init__(self, ports: list[int], workdir: Path, port: int) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.workdir = workdir
-        config = NGINX_CONF.read_text()
-        servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=2 fail_timeout=10s;" for p in ports)
-        config, replaced = re.subn(r"(?m)^\s*server monaserve-\d:8000 [^\n]*\n(?:\s*server monaserve-\d:8000 [^\n]*\n)*", servers + "\n", config)
-        assert replaced == 1, "deploy/nginx/nginx.conf no longer has the upstream block this harness rewrites"
-        config, replaced = re.subn(r"listen 8080;", f"listen 127.0.0.1:{port};", config)
-        assert replaced == 1
-        temp = "".join(f"    {kind}_temp_path {workdir}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        config = config.replace("http {\n", f"http {{\n    access_log {workdir}/access.log;\n{temp}", 1)
-        user = "user root;\n" if os.geteuid() == 0 else ""
-        (workdir / "nginx.conf").write_text(f"{user}pid {workdir}/nginx.pid;\nerror_log {workdir}/error.log warn;\n{config}")
-        self.binary = require_tool("nginx")
-
-    def test_config(self) -> subprocess.CompletedProcess:
-        return subprocess.run([self.binary, "-t", "-p", str(self.workdir), "-c", str(self.workdir / "nginx.conf")], capture_output=True, text=True)
-
-    def __enter__(self) -> Nginx:
-        self.process = subprocess.Popen(
-            [self.binary, "-p", str(self.workdir), "-c", str(self.workdir / "nginx.conf"), "-g", "daemon off;"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(self.url + "/health/live", timeout=1)
-                return self
-            except httpx.TransportError:
-                time.sleep(0.1)
-        raise RuntimeError(f"nginx did not start: {(self.workdir / 'error.log').read_text()}")
-
-    def __exit__(self, *exc) -> None:
-        self.process.terminate()
-        self.process.wait(10)
+def Nginx(ports: list[int], workdir: Path, port: int) -> testing.Nginx:  # noqa: N802 (reads as the class it makes)
+    """nginx running deploy/nginx/nginx.conf in `workdir` on `port`, its upstream pointed at `ports`."""
+    return testing.Nginx(ports, workdir, port, config=NGINX_CONF, binary=require_tool("nginx"))

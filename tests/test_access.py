@@ -1,4 +1,4 @@
-"""Access control against a real server: inference behind --api-token, admin tokens, CORS, nothing secret
+"""Access control, in process: inference behind --api-token, admin tokens, CORS, nothing secret
 logged, and nothing fetched from or read at a location a request names."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import socket
 import threading
 import time
 
-import httpx
 import pytest
 
+from app_harness import InProcessServer
 from helpers import random_package
-from server_harness import TOKEN, ServerProcess, image_bytes
+from server_harness import TOKEN, image_bytes, store_of
 
 API_TOKEN = "inference-token-1234"
 ORIGIN = "https://app.example.com"
@@ -23,12 +23,15 @@ JPEG = {"content-type": "image/jpeg"}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_weights, shared_backbone):
-    store = tmp_path_factory.mktemp("store")
-    random_package(shared_backbone, "pets", seed=1).save(store / "pets" / "1.safetensors")
-    log = tmp_path_factory.mktemp("log") / "log"
-    env = {"MONASERVE_ADMIN_TOKEN": TOKEN, "MONASERVE_API_TOKEN": API_TOKEN}
-    with ServerProcess(tiny_weights, store, "--cors-origins", ORIGIN, env=env, log=log) as server:
+    store = store_of(tmp_path_factory, [random_package(shared_backbone, "pets", seed=1)])
+    with InProcessServer(tiny_weights, store, admin_token=TOKEN, api_token=API_TOKEN, cors_origins=ORIGIN) as server:
         yield server
+
+
+@pytest.fixture
+def http(server):
+    """Calls without a token of their own (each test adds the one it means)."""
+    return server.client(token=None)
 
 
 def bearer(token: str | None) -> dict[str, str]:
@@ -46,9 +49,9 @@ def bearer(token: str | None) -> dict[str, str]:
         ("POST", "/v2/models/pets/infer", b'{"inputs": []}'),
     ],
 )
-def test_inference_needs_the_api_token(server, method, path, body):
+def test_inference_needs_the_api_token(server, http, method, path, body):
     def call(token):
-        return httpx.request(method, server.url + path, content=body, headers={**JPEG, **bearer(token)}, timeout=60)
+        return http.request(method, path, content=body, headers={**JPEG, **bearer(token)}, timeout=60)
 
     missing, wrong = call(None), call("not-the-token")
     assert missing.status_code == 401 and wrong.status_code == 403
@@ -56,32 +59,32 @@ def test_inference_needs_the_api_token(server, method, path, body):
     assert call(TOKEN).status_code in (200, 400)  # the admin token opens inference too
 
 
-def test_health_metrics_and_the_page_stay_public(server):
+def test_health_metrics_and_the_page_stay_public(server, http):
     for path in ("/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready", "/metrics", "/"):
-        assert httpx.get(server.url + path).status_code == 200, path
+        assert http.get(path).status_code == 200, path
 
 
-def test_the_api_token_opens_no_admin_route(server):
-    assert httpx.get(server.url + "/v1/adapters", headers=bearer(API_TOKEN)).status_code == 403
-    assert httpx.post(server.url + "/v2/repository/index", headers=bearer(API_TOKEN)).status_code == 403
-    assert httpx.get(server.url + "/v1/adapters", headers=bearer(TOKEN)).status_code == 200
+def test_the_api_token_opens_no_admin_route(server, http):
+    assert http.get("/v1/adapters", headers=bearer(API_TOKEN)).status_code == 403
+    assert http.post("/v2/repository/index", headers=bearer(API_TOKEN)).status_code == 403
+    assert http.get("/v1/adapters", headers=bearer(TOKEN)).status_code == 200
 
 
-def test_cors_only_for_the_configured_origin(server, tmp_path, tiny_weights):
+def test_cors_only_for_the_configured_origin(server, http, tmp_path, tiny_weights):
     preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
-    allowed = httpx.options(server.url + "/v1/tasks/pets/classify", headers=preflight)
+    allowed = http.options("/v1/tasks/pets/classify", headers=preflight)
     assert allowed.headers.get("access-control-allow-origin") == ORIGIN
-    other = httpx.options(server.url + "/v1/tasks/pets/classify", headers={**preflight, "Origin": "https://evil.example"})
+    other = http.options("/v1/tasks/pets/classify", headers={**preflight, "Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in other.headers
-    with ServerProcess(tiny_weights, tmp_path / "store", log=tmp_path / "log") as default:  # CORS off by default
-        answer = httpx.get(default.url + "/v1/tasks", headers={"Origin": ORIGIN})
+    with InProcessServer(tiny_weights, tmp_path / "store") as default:  # CORS off by default
+        answer = default.client(token=None).get("/v1/tasks", headers={"Origin": ORIGIN})
         assert answer.status_code == 200 and "access-control-allow-origin" not in answer.headers
 
 
-def test_tokens_never_reach_the_log(server):
+def test_tokens_never_reach_the_log(server, http):
     for token in (TOKEN, API_TOKEN, "a-wrong-token-5678"):
-        httpx.get(server.url + "/v1/adapters", headers=bearer(token))
-        httpx.post(server.url + "/v1/tasks/pets/classify", content=image_bytes(0), headers={**JPEG, **bearer(token)})
+        http.get("/v1/adapters", headers=bearer(token))
+        http.post("/v1/tasks/pets/classify", content=image_bytes(0), headers={**JPEG, **bearer(token)})
     log = server.log()
     assert "/v1/adapters" in log or "pets" in log  # the log is being written
     for token in (TOKEN, API_TOKEN, "a-wrong-token-5678"):
@@ -131,8 +134,8 @@ def body_fields(node, schema: dict, seen: frozenset = frozenset()) -> list[tuple
 LOCATION = re.compile(r"url|uri|path|file|location|href|source|src", re.I)
 
 
-def test_no_route_takes_a_location_and_none_is_fetched(server):
-    schema = httpx.get(server.url + "/openapi.json").json()
+def test_no_route_takes_a_location_and_none_is_fetched(server, http):
+    schema = http.get("/openapi.json").json()
     named, fields = [], []
     for route, operations in schema["paths"].items():
         for method, operation in operations.items():
@@ -146,20 +149,18 @@ def test_no_route_takes_a_location_and_none_is_fetched(server):
     try:
         url = listener.url.encode()
         answers = [
-            httpx.post(server.url + "/v1/tasks/pets/classify", json={"images": [listener.url]}, headers=auth),
-            httpx.post(server.url + "/v1/tasks/pets/classify", content=url, headers={**auth, "content-type": "text/uri-list"}),
-            httpx.post(server.url + "/v1/tasks/pets/classify", files={"image": ("/etc/passwd", url)}, headers=auth),
-            httpx.post(
-                server.url + "/v2/models/pets/infer",
+            http.post("/v1/tasks/pets/classify", json={"images": [listener.url]}, headers=auth),
+            http.post("/v1/tasks/pets/classify", content=url, headers={**auth, "content-type": "text/uri-list"}),
+            http.post("/v1/tasks/pets/classify", files={"image": ("/etc/passwd", url)}, headers=auth),
+            http.post(
+                "/v2/models/pets/infer",
                 content=json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [listener.url]}]}),
                 headers=auth,
             ),
-            httpx.put(server.url + "/v1/adapters/pets", content=url, headers=auth),
-            httpx.put(server.url + "/v1/adapters/pets", content=base64.b64encode(url), headers=auth),
+            http.put("/v1/adapters/pets", content=url, headers=auth),
+            http.put("/v1/adapters/pets", content=base64.b64encode(url), headers=auth),
         ]
-        ignored = httpx.post(
-            server.url + "/v1/adapters/pets/load", json={"url": listener.url, "path": "/etc/passwd"}, headers=auth, timeout=60
-        )
+        ignored = http.post("/v1/adapters/pets/load", json={"url": listener.url, "path": "/etc/passwd"}, headers=auth, timeout=60)
         time.sleep(0.5)
     finally:
         listener.close()

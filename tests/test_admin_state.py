@@ -13,13 +13,22 @@ import pytest
 from helpers import random_package
 from server_harness import TOKEN, ServerProcess, image_bytes
 
+pytestmark = pytest.mark.process
+
 JPEG = {"content-type": "image/jpeg"}
 
 
 def replica(tmp_path, weights, name: str, *args: str) -> ServerProcess:
     return ServerProcess(
-        weights, tmp_path / "store", "--catalog-refresh-s", "0.5", "--replica-id", name, *args,
-        env={"MONASERVE_ADMIN_TOKEN": TOKEN}, log=tmp_path / f"{name}.log",
+        weights,
+        tmp_path / "store",
+        "--catalog-refresh-s",
+        "0.5",
+        "--replica-id",
+        name,
+        *args,
+        env={"MONASERVE_ADMIN_TOKEN": TOKEN},
+        log=tmp_path / f"{name}.log",
     )
 
 
@@ -102,8 +111,16 @@ def test_uploads_racing_purges_are_never_a_500(tmp_path, tiny_weights, shared_ba
         with a.client() as uploader, b.client() as purger:
             for round_ in range(12):
                 results = {}
-                upload = threading.Thread(target=lambda: results.__setitem__("put", uploader.put("/v1/adapters/race", content=packages[round_ % 2])))
-                purge = threading.Thread(target=lambda: results.__setitem__("delete", purger.delete("/v1/adapters/race", params={"purge": "true"})))
+                upload = threading.Thread(
+                    target=lambda results=results, package=packages[round_ % 2]: results.__setitem__(
+                        "put", uploader.put("/v1/adapters/race", content=package)
+                    )
+                )
+                purge = threading.Thread(
+                    target=lambda results=results: results.__setitem__(
+                        "delete", purger.delete("/v1/adapters/race", params={"purge": "true"})
+                    )
+                )
                 upload.start()
                 time.sleep(0.002 * (round_ % 4))
                 purge.start()

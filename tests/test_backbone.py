@@ -11,8 +11,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from helpers import TINY
 from monaserve.adapters import Backbone, BackboneError, Mona, MonaBank, create_swin, fingerprint_module, inject_mona
+
+from helpers import TINY
 
 
 def test_random_init_is_reproducible_by_seed():
@@ -94,15 +95,13 @@ def _fake_hub_cache(root: Path, repo_id: str, weights: Path) -> None:
     (repo / "refs" / "main").write_text(commit)
 
 
+@pytest.mark.process
 def test_hub_code_path_loads_from_the_hugging_face_cache(tmp_path, tiny_weights):
     """The real `weights="hub"` path (timm -> huggingface_hub), served offline from a populated cache."""
     cache = tmp_path / "hub"
     _fake_hub_cache(cache, "timm/swin_tiny_patch4_window7_224.ms_in1k", tiny_weights)
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    code = (
-        "from monaserve.adapters import Backbone\n"
-        f"print(Backbone.load('{TINY}', 'hub').fingerprint)\n"
-    )
+    code = f"from monaserve.adapters import Backbone\nprint(Backbone.load('{TINY}', 'hub').fingerprint)\n"
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == Backbone.load(TINY, tiny_weights).fingerprint

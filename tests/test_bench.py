@@ -28,6 +28,7 @@ def run_bench(script: str, tmp_path: Path, *args: str) -> dict:
     return result
 
 
+@pytest.mark.process
 def test_engine_bench(tmp_path):
     result = run_bench("engine_bench.py", tmp_path, "--batch", "2", "--tasks", "2", "--rounds", "1", "--no-compile")
     variants = {v["variant"]: v for v in result["variants"]}
@@ -36,10 +37,21 @@ def test_engine_bench(tmp_path):
     assert all(v["images_per_s"] > 0 and v["ratio_to_plain"] > 0 for v in variants.values())
 
 
+@pytest.mark.process
 def test_capacity_bench(tmp_path):
     result = run_bench(
-        "capacity_bench.py", tmp_path, "--backbone", "swin_tiny_patch4_window7_224", "--slots", "2", "--batch", "2",
-        "--switches", "1", "--labels", "10",
+        "capacity_bench.py",
+        tmp_path,
+        "--backbone",
+        "swin_tiny_patch4_window7_224",
+        "--slots",
+        "2",
+        "--batch",
+        "2",
+        "--switches",
+        "1",
+        "--labels",
+        "10",
     )
     math = result["memory_math_bf16"]
     assert math["per_task_bytes"] == math["slot_bytes"] + math["head_bytes"]
@@ -62,7 +74,7 @@ def test_serve_bench(tmp_path):
 def test_a_minute_of_load_with_adapter_churn_loses_nothing(tmp_path):
     """bench/churn.py at its full width (20 tasks, 60 s) but without its 10k-request soak: every answer
     is one the server may give, no answer mixes versions, the catalog ends as uploaded. (A minute is too
-    short for RSS to level off; the soak's figures are in docs/RELIABILITY.md, and
+    short for RSS to level off; the soak's figures are in docs/reliability.md, and
     test_server_serving.py checks that repeated uploads and requests do not accumulate memory.)"""
     result = run_bench("churn.py", tmp_path, "--duration", "60", "--min-requests", "0")
     print("churn:", {k: result[k] for k in ("requests", "answers", "latency_ms", "admin", "versions_checked")}, result["memory"])
@@ -112,4 +124,3 @@ def test_attack_bench(tmp_path):
     assert cases["oip: mask output listed 50 times"]["status"] == 400
     assert cases["v1: 8 4000x3000 JPEGs, rle=true"]["status"] == 200
     assert set(result["scenarios"]["memory"]["answers"]) <= {"200", "503"}
-

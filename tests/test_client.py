@@ -16,8 +16,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import random_package
-from server_harness import MONASERVE, TOKEN, free_port, image_bytes, serve_tasks
 from monaserve.client import (
     AsyncMonaClient,
     Classification,
@@ -29,10 +27,17 @@ from monaserve.client import (
     Segmentation,
 )
 
+from helpers import random_package
+from server_harness import MONASERVE, TOKEN, free_port, image_bytes, serve_tasks
+
+pytestmark = pytest.mark.process
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_weights, shared_backbone):
-    with serve_tasks(tmp_path_factory, tiny_weights, shared_backbone, {"pets": "classify", "boxes": "detect", "masks": "segment"}) as server:
+    with serve_tasks(
+        tmp_path_factory, tiny_weights, shared_backbone, {"pets": "classify", "boxes": "detect", "masks": "segment"}
+    ) as server:
         yield server
 
 
@@ -214,8 +219,7 @@ def test_retry_after_values_are_bounded():
 
 
 def test_cli_takes_only_url_and_token_from_the_environment(server, tmp_path):
-    env = {**os.environ, "MONASERVE_URL": server.url, "MONASERVE_ADMIN_TOKEN": TOKEN, "MONASERVE_PURGE": "1",
-           "MONASERVE_VERSION": "99"}
+    env = {**os.environ, "MONASERVE_URL": server.url, "MONASERVE_ADMIN_TOKEN": TOKEN, "MONASERVE_PURGE": "1", "MONASERVE_VERSION": "99"}
     env.pop("MONASERVE_TOKEN", None)
     image = tmp_path / "x.jpg"
     image.write_bytes(image_bytes(1))

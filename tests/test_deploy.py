@@ -15,9 +15,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from monaserve.server.cli import build_parser
+
 from deploy_harness import ROOT, Nginx, parse_dockerfile, parse_env, require_tool
 from server_harness import TOKEN, free_port
-from monaserve.server.cli import build_parser
 
 K8S = ROOT / "deploy" / "k8s"
 
@@ -73,6 +74,7 @@ def test_image_holds_no_weights_and_the_context_leaves_them_out(dockerfile):
     assert {".git", ".venv", "var", "*.safetensors", "*.pth"} <= set(ignored)
 
 
+@pytest.mark.process
 def test_the_copied_sources_build_the_package(dockerfile, tmp_path):
     """The files the build stage copies are enough to build the wheel it installs."""
     context = tmp_path / "src"
@@ -88,22 +90,32 @@ def test_the_copied_sources_build_the_package(dockerfile, tmp_path):
                 shutil.copy(ROOT / source, destination)
     done = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(context)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("monaserve-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"monaserve/server/cli.py", "monaserve/adapters/mona.py", "monaserve/client/__init__.py", "monaserve/server/static/playground.html"} <= names
+    assert {
+        "monaserve/server/cli.py",
+        "monaserve/adapters/mona.py",
+        "monaserve/client/__init__.py",
+        "monaserve/server/static/playground.html",
+    } <= names
 
 
+@pytest.mark.process
 def test_entrypoint_and_healthcheck_work_when_run_directly(dockerfile, tiny_weights, tmp_path):
     """The image's ENTRYPOINT with its ENV (paths pointed at local files), then its HEALTHCHECK command."""
     runtime = dockerfile[1][-1]
     env = {k: v for args in runtime.all("ENV") for k, v in parse_env(args).items() if k.startswith("MONASERVE_")}
     port = free_port()
     env |= {
-        "MONASERVE_HOST": "127.0.0.1", "MONASERVE_PORT": str(port), "MONASERVE_WEIGHTS": str(tiny_weights),
-        "MONASERVE_STORE": str(tmp_path / "adapters"), "MONASERVE_ADMIN_TOKEN": TOKEN,
+        "MONASERVE_HOST": "127.0.0.1",
+        "MONASERVE_PORT": str(port),
+        "MONASERVE_WEIGHTS": str(tiny_weights),
+        "MONASERVE_STORE": str(tmp_path / "adapters"),
+        "MONASERVE_ADMIN_TOKEN": TOKEN,
     }
     command = json.loads(runtime.all("ENTRYPOINT")[0])
     executable = Path(sys.executable).with_name(command[0])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import TINY, random_package
 from monaserve.adapters import (
     SUPPORTED_BACKBONES,
     AdapterPackage,
@@ -15,6 +14,8 @@ from monaserve.adapters import (
     expected_shapes,
 )
 from monaserve.server.engine import Engine
+
+from helpers import TINY, random_package
 
 REDUCED_DEPTHS = (2, 2, 2, 2)  # every width, window and shifted block of the backbone, fewer repeats
 
@@ -59,6 +60,7 @@ def test_mixed_batch_equals_each_image_alone_and_the_reference(tasks, tiny_weigh
     assert len({tuple(mixed[i].shape) for i in range(6)}) == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SUPPORTED_BACKBONES)
 def test_folded_engine_equals_reference_model_on_every_backbone(name):
     """fp32, random weights with non-trivial gamma, through every block of the (reduced-depth) backbone."""

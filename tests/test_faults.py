@@ -14,9 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import random_package
 from monaserve.adapters import BackboneRef
+
+from helpers import random_package
 from server_harness import TOKEN, ServerProcess, image_bytes, serve_tasks
+
+pytestmark = pytest.mark.process
 
 IMAGE = {"image": ("x.jpg", image_bytes(3), "image/jpeg")}
 
@@ -114,7 +117,9 @@ def test_corrupt_files_in_the_store_are_skipped_logged_and_counted_once(tmp_path
     alpha2 = random_package(shared_backbone, "alpha", seed=5, num_labels=4, version=2).to_bytes()
     foreign = random_package(shared_backbone, "gamma", seed=6, num_labels=4)
     foreign = type(foreign)(
-        manifest=foreign.manifest.model_copy(update={"backbone": BackboneRef(name=foreign.manifest.backbone.name, fingerprint="sha256:" + "0" * 64)}),
+        manifest=foreign.manifest.model_copy(
+            update={"backbone": BackboneRef(name=foreign.manifest.backbone.name, fingerprint="sha256:" + "0" * 64)}
+        ),
         tensors=foreign.tensors,
     )
     with server, server.client() as client:

@@ -12,6 +12,8 @@ import pytest
 from helpers import random_package
 from server_harness import TOKEN, ServerProcess
 
+pytestmark = pytest.mark.process
+
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance"
 EXAMPLES = 25  # per operation and phase: bounded so CI stays short
 
@@ -24,9 +26,23 @@ def test_every_route_and_method_survives_fuzzing(tmp_path, tiny_weights, shared_
     with ServerProcess(tiny_weights, store, env={"MONASERVE_ADMIN_TOKEN": TOKEN}, log=tmp_path / "log") as server:
         schemathesis = Path(sys.executable).with_name("schemathesis")
         run = subprocess.run(
-            [str(schemathesis), "run", f"{server.url}/openapi.json", "--checks", CHECKS, "--max-examples", str(EXAMPLES),
-             "--seed", "20261123", "-H", f"Authorization: Bearer {TOKEN}", "--no-color"],
-            capture_output=True, text=True, timeout=600,
+            [
+                str(schemathesis),
+                "run",
+                f"{server.url}/openapi.json",
+                "--checks",
+                CHECKS,
+                "--max-examples",
+                str(EXAMPLES),
+                "--seed",
+                "20261123",
+                "-H",
+                f"Authorization: Bearer {TOKEN}",
+                "--no-color",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         assert "Traceback" not in server.log()
     summary = run.stdout[run.stdout.rfind("SUMMARY") :]

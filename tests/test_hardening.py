@@ -1,5 +1,5 @@
 """A hostile client against a real server: every failure is a well-formed answer on a connection that
-stays usable, work per request is bounded, and slow or half-open clients time out (docs/RELIABILITY.md)."""
+stays usable, work per request is bounded, and slow or half-open clients time out (docs/reliability.md)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,9 @@ import os
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 import zlib
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -22,16 +20,36 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from monaserve.adapters import InputSpec
+from monaserve.testing import FAULTS
+
 from deploy_harness import require_tool
 from helpers import random_package
-from monaserve.adapters import InputSpec
 from server_harness import MONASERVE, TOKEN, image_bytes, serve_tasks
 
-FAULT_LAUNCHER = [sys.executable, str(Path(__file__).with_name("fault_launcher.py"))]
+pytestmark = pytest.mark.process
+
+FAULT_LAUNCHER = FAULTS
 TASKS = {"cls": "classify", "seg": "segment"}
 STRICT = (
-    "--header-timeout-s", "1.5", "--body-timeout-s", "1.5", "--body-min-rate", "200", "--max-request-pixels", "2000000",
-    "--max-response-mb", "1", "--max-body-buffer-mb", "1", "--max-connections", "30", "--keep-alive-s", "3", "--max-delay-ms", "1",
+    "--header-timeout-s",
+    "1.5",
+    "--body-timeout-s",
+    "1.5",
+    "--body-min-rate",
+    "200",
+    "--max-request-pixels",
+    "2000000",
+    "--max-response-mb",
+    "1",
+    "--max-body-buffer-mb",
+    "1",
+    "--max-connections",
+    "30",
+    "--keep-alive-s",
+    "3",
+    "--max-delay-ms",
+    "1",
 )
 
 
@@ -48,7 +66,10 @@ def empty_iccp_png() -> bytes:
 def server(tmp_path_factory, tiny_weights, shared_backbone):
     """A server whose segment post-processing raises on /v1 and /v2 (patched in its process by the tests' launcher),
     with tight limits and timeouts so each guard can be reached quickly."""
-    launcher = [*FAULT_LAUNCHER, "monaserve.adapters.kinds.segment:Segment.to_json,monaserve.adapters.transforms:Prepared.class_map_to_original"]
+    launcher = [
+        *FAULT_LAUNCHER,
+        "monaserve.adapters.kinds.segment:Segment.to_json,monaserve.adapters.transforms:Prepared.class_map_to_original",
+    ]
     with serve_tasks(tmp_path_factory, tiny_weights, shared_backbone, TASKS, *STRICT, input_size=64, launcher=launcher) as server:
         yield server
 
@@ -122,9 +143,16 @@ def test_an_internal_error_answers_500_json_and_the_connection_serves_the_next_r
         sock.sendall(raw_request("POST", "/v1/tasks/cls/classify", image_bytes(1)))
         status, _, body = read_response(sock)
         assert status == 200 and json.loads(body)["task"] == "cls"
-        sock.sendall(raw_request("POST", "/v2/models/seg/infer", json.dumps({"inputs": [
-            {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(image_bytes(2)).decode()]}]}).encode(),
-            content_type="application/json"))
+        sock.sendall(
+            raw_request(
+                "POST",
+                "/v2/models/seg/infer",
+                json.dumps(
+                    {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(image_bytes(2)).decode()]}]}
+                ).encode(),
+                content_type="application/json",
+            )
+        )
         status, _, body = read_response(sock)
         assert status == 500 and json.loads(body) == {"error": "internal: internal error: RuntimeError"}
         sock.sendall(raw_request("GET", "/health/live"))
@@ -145,10 +173,14 @@ def test_a_png_that_crashes_the_decoder_is_a_400_naming_the_image(http, route):
         body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(data).decode()]}]}
         response = http.post("/v2/models/cls/infer", json=body)
     else:
-        header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
-                                         "parameters": {"binary_data_size": len(data) + 4}}]}).encode()
-        response = http.post("/v2/models/cls/infer", content=header + struct.pack("<I", len(data)) + data,
-                             headers={"Inference-Header-Content-Length": str(len(header)), "content-type": "application/octet-stream"})
+        header = json.dumps(
+            {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(data) + 4}}]}
+        ).encode()
+        response = http.post(
+            "/v2/models/cls/infer",
+            content=header + struct.pack("<I", len(data)) + data,
+            headers={"Inference-Header-Content-Length": str(len(header)), "content-type": "application/octet-stream"},
+        )
     assert response.status_code == 400, response.text
     message = response.json().get("message") or response.json()["error"]
     assert "image 0" in message and "IndexError" in message
@@ -398,8 +430,13 @@ def test_no_slash_redirects(http):
 
 @pytest.mark.parametrize("variable", ["MONASERVE_ADMIN_TOKEN", "MONASERVE_API_TOKEN"])
 def test_an_empty_token_refuses_to_start(tmp_path, variable):
-    done = subprocess.run([MONASERVE, "serve", "--random-init", "--store", str(tmp_path)], env={**os.environ, variable: " "},
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [MONASERVE, "serve", "--random-init", "--store", str(tmp_path)],
+        env={**os.environ, variable: " "},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and "is set but empty" in done.stderr and done.stderr.count("\n") == 1
 
 
@@ -408,8 +445,9 @@ def test_at_the_descriptor_limit_the_log_stays_small_and_the_server_recovers(tmp
     """With 300 descriptors and 400 connections held open, the server refuses what it cannot take, logs
     a bounded amount, and answers again once the connections close."""
     launcher = [require_tool("prlimit"), "--nofile=300:300"]
-    with serve_tasks(tmp_path_factory, tiny_weights, shared_backbone, {"cls": "classify"}, "--header-timeout-s", "30",
-                     input_size=64, launcher=launcher) as server:
+    with serve_tasks(
+        tmp_path_factory, tiny_weights, shared_backbone, {"cls": "classify"}, "--header-timeout-s", "30", input_size=64, launcher=launcher
+    ) as server:
         logged = server.log_path.stat().st_size
         held = []
         for _ in range(400):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from torchvision.ops import box_iou
 
-from helpers import TINY, make_manifest, random_package
 from monaserve.adapters import Backbone, DetectHead, Manifest, MonaTaskModel, SegmentHead, forward_pyramid
 from monaserve.server.engine import Engine
+
+from helpers import TINY, make_manifest, random_package
 
 STAGES = [96, 192, 384, 768]
 

@@ -13,9 +13,11 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from helpers import make_manifest, random_adapter_tensors, random_package
 from monaserve.adapters import AdapterPackage, Backbone, expected_shapes
-from server_harness import TOKEN, ServerProcess, image_bytes
+
+from app_harness import InProcessServer
+from helpers import make_manifest, random_adapter_tensors, random_package
+from server_harness import TOKEN, image_bytes, store_of
 
 JPEG = {"content-type": "image/jpeg"}
 
@@ -75,9 +77,7 @@ HOSTILE = {
     "empty": lambda good, b: b"",
     "truncated": lambda good, b: good[: len(good) // 2],
     "header length huge": lambda good, b: struct.pack("<Q", 2**62) + good[8:],
-    "offsets past the end": lambda good, b: edit_header(
-        good, lambda h: h[first_tensor(h)].__setitem__("data_offsets", [0, len(good) * 4])
-    ),
+    "offsets past the end": lambda good, b: edit_header(good, lambda h: h[first_tensor(h)].__setitem__("data_offsets", [0, len(good) * 4])),
     "overlapping offsets": lambda good, b: edit_header(
         good, lambda h: h[first_tensor(h)].__setitem__("data_offsets", [0, h[first_tensor(h)]["data_offsets"][1] + 8])
     ),
@@ -99,10 +99,8 @@ HOSTILE = {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_weights, shared_backbone):
-    store = tmp_path_factory.mktemp("store")
-    random_package(shared_backbone, "pets", seed=1).save(store / "pets" / "1.safetensors")
-    log = tmp_path_factory.mktemp("log") / "log"
-    with ServerProcess(tiny_weights, store, env={"MONASERVE_ADMIN_TOKEN": TOKEN}, log=log) as server:
+    store = store_of(tmp_path_factory, [random_package(shared_backbone, "pets", seed=1)])
+    with InProcessServer(tiny_weights, store, admin_token=TOKEN) as server:
         yield server
 
 
@@ -120,7 +118,9 @@ def test_hostile_package_is_refused_and_nothing_changes(server, shared_backbone,
     assert sorted(p.relative_to(server.store).as_posix() for p in server.store.rglob("*") if p.is_file()) == ["pets/1.safetensors"]
 
 
-@pytest.mark.parametrize("path", ["/v1/adapters/..%2F..%2Fetc", "/v1/adapters/%2e%2e", "/v1/adapters/p%D0%B5ts", "/v1/adapters/" + "a" * 65])
+@pytest.mark.parametrize(
+    "path", ["/v1/adapters/..%2F..%2Fetc", "/v1/adapters/%2e%2e", "/v1/adapters/p%D0%B5ts", "/v1/adapters/" + "a" * 65]
+)
 def test_names_in_the_url_cannot_escape_the_store(server, path):
     with server.client() as client:
         response = client.put(path, content=b"x")

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import randomize_
 from monaserve.adapters import SUPPORTED_BACKBONES, Mona, MonaBank, SlotRouting, create_swin, fold_mona, mona_parameters
 from monaserve.adapters.swin import block_dims
+
+from helpers import randomize_
 
 
 class ReferenceMonaOp(nn.Module):

@@ -7,13 +7,13 @@ import io
 import json
 import struct
 
-import httpx
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from server_harness import TOKEN, image_bytes, serve_tasks
+from app_harness import app_with_tasks
+from server_harness import TOKEN, image_bytes
 
 HEADER = "Inference-Header-Content-Length"
 OVERRUN = b'{"inputs":[{"name":"image","datatype":"BYTES","shape":[1],"parameters":{"binary_data_size":99}}]}'
@@ -21,14 +21,15 @@ OVERRUN = b'{"inputs":[{"name":"image","datatype":"BYTES","shape":[1],"parameter
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_weights, shared_backbone):
-    with serve_tasks(tmp_path_factory, tiny_weights, shared_backbone, {"pets": "classify", "boxes": "detect", "masks": "segment"}) as server:
+    with app_with_tasks(
+        tmp_path_factory, tiny_weights, shared_backbone, {"pets": "classify", "boxes": "detect", "masks": "segment"}
+    ) as server:
         yield server
 
 
 @pytest.fixture
 def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        yield client
+    return server.client(token=None)
 
 
 def bytes_input(*images: bytes) -> dict:
@@ -91,7 +92,9 @@ def test_binary_tensor_extension_both_ways(http):
         "outputs": [{"name": "scores", "parameters": {"binary_data": True}}, {"name": "labels", "parameters": {"binary_data": True}}],
     }
     text = json.dumps(header).encode()
-    response = http.post("/v2/models/pets/infer", content=text + data, headers={HEADER: str(len(text)), "content-type": "application/octet-stream"})
+    response = http.post(
+        "/v2/models/pets/infer", content=text + data, headers={HEADER: str(len(text)), "content-type": "application/octet-stream"}
+    )
     assert response.status_code == 200, response.text
     length = int(response.headers[HEADER])
     body = json.loads(response.content[:length])
@@ -138,12 +141,24 @@ def test_segment_mask_matches_the_v1_png(http):
     [
         (b"{not json", {}, "not valid JSON"),
         (json.dumps({"inputs": []}).encode(), {}, "non-empty 'inputs'"),
-        (json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": ["AAAA"]}]}).encode(), {}, "1 values for a shape of 2"),
+        (
+            json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": ["AAAA"]}]}).encode(),
+            {},
+            "1 values for a shape of 2",
+        ),
         (json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}).encode(), {}, "base64"),
         (json.dumps({"inputs": [{"name": "image", "datatype": "NOPE", "shape": [1], "data": [""]}]}).encode(), {}, "unknown datatype"),
-        (json.dumps({"inputs": [{"name": "other", "datatype": "BYTES", "shape": [1], "data": ["AAAA"]}]}).encode(), {}, "exactly one input"),
+        (
+            json.dumps({"inputs": [{"name": "other", "datatype": "BYTES", "shape": [1], "data": ["AAAA"]}]}).encode(),
+            {},
+            "exactly one input",
+        ),
         (OVERRUN + b"\x00" * 10, {HEADER: str(len(OVERRUN))}, "past the end"),
-        (json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [2, 2, 4], "data": [0] * 16}]}).encode(), {}, "UINT8 of shape"),
+        (
+            json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [2, 2, 4], "data": [0] * 16}]}).encode(),
+            {},
+            "UINT8 of shape",
+        ),
         (json.dumps({"inputs": [bytes_input(image_bytes(0))], "outputs": [{"name": "boxes"}]}).encode(), {}, "unknown output"),
         (json.dumps({"inputs": [bytes_input(b"not an image")]}).encode(), {}, "not a JPEG"),
         (json.dumps({"inputs": [bytes_input(image_bytes(0))], "parameters": {"top_k": "many"}}).encode(), {}, "top_k"),
@@ -187,6 +202,15 @@ def test_requests_are_checked_before_inference(server, http):
     assert response.status_code == 400 and "nested" in response.json()["error"]
     too_large = http.post("/v2/models/pets/infer", content=b"x" * (65 * 2**20), headers={"content-type": "application/json"})
     assert too_large.status_code == 413 and list(too_large.json()) == ["error"]
+
+
+def test_too_many_images_is_the_same_413_on_both_protocols(http):
+    """One limit in the data plane: --max-images-per-request (64 here), refused before anything is decoded."""
+    many = [b"not even an image"] * 65
+    v2 = http.post("/v2/models/pets/infer", json={"inputs": [bytes_input(*many)]})
+    v1 = http.post("/v1/tasks/pets/classify", json={"images": [base64.b64encode(m).decode() for m in many]})
+    assert v2.status_code == v1.status_code == 413
+    assert "65 images in one request; the limit is 64" in v2.json()["error"] and v2.json()["error"].endswith(v1.json()["message"])
 
 
 def test_an_unloaded_model_serves_no_version(server, http):

@@ -12,7 +12,6 @@ import safetensors
 import safetensors.torch
 import torch
 
-from helpers import make_manifest, random_package
 from monaserve.adapters import (
     AdapterPackage,
     Backbone,
@@ -25,10 +24,13 @@ from monaserve.adapters import (
 from monaserve.adapters import package as package_module
 from monaserve.adapters.package import METADATA_KEY
 
+from helpers import make_manifest, random_package
 
-@pytest.fixture
-def package(tiny_backbone: Backbone) -> AdapterPackage:
-    return random_package(tiny_backbone, "flowers", seed=0)
+
+@pytest.fixture(scope="module")
+def package(shared_backbone: Backbone) -> AdapterPackage:
+    """A valid package (read-only: tests that change one make a copy)."""
+    return random_package(shared_backbone, "flowers", seed=0)
 
 
 def raw_with_manifest(package: AdapterPackage, manifest_json: str | None) -> bytes:
@@ -49,23 +51,23 @@ def test_manifest_from_the_header_alone(tmp_path, package):
         read_manifest(tmp_path / "bad")
 
 
-def test_round_trip_through_a_file(tmp_path, package, tiny_backbone):
+def test_round_trip_through_a_file(tmp_path, package, shared_backbone):
     path = package.save(tmp_path / "flowers" / "1.safetensors")
     loaded = AdapterPackage.read(path)
     assert loaded.manifest == package.manifest
     assert loaded.tensors.keys() == package.tensors.keys()
     assert all(torch.equal(loaded.tensors[k], package.tensors[k]) for k in package.tensors)
-    check_compatible(loaded, tiny_backbone)
+    check_compatible(loaded, shared_backbone)
     assert loaded.nbytes == (1_408_128 + 2 * 768 + 769 * 5) * 4
     with safetensors.safe_open(path, framework="pt") as f:  # a plain safetensors file for any reader
         assert json.loads(f.metadata()[METADATA_KEY])["name"] == "flowers"
     assert [p.name for p in path.parent.iterdir()] == ["1.safetensors"]
 
 
-def test_failed_save_leaves_the_previous_file_and_no_temp(tmp_path, package, monkeypatch, tiny_backbone):
+def test_failed_save_leaves_the_previous_file_and_no_temp(tmp_path, package, monkeypatch, shared_backbone):
     path = package.save(tmp_path / "1.safetensors")
     before = path.read_bytes()
-    other = random_package(tiny_backbone, "flowers", seed=1)
+    other = random_package(shared_backbone, "flowers", seed=1)
 
     def broken_fsync(fd):
         raise OSError(28, "No space left on device")
@@ -147,9 +149,9 @@ def test_integer_tensors_are_refused(package):
         AdapterPackage.from_bytes(AdapterPackage(package.manifest, tensors).to_bytes())
 
 
-def test_half_precision_packages_are_accepted(package, tiny_backbone):
+def test_half_precision_packages_are_accepted(package, shared_backbone):
     half = AdapterPackage(package.manifest, {k: v.to(torch.bfloat16) for k, v in package.tensors.items()})
-    check_compatible(AdapterPackage.from_bytes(half.to_bytes()), tiny_backbone)
+    check_compatible(AdapterPackage.from_bytes(half.to_bytes()), shared_backbone)
 
 
 def _torch_save_bytes(obj, zipfile: bool) -> bytes:
@@ -199,42 +201,42 @@ def test_oversized_packages_are_refused_before_parsing(package, monkeypatch, tmp
         AdapterPackage.read(path)
 
 
-def test_other_backbone_weights_name_both_fingerprints(package, tiny_backbone):
+def test_other_backbone_weights_name_both_fingerprints(package, shared_backbone):
     other = Backbone.load("swin_tiny_patch4_window7_224", "random", seed=99)
     with pytest.raises(IncompatibleAdapterError) as info:
         check_compatible(package, other)
     message = str(info.value)
     assert "adapter 'flowers' v1 was trained on other weights" in message
-    assert tiny_backbone.fingerprint[7:19] in message and other.fingerprint[7:19] in message
+    assert shared_backbone.fingerprint[7:19] in message and other.fingerprint[7:19] in message
 
 
-def test_other_backbone_architecture(package, tiny_backbone):
+def test_other_backbone_architecture(package, shared_backbone):
     manifest = package.manifest.model_copy(
         update={"backbone": package.manifest.backbone.model_copy(update={"name": "swin_small_patch4_window7_224"})}
     )
     with pytest.raises(IncompatibleAdapterError, match="trained on backbone 'swin_small_patch4_window7_224'"):
-        check_compatible(AdapterPackage(manifest, package.tensors), tiny_backbone)
+        check_compatible(AdapterPackage(manifest, package.tensors), shared_backbone)
 
 
-def test_tagged_backbone_name_matches_its_architecture(package, tiny_backbone):
+def test_tagged_backbone_name_matches_its_architecture(package, shared_backbone):
     ref = package.manifest.backbone.model_copy(update={"name": "swin_tiny_patch4_window7_224.ms_in1k"})
-    check_compatible(AdapterPackage(package.manifest.model_copy(update={"backbone": ref}), package.tensors), tiny_backbone)
+    check_compatible(AdapterPackage(package.manifest.model_copy(update={"backbone": ref}), package.tensors), shared_backbone)
 
 
-def test_missing_unexpected_and_misshapen_tensors_are_listed(package, tiny_backbone):
+def test_missing_unexpected_and_misshapen_tensors_are_listed(package, shared_backbone):
     tensors = dict(package.tensors)
     del tensors["layers.0.blocks.1.mona2.gamma"]
     tensors["layers.9.blocks.0.mona1.gamma"] = torch.ones(96)
     tensors["head.fc.weight"] = torch.zeros(6, 768)
     with pytest.raises(IncompatibleAdapterError) as info:
-        check_compatible(AdapterPackage(package.manifest, tensors), tiny_backbone)
+        check_compatible(AdapterPackage(package.manifest, tensors), shared_backbone)
     message = str(info.value)
     assert "missing tensors: layers.0.blocks.1.mona2.gamma" in message
     assert "unexpected tensors: layers.9.blocks.0.mona1.gamma" in message
     assert "wrong shapes: head.fc.weight is (6, 768), expected (5, 768)" in message
 
 
-def test_labels_must_match_the_head(tiny_backbone, package):
-    manifest = make_manifest(tiny_backbone, "flowers", num_labels=7)
+def test_labels_must_match_the_head(shared_backbone, package):
+    manifest = make_manifest(shared_backbone, "flowers", num_labels=7)
     with pytest.raises(IncompatibleAdapterError, match=r"head.fc.bias is \(5,\), expected \(7,\)"):
-        check_compatible(AdapterPackage(manifest, package.tensors), tiny_backbone)
+        check_compatible(AdapterPackage(manifest, package.tensors), shared_backbone)

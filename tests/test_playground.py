@@ -17,12 +17,16 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from deploy_harness import require_tool
 from server_harness import TOKEN, image_bytes, serve_tasks
 
+pytestmark = [pytest.mark.process, pytest.mark.browser]
+
 SCREENSHOT = os.environ.get("MONASERVE_PLAYGROUND_SCREENSHOT")  # set to keep the screenshot (README image)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_weights, shared_backbone):
-    with serve_tasks(tmp_path_factory, tiny_weights, shared_backbone, {"pets": "classify", "street-objects": "detect", "road-scene": "segment"}) as server:
+    with serve_tasks(
+        tmp_path_factory, tiny_weights, shared_backbone, {"pets": "classify", "street-objects": "detect", "road-scene": "segment"}
+    ) as server:
         yield server
 
 
@@ -67,8 +71,9 @@ def test_playground_draws_each_kind(server, browser, tmp_path):
     expected = {}
     for task, kind in [("pets", "classify"), ("road-scene", "segment")]:
         params = {"top_k": 5} if kind == "classify" else {}
-        expected[task] = httpx.post(f"{server.url}/v1/tasks/{task}/{kind}", params=params, content=image.read_bytes(),
-                                    headers={"content-type": "image/png"}).json()["results"][0]
+        expected[task] = httpx.post(
+            f"{server.url}/v1/tasks/{task}/{kind}", params=params, content=image.read_bytes(), headers={"content-type": "image/png"}
+        ).json()["results"][0]
 
     predict(browser, "pets", image)
     bars = [bar.text for bar in browser.find_elements(By.CSS_SELECTOR, "#result .bar")]

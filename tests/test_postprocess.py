@@ -12,13 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import make_manifest
 from monaserve.adapters import InputSpec
 from monaserve.adapters.kinds import Options, get_kind
 from monaserve.adapters.kinds.segment import json_length, rle_encode
 from monaserve.adapters.transforms import preprocess
 from monaserve.server.budgets import ResponseBudget
 from monaserve.server.errors import ResponseTooLarge
+
+from helpers import make_manifest
 
 DETECT, SEGMENT = get_kind("detect"), get_kind("segment")
 

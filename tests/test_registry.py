@@ -8,13 +8,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from helpers import TINY, random_adapter_tensors, random_package
 from monaserve.adapters import AdapterPackage, Backbone, IncompatibleAdapterError, expected_shapes
 from monaserve.server.engine import Engine
 from monaserve.server.errors import AdapterTooLarge, ConcurrentChange, TaskUnloaded, UnknownTask, UnknownVersion
 from monaserve.server.metrics import Metrics
 from monaserve.server.registry import Registry
 from monaserve.server.store import AdapterStore, ServingState
+
+from helpers import TINY, random_adapter_tensors, random_package
 
 
 def make_registry(backbone, store_dir, slots=4, budget=None) -> Registry:
@@ -237,7 +238,9 @@ def test_serving_state_is_shared_through_the_store_and_survives_a_restart(tiny_w
         await a.load("pets", 1)
         await a.upload("pets", random_package(shared_backbone, "pets", seed=3, version=3).to_bytes())
         await b.refresh()
-        assert b.catalog["pets"].serving == 3 and ServingState.from_json((tmp_path / "pets" / "serving.json").read_bytes()) == ServingState()
+        assert (
+            b.catalog["pets"].serving == 3 and ServingState.from_json((tmp_path / "pets" / "serving.json").read_bytes()) == ServingState()
+        )
 
     asyncio.run(scenario())
 
@@ -292,7 +295,11 @@ def test_temp_files_left_by_a_killed_writer_are_removed_when_stale(shared_backbo
 
     store = AdapterStore(tmp_path)
     random_package(shared_backbone, "pets", seed=1).save(tmp_path / "pets" / "1.safetensors")
-    stale, fresh, other = tmp_path / "pets" / ".2.safetensors.abc123.tmp", tmp_path / "pets" / ".3.safetensors.def456.tmp", tmp_path / "pets" / ".notes.tmp"
+    stale, fresh, other = (
+        tmp_path / "pets" / ".2.safetensors.abc123.tmp",
+        tmp_path / "pets" / ".3.safetensors.def456.tmp",
+        tmp_path / "pets" / ".notes.tmp",
+    )
     for path in (stale, fresh, other):
         path.write_bytes(b"\0" * 100)
     hour_ago = time.time() - 3600

@@ -1,4 +1,4 @@
-"""The HTTP API on a real server: inference inputs, errors, admin routes, limits and metrics."""
+"""The HTTP API, in process: inference inputs, errors, admin routes, limits and metrics."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import TINY, prepare_as_served, random_package
 from monaserve.adapters import AdapterPackage, Backbone
 from monaserve.server.engine import Engine
 from monaserve.server.images import ImageLimits, decode, open_images
-from server_harness import TOKEN, ServerProcess, image_bytes
+
+from app_harness import InProcessServer
+from helpers import TINY, prepare_as_served, random_package
+from server_harness import TOKEN, ServerProcess, image_bytes, store_of
 
 TASKS = {"birds": 4, "cars": 6, "dogs": 3}
 
@@ -28,11 +30,7 @@ def packages(shared_backbone) -> dict[str, AdapterPackage]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_weights, packages):
-    store = tmp_path_factory.mktemp("store")
-    for name, package in packages.items():
-        package.save(store / name / "1.safetensors")
-    log = tmp_path_factory.mktemp("logs") / "server.log"
-    with ServerProcess(tiny_weights, store, "--admin-token", TOKEN, "--max-delay-ms", "20", log=log) as server:
+    with InProcessServer(tiny_weights, store_of(tmp_path_factory, packages.values()), admin_token=TOKEN, max_delay_ms=20) as server:
         yield server
 
 
@@ -117,6 +115,7 @@ def test_wrong_kind_message_names_the_right_route(server):
 
 def _png_with_declared_size(width: int, height: int) -> bytes:
     """A PNG whose header declares a huge size over almost no data: a decompression bomb."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -208,6 +207,7 @@ def test_bad_images_get_a_defined_4xx(server, name):
 def test_memory_returns_to_baseline_after_bad_images(server):
     """Decoding bombs, truncated and polyglot files over and over leaves no memory behind."""
     with server.client(token=None) as client:
+
         def send_corpus():
             for data, _ in BAD_IMAGES.values():
                 client.post("/v1/tasks/birds/classify", files={"image": ("f", data)})
@@ -254,8 +254,13 @@ def test_body_and_image_count_limits(server):
 
 def test_admin_routes_need_the_token(server):
     with server.client(token=None) as anonymous, server.client(token="wrong") as wrong, server.client() as admin:
-        for method, path in [("GET", "/v1/adapters"), ("GET", "/v1/adapters/birds"), ("PUT", "/v1/adapters/birds"),
-                             ("POST", "/v1/adapters/birds/load"), ("DELETE", "/v1/adapters/birds")]:
+        for method, path in [
+            ("GET", "/v1/adapters"),
+            ("GET", "/v1/adapters/birds"),
+            ("PUT", "/v1/adapters/birds"),
+            ("POST", "/v1/adapters/birds/load"),
+            ("DELETE", "/v1/adapters/birds"),
+        ]:
             missing = anonymous.request(method, path)
             assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
             assert wrong.request(method, path).status_code == 403
@@ -346,11 +351,12 @@ def test_metrics(server):
 
 
 def test_admin_api_is_off_without_a_token(tmp_path, tiny_weights):
-    with ServerProcess(tiny_weights, tmp_path / "store", log=tmp_path / "log") as server, server.client() as client:
+    with InProcessServer(tiny_weights, tmp_path / "store") as server, server.client() as client:
         response = client.get("/v1/adapters")
         assert response.status_code == 403 and "admin API is off" in response.json()["message"]
 
 
+@pytest.mark.process
 def test_env_vars_configure_the_server(tmp_path, tiny_weights):
     env = {"MONASERVE_ADMIN_TOKEN": "from-env", "MONASERVE_GPU_SLOTS": "3"}
     with ServerProcess(tiny_weights, tmp_path / "store", env=env, log=tmp_path / "log") as server:

@@ -1,4 +1,4 @@
-"""Detect and segment through a real server: boxes and masks in the original image's pixels."""
+"""Detect and segment through the app: boxes and masks in the original image's pixels."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import TINY, make_manifest, prepare_as_served, random_adapter_tensors
 from monaserve.adapters import AdapterPackage, Backbone, InputSpec, expected_shapes
 from monaserve.adapters.kinds import Options, get_kind
 from monaserve.server.budgets import ResponseBudget
 from monaserve.server.engine import Engine
-from server_harness import ServerProcess, image_bytes
+
+from app_harness import InProcessServer
+from helpers import TINY, make_manifest, prepare_as_served, random_adapter_tensors
+from server_harness import image_bytes, store_of
 
 
 def dense_package(backbone, name: str, kind: str, labels: int, seed: int, **input_spec) -> AdapterPackage:
@@ -32,10 +34,7 @@ def packages(shared_backbone):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_weights, packages):
-    store = tmp_path_factory.mktemp("store")
-    for name, package in packages.items():
-        package.save(store / name / "1.safetensors")
-    with ServerProcess(tiny_weights, store, log=tmp_path_factory.mktemp("log") / "log") as server:
+    with InProcessServer(tiny_weights, store_of(tmp_path_factory, packages.values())) as server:
         yield server
 
 

@@ -12,9 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from helpers import random_package
 from monaserve.adapters import InputSpec
+
+from helpers import random_package
 from server_harness import TOKEN, ServerProcess, image_bytes
+
+pytestmark = pytest.mark.process
 
 
 def make_store(root, backbone, names, labels=4):
@@ -70,6 +73,7 @@ def test_hot_load_under_load_loses_nothing_and_never_mixes_versions(tmp_path, ti
     log: list[tuple[float, httpx.Response]] = []
     stop = threading.Event()
     with ServerProcess(tiny_weights, tmp_path / "store", "--admin-token", TOKEN, log=tmp_path / "log") as server:
+
         def loop() -> None:
             with server.client(token=None) as client:
                 while not stop.is_set():
@@ -105,8 +109,10 @@ def test_eviction_with_two_slots_and_four_tasks(tmp_path, tiny_weights, shared_b
     tasks = ["t0", "t1", "t2", "t3"]
     make_store(tmp_path / "store", shared_backbone, tasks)
     images = [image_bytes(3)]
-    with ServerProcess(tiny_weights, tmp_path / "store", "--gpu-slots", "2", log=tmp_path / "few") as few, \
-         ServerProcess(tiny_weights, tmp_path / "store", "--gpu-slots", "8", log=tmp_path / "many") as many:
+    with (
+        ServerProcess(tiny_weights, tmp_path / "store", "--gpu-slots", "2", log=tmp_path / "few") as few,
+        ServerProcess(tiny_weights, tmp_path / "store", "--gpu-slots", "8", log=tmp_path / "many") as many,
+    ):
         with many.client() as client:
             expected = {t: scores(classify(client, t, images)) for t in tasks}
         with few.client() as client:

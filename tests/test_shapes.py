@@ -64,8 +64,14 @@ def test_the_same_seed_gives_the_same_bytes(tmp_path):
     assert (a / "segment" / "masks" / "000002.png").read_bytes() == (b / "segment" / "masks" / "000002.png").read_bytes()
 
 
+@pytest.mark.process
 def test_cli(tmp_path):
     monaserve = str(Path(sys.executable).with_name("monaserve"))
-    result = subprocess.run([monaserve, "demo-data", "shapes", "--out", str(tmp_path), "--images", "5", "--size", "64"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [monaserve, "demo-data", "shapes", "--out", str(tmp_path), "--images", "5", "--size", "64"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "detect" / "images").iterdir())) == 5

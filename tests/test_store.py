@@ -7,11 +7,12 @@ import time
 
 import pytest
 
-from helpers import random_package
-from server_harness import TOKEN, ServerProcess, image_bytes
 from monaserve.adapters import AdapterError
 from monaserve.server.errors import VersionExists
 from monaserve.server.store import AdapterStore
+
+from helpers import random_package
+from server_harness import TOKEN, ServerProcess, image_bytes
 
 _prefixes = itertools.count()
 
@@ -72,6 +73,7 @@ def test_invalid_names_are_ignored_or_refused(store, shared_backbone):
         store.path("../etc", 1)
 
 
+@pytest.mark.process
 def test_a_server_on_an_s3_store_serves_what_other_replicas_store(s3_endpoint, tiny_weights, shared_backbone, tmp_path):
     """`monaserve serve --store s3://...`: its uploads land in the bucket, and a version another replica
     writes there is served after the next catalog refresh."""

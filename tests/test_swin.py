@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import TINY, make_manifest, randomize_
 from monaserve.adapters import (
     SUPPORTED_BACKBONES,
     BackboneError,
@@ -19,7 +18,10 @@ from monaserve.adapters import (
 )
 from monaserve.adapters.swin import MonaSwinBlock, architecture, block_dims
 
-# docs/reference-figures.md (from the official Mona code and the paper's eq. (6)): backbone params (timm, num_classes=0), Mona per task (code), %, eq. (6), %
+from helpers import TINY, make_manifest, randomize_
+
+# docs/reference-figures.md (from the official Mona code and the paper's eq. (6)):
+# backbone params (timm, num_classes=0), Mona per task (code), %, eq. (6), %
 FIGURES = {
     "swin_tiny_patch4_window7_224": (27_519_354, 1_408_128, "5.12", 1_384_368, "5.03"),
     "swin_small_patch4_window7_224": (48_837_258, 2_867_328, "5.87", 2_819_040, "5.77"),

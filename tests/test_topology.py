@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import pytest
 
+from monaserve.adapters import InputSpec
+from monaserve.testing import FAULTS
+
 from deploy_harness import Nginx
 from helpers import random_package
-from monaserve.adapters import InputSpec
 from server_harness import TOKEN, ServerProcess, free_port, image_bytes
 
 REFRESH_S = 1.0
 JPEG = {"content-type": "image/jpeg"}
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.process, pytest.mark.nginx]
 REPLICA = "x-monaserve-replica"
 
 
@@ -40,8 +40,17 @@ def test_three_replicas_behind_nginx(tmp_path, tiny_weights, shared_backbone):
 
     def replica(i: int) -> ServerProcess:
         return ServerProcess(
-            tiny_weights, tmp_path / "store", "--catalog-refresh-s", str(REFRESH_S), "--replica-id", f"replica-{i}",
-            "--max-batch", "4", env={"MONASERVE_ADMIN_TOKEN": TOKEN}, log=tmp_path / f"replica-{i}.log", port=ports[i],
+            tiny_weights,
+            tmp_path / "store",
+            "--catalog-refresh-s",
+            str(REFRESH_S),
+            "--replica-id",
+            f"replica-{i}",
+            "--max-batch",
+            "4",
+            env={"MONASERVE_ADMIN_TOKEN": TOKEN},
+            log=tmp_path / f"replica-{i}.log",
+            port=ports[i],
         )
 
     replicas = [replica(i) for i in range(3)]
@@ -50,9 +59,10 @@ def test_three_replicas_behind_nginx(tmp_path, tiny_weights, shared_backbone):
         for server in replicas:
             server.wait_ready(180)
         (tmp_path / "nginx").mkdir()
-        with Nginx(ports, tmp_path / "nginx", free_port()) as nginx, httpx.Client(
-            base_url=nginx.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60
-        ) as gateway:
+        with (
+            Nginx(ports, tmp_path / "nginx", free_port()) as nginx,
+            httpx.Client(base_url=nginx.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as gateway,
+        ):
             tasks = [f"task-{i}" for i in range(6)]
             for i, task in enumerate(tasks):
                 gateway.put(f"/v1/adapters/{task}", content=random_package(shared_backbone, task, seed=i).to_bytes()).raise_for_status()
@@ -66,19 +76,22 @@ def test_three_replicas_behind_nginx(tmp_path, tiny_weights, shared_backbone):
 
             # a new version reaches every replica within the refresh period
             started = time.monotonic()
-            gateway.put("/v1/adapters/task-0", content=random_package(shared_backbone, "task-0", seed=9, version=2).to_bytes()).raise_for_status()
+            gateway.put(
+                "/v1/adapters/task-0", content=random_package(shared_backbone, "task-0", seed=9, version=2).to_bytes()
+            ).raise_for_status()
             propagation = []
             for server in replicas:
                 with server.client() as direct:
-                    wait_for(lambda: direct.post("/v1/tasks/task-0/classify", content=image, headers=JPEG).json()["version"] == 2,
-                             10 * REFRESH_S, "every replica serves v2")
+                    wait_for(
+                        lambda: direct.post("/v1/tasks/task-0/classify", content=image, headers=JPEG).json()["version"] == 2,
+                        10 * REFRESH_S,
+                        "every replica serves v2",
+                    )
                 propagation.append(time.monotonic() - started)
             figures["propagation_s"] = round(max(propagation), 2)
 
             # which replica takes the most traffic (affinity hashes each task to one replica)
-            by_replica = Counter(
-                gateway.post(f"/v1/tasks/{task}/classify", content=image, headers=JPEG).headers[REPLICA] for task in tasks
-            )
+            by_replica = Counter(gateway.post(f"/v1/tasks/{task}/classify", content=image, headers=JPEG).headers[REPLICA] for task in tasks)
             victim = int(by_replica.most_common(1)[0][0].rsplit("-", 1)[1])
 
             # a request loop through nginx while that replica is killed: nothing is lost
@@ -109,8 +122,12 @@ def test_three_replicas_behind_nginx(tmp_path, tiny_weights, shared_backbone):
             stop.set()
             for thread in loops:
                 thread.join(120)
-            figures |= {"requests": sum(statuses.values()), "sent_after_kill": sum(statuses.values()) - killed_at,
-                        "failed": sum(n for code, n in statuses.items() if code != 200), "served_by": dict(served_by)}
+            figures |= {
+                "requests": sum(statuses.values()),
+                "sent_after_kill": sum(statuses.values()) - killed_at,
+                "failed": sum(n for code, n in statuses.items() if code != 200),
+                "served_by": dict(served_by),
+            }
             assert statuses.keys() == {200}, f"lost requests: {dict(statuses)}"
 
             # the killed replica comes back and rejoins: nginx sends its tasks to it again
@@ -121,7 +138,8 @@ def test_three_replicas_behind_nginx(tmp_path, tiny_weights, shared_backbone):
                     gateway.post(f"/v1/tasks/{task}/classify", content=image, headers=JPEG).headers[REPLICA] == f"replica-{victim}"
                     for task in tasks
                 ),
-                60, "the restarted replica serves through nginx again",
+                60,
+                "the restarted replica serves through nginx again",
             )
             figures["rejoin_s"] = round(rejoin, 1)
     finally:
@@ -138,11 +156,19 @@ def test_internal_errors_at_20_per_second_cost_other_clients_nothing_through_ngi
     store = tmp_path / "store"
     for i in range(4):
         random_package(shared_backbone, f"cls-{i}", seed=i, input=InputSpec(size=(64, 64))).save(store / f"cls-{i}" / "1.safetensors")
-    launcher = [sys.executable, str(Path(__file__).with_name("fault_launcher.py")), "monaserve.server.oip:parse_request"]
+    launcher = [*FAULTS, "monaserve.server.oip:parse_request"]
     ports = [free_port(), free_port()]
     replicas = [
-        ServerProcess(tiny_weights, store, "--replica-id", f"replica-{i}", env={"MONASERVE_ADMIN_TOKEN": TOKEN},
-                      log=tmp_path / f"replica-{i}.log", port=ports[i], launcher=launcher)
+        ServerProcess(
+            tiny_weights,
+            store,
+            "--replica-id",
+            f"replica-{i}",
+            env={"MONASERVE_ADMIN_TOKEN": TOKEN},
+            log=tmp_path / f"replica-{i}.log",
+            port=ports[i],
+            launcher=launcher,
+        )
         for i in range(2)
     ]
     image = image_bytes(0, size=(64, 64))

@@ -13,9 +13,10 @@ import torch
 
 from monaserve.adapters import AdapterPackage, InputSpec, check_compatible
 from monaserve.adapters.data.datasets import TaskDataset, coco_detection, image_masks
-from monaserve.adapters.kinds import get_kind
 from monaserve.adapters.data.shapes import write_shapes
+from monaserve.adapters.kinds import get_kind
 from monaserve.adapters.trainer import TrainConfig, train, warmup_cosine
+
 from server_harness import TOKEN, ServerProcess, image_bytes
 
 KINDS = ("classify", "detect", "segment")
@@ -29,9 +30,20 @@ def shapes(tmp_path_factory) -> Path:
 def make_config(kind: str, shapes: Path, weights: Path, out: Path, **overrides) -> TrainConfig:
     data = {"classify": shapes / "classify", "detect": shapes / "detect" / "annotations.json", "segment": shapes / "segment" / "images"}
     settings = dict(
-        kind=kind, data=data[kind], name=f"shapes-{kind}", masks=shapes / "segment" / "masks" if kind == "segment" else None,
-        weights=str(weights), input_size=64, head_channels=32, batch_size=8, val_fraction=0.2, lr=5e-3,
-        warmup_steps=1, workers=0, progress=False, out=out / f"{kind}.safetensors",
+        kind=kind,
+        data=data[kind],
+        name=f"shapes-{kind}",
+        masks=shapes / "segment" / "masks" if kind == "segment" else None,
+        weights=str(weights),
+        input_size=64,
+        head_channels=32,
+        batch_size=8,
+        val_fraction=0.2,
+        lr=5e-3,
+        warmup_steps=1,
+        workers=0,
+        progress=False,
+        out=out / f"{kind}.safetensors",
     )
     if kind == "detect":
         settings["lr"] = 1e-3
@@ -58,12 +70,15 @@ def test_loss_falls_and_the_package_records_the_evaluation(trained, kind):
     assert training["trainable_parameters"] > 1_408_128  # Mona on Swin-T plus the head
 
 
+@pytest.mark.process
 def test_trained_packages_hot_load_and_serve(trained, tiny_weights, tmp_path):
     with ServerProcess(tiny_weights, tmp_path / "store", "--admin-token", TOKEN, log=tmp_path / "log") as server:
         with server.client() as client:
             for kind, result in trained.items():
                 assert client.put(f"/v1/adapters/shapes-{kind}", content=result.path.read_bytes()).status_code == 201
-                response = client.post(f"/v1/tasks/shapes-{kind}/{kind}", files={"image": ("x.png", image_bytes(1, size=(64, 64), fmt="PNG"))})
+                response = client.post(
+                    f"/v1/tasks/shapes-{kind}/{kind}", files={"image": ("x.png", image_bytes(1, size=(64, 64), fmt="PNG"))}
+                )
                 assert response.status_code == 200, response.text
                 assert response.json()["kind"] == kind
 
@@ -86,12 +101,35 @@ def test_parameter_report_matches_the_reference_figures(shapes, tiny_weights, tm
     assert "Mona 1,408,128 + head 3,843" in report and "frozen 27,519,354" in report
 
 
+@pytest.mark.process
 def test_cli(shapes, tiny_weights, tmp_path):
     monaserve = str(Path(sys.executable).with_name("monaserve"))
     out = tmp_path / "cli.safetensors"
-    command = [monaserve, "train", "segment", str(shapes / "segment" / "images"), "--masks", str(shapes / "segment" / "masks"),
-               "--name", "cli", "--weights", str(tiny_weights), "--input-size", "64", "--head-channels", "16",
-               "--max-steps", "1", "--batch-size", "4", "--workers", "0", "--no-progress", "--out", str(out)]
+    command = [
+        monaserve,
+        "train",
+        "segment",
+        str(shapes / "segment" / "images"),
+        "--masks",
+        str(shapes / "segment" / "masks"),
+        "--name",
+        "cli",
+        "--weights",
+        str(tiny_weights),
+        "--input-size",
+        "64",
+        "--head-channels",
+        "16",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "parameters: trainable" in result.stdout and out.exists()

@@ -17,14 +17,30 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from monaserve.server.errors import ServeError
-from monaserve.server.images import ImageLimits, decode, open_images
 from monaserve.adapters.kinds import KINDS
 from monaserve.server.dataplane import check_image_count
+from monaserve.server.errors import ServeError
+from monaserve.server.images import ImageLimits, decode, open_images
 from monaserve.server.oip_answer import OipAnswer, parse_request
 
 LIMITS = ImageLimits(max_bytes=2**20, max_pixels=4_000_000, max_request_pixels=8_000_000)
-PNG_CHUNKS = [b"iCCP", b"zTXt", b"iTXt", b"tEXt", b"pHYs", b"gAMA", b"sRGB", b"cHRM", b"sBIT", b"tRNS", b"bKGD", b"eXIf", b"acTL", b"fcTL", b"PLTE"]
+PNG_CHUNKS = [
+    b"iCCP",
+    b"zTXt",
+    b"iTXt",
+    b"tEXt",
+    b"pHYs",
+    b"gAMA",
+    b"sRGB",
+    b"cHRM",
+    b"sBIT",
+    b"tRNS",
+    b"bKGD",
+    b"eXIf",
+    b"acTL",
+    b"fcTL",
+    b"PLTE",
+]
 
 
 def encoded(fmt: str, mode: str = "RGB", size: tuple[int, int] = (24, 16)) -> bytes:
@@ -34,7 +50,13 @@ def encoded(fmt: str, mode: str = "RGB", size: tuple[int, int] = (24, 16)) -> by
     return buffer.getvalue()
 
 
-SEEDS = {"PNG": encoded("PNG"), "PNG-RGBA": encoded("PNG", "RGBA"), "JPEG": encoded("JPEG"), "WEBP": encoded("WEBP"), "PNG-L": encoded("PNG", "L")}
+SEEDS = {
+    "PNG": encoded("PNG"),
+    "PNG-RGBA": encoded("PNG", "RGBA"),
+    "JPEG": encoded("JPEG"),
+    "WEBP": encoded("WEBP"),
+    "PNG-L": encoded("PNG", "L"),
+}
 
 
 def chunk(kind: bytes, data: bytes) -> bytes:
@@ -78,7 +100,9 @@ def test_png_chunks_with_any_payload_before_or_after_the_image_data_fail_only_wi
 
 
 JSON_SCALARS = st.none() | st.booleans() | st.integers(-(10**30), 10**30) | st.floats(allow_nan=False) | st.text(max_size=12)
-JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12
+)
 IMAGE_DATA = st.just("aGVsbG8=") | st.text(max_size=12)
 INPUT_SPECS = st.fixed_dictionaries(
     {},
@@ -91,22 +115,30 @@ INPUT_SPECS = st.fixed_dictionaries(
     },
 )
 OUTPUT_SPECS = st.fixed_dictionaries(
-    {}, optional={"name": st.sampled_from(["scores", "labels", "mask", "boxes"]) | JSON_VALUES,
-                  "parameters": st.fixed_dictionaries({}, optional={"binary_data": JSON_VALUES}) | JSON_VALUES},
+    {},
+    optional={
+        "name": st.sampled_from(["scores", "labels", "mask", "boxes"]) | JSON_VALUES,
+        "parameters": st.fixed_dictionaries({}, optional={"binary_data": JSON_VALUES}) | JSON_VALUES,
+    },
 )
 HEADERS = st.fixed_dictionaries(
     {},
     optional={
         "inputs": st.lists(INPUT_SPECS, max_size=3) | JSON_VALUES,
         "outputs": st.lists(OUTPUT_SPECS, max_size=3) | JSON_VALUES,
-        "parameters": st.fixed_dictionaries({}, optional={k: JSON_VALUES for k in ("top_k", "min_score", "binary_data_output")}) | JSON_VALUES,
+        "parameters": st.fixed_dictionaries({}, optional={k: JSON_VALUES for k in ("top_k", "min_score", "binary_data_output")})
+        | JSON_VALUES,
         "id": JSON_VALUES,
     },
 )
 
 
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(header=HEADERS | JSON_VALUES, binary=st.binary(max_size=16), header_length=st.one_of(st.none(), st.integers(-2, 400).map(str), st.text(max_size=4)))
+@given(
+    header=HEADERS | JSON_VALUES,
+    binary=st.binary(max_size=16),
+    header_length=st.one_of(st.none(), st.integers(-2, 400).map(str), st.text(max_size=4)),
+)
 def test_any_inference_request_json_fails_only_with_a_4xx(header, binary, header_length):
     text = json.dumps(header).encode()
     body = text + binary if header_length is not None else text

@@ -28,4 +28,3 @@ def load_head(head: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     missing = [name for name in missing if name in head_tensors(head)]
     if missing or unexpected:
         raise ValueError(f"head tensors do not match: missing {missing}, unexpected {unexpected}")
-

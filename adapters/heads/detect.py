@@ -39,9 +39,7 @@ class DetectHead(nn.Module):
         topk_candidates: int = 1000,
     ) -> None:
         super().__init__()
-        self.fpn = FeaturePyramidNetwork(
-            list(stage_dims[1:]), fpn_channels, extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels)
-        )
+        self.fpn = FeaturePyramidNetwork(list(stage_dims[1:]), fpn_channels, extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels))
         self.anchor_generator = AnchorGenerator(ANCHOR_SIZES, ASPECT_RATIOS)
         self.head = RetinaNetHead(fpn_channels, self.anchor_generator.num_anchors_per_location()[0], num_classes)
         self.box_coder = det_utils.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))

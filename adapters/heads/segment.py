@@ -31,9 +31,7 @@ class SegmentHead(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        self.pools = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(scale), _conv(stage_dims[-1], channels, 1)) for scale in pool_scales
-        )
+        self.pools = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(scale), _conv(stage_dims[-1], channels, 1)) for scale in pool_scales)
         self.bottleneck = _conv(stage_dims[-1] + len(pool_scales) * channels, channels, 3)
         self.laterals = nn.ModuleList(_conv(dim, channels, 1) for dim in stage_dims[:-1])
         self.fpn_convs = nn.ModuleList(_conv(channels, channels, 3) for _ in stage_dims[:-1])

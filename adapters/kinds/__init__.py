@@ -9,11 +9,10 @@ from torch import nn
 from .base import KINDS, Budget, Metric, Options, OutputSpec, OutputTensor, ResultShapeError, TaskKind, get_kind, register_kind, to_host
 from .classify import Classify, ClassifyHeadConfig, ClassifyResult, LabelScore
 from .detect import Detect, DetectHeadConfig, Detection, DetectResult
-from .segment import ClassArea, Segment, SegmentHeadConfig, Segmentation, SegmentResult
+from .segment import ClassArea, Segment, Segmentation, SegmentHeadConfig, SegmentResult
 
 if TYPE_CHECKING:
     from ..manifest import Manifest
-
 
 
 def build_head(manifest: Manifest, stage_dims: list[int]) -> nn.Module:

@@ -11,8 +11,8 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from ..data.datasets import Sample, TaskData, coco_detection
-from ..metrics import CocoMap
 from ..heads.detect import DetectHead
+from ..metrics import CocoMap
 from ..strict import Strict
 from ..transforms import InputSpec, Prepared, prepare_boxes
 from .base import Options, OutputSpec, OutputTensor, TaskKind, register_kind
@@ -47,8 +47,11 @@ class Detect(TaskKind[DetectResult]):
     head_config = DetectHeadConfig
     result_schema = DetectResult
     outputs = (
-        OutputSpec("boxes", "FP32", (-1, -1, 4)), OutputSpec("scores", "FP32", (-1, -1)), OutputSpec("labels", "BYTES", (-1, -1)),
-        OutputSpec("indices", "INT64", (-1, -1)), OutputSpec("num_detections", "INT32", (-1,)),
+        OutputSpec("boxes", "FP32", (-1, -1, 4)),
+        OutputSpec("scores", "FP32", (-1, -1)),
+        OutputSpec("labels", "BYTES", (-1, -1)),
+        OutputSpec("indices", "INT64", (-1, -1)),
+        OutputSpec("num_detections", "INT32", (-1,)),
     )
 
     def default_head(self, channels: int) -> DetectHeadConfig:
@@ -56,8 +59,12 @@ class Detect(TaskKind[DetectResult]):
 
     def build_head(self, config: DetectHeadConfig, stage_dims: list[int], num_classes: int) -> nn.Module:
         return DetectHead(
-            stage_dims, num_classes, fpn_channels=config.fpn_channels, score_threshold=config.score_threshold,
-            nms_threshold=config.nms_threshold, max_detections=config.max_detections,
+            stage_dims,
+            num_classes,
+            fpn_channels=config.fpn_channels,
+            score_threshold=config.score_threshold,
+            nms_threshold=config.nms_threshold,
+            max_detections=config.max_detections,
         )
 
     def read_data(self, data: Path, masks: Path | None = None, images: Path | None = None) -> TaskData:

@@ -16,8 +16,8 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from ..data.datasets import Sample, TaskData, image_masks
-from ..metrics import ConfusionIoU
 from ..heads.segment import SegmentHead
+from ..metrics import ConfusionIoU
 from ..strict import Strict
 from ..transforms import InputSpec, Prepared, prepare_mask
 from .base import Budget, Options, OutputSpec, OutputTensor, ResultShapeError, TaskKind, register_kind

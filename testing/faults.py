@@ -1,9 +1,9 @@
 """Runs `monaserve` with one function patched to raise, so tests can make a real server fail inside a request.
 
-    python tests/fault_launcher.py monaserve.adapters.kinds.segment:Segment.to_json[,module:function...]  /path/to/monaserve serve ...
+    python -m monaserve.testing.faults monaserve.adapters.kinds.segment:Segment.to_json[,module:function...]  /path/to/monaserve serve ...
 
-Each patched function raises `RuntimeError("injected fault")` on every call. This lives with the tests,
-never in the server: production code has no switch that makes it fail.
+Each patched function raises `RuntimeError("injected fault")` on every call. This lives with the test
+tools, never in the server: production code has no switch that makes it fail.
 """
 
 from __future__ import annotations
