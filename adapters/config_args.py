@@ -1,5 +1,5 @@
 """Configs as the one source of defaults: a dataclass field holds an option's default and help, and the
-command line (flags, `--help` with defaults, `MONASERVE_<NAME>` environment defaults) is made from it."""
+command line (flags, `--help` with defaults, `MONASERVE_<FLAG>` environment defaults) is made from it."""
 
 from __future__ import annotations
 
@@ -12,16 +12,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 ENV_PREFIX = "MONASERVE_"
-
-
-def option(default: Any, help: str, *, positional: bool = False, flag: str | None = None) -> Any:
-    """A config field: `default`, `help` for `--help`; `positional` for a required argument without a
-    dash, `flag` to name the flag otherwise than after the field."""
-    return dataclasses.field(default=default, metadata={"help": help, "positional": positional, "flag": flag})
-
-
 REQUIRED = dataclasses.MISSING
 """The default of a field the command line must give."""
+
+
+def option(default: Any, help: str, *, positional: bool = False) -> Any:
+    """A config field: `default`, and `help` for `--help`; `positional` for an argument without a dash."""
+    return dataclasses.field(default=default, metadata={"help": help, "positional": positional})
+
+
+def env_value(flag: str) -> str | None:
+    """The value `MONASERVE_<FLAG>` gives `--flag`, if set (`--no-progress` reads `MONASERVE_NO_PROGRESS`)."""
+    return os.environ.get(ENV_PREFIX + flag.removeprefix("--").upper().replace("-", "_"))
+
+
+def is_true(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
 
 
 def _value_type(hint: Any) -> tuple[Any, list | None]:
@@ -33,39 +39,52 @@ def _value_type(hint: Any) -> tuple[Any, list | None]:
     return (hint if hint in (int, float, str, Path) else str), None
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config: type, skip: tuple[str, ...] = ()) -> None:
-    """A flag (or positional argument) per field of the dataclass `config`, with its default and help;
-    `MONASERVE_<FIELD>` in the environment replaces a flag's default (booleans take 1/true/yes/on)."""
+def add_config_arguments(parser: argparse.ArgumentParser, config: type) -> None:
+    """A flag (or positional argument) per field of the dataclass `config`, with its default and help.
+    A boolean is a switch (on by default: `--no-<name>` turns it off); `MONASERVE_<FLAG>` in the
+    environment replaces a flag's default (switches take 1/true/yes/on)."""
     hints = typing.get_type_hints(config)
     for field in dataclasses.fields(config):
-        if field.name in skip or "help" not in field.metadata:
-            continue
         meta, hint = field.metadata, hints[field.name]
         value_type, choices = _value_type(hint)
         if meta["positional"]:
             parser.add_argument(field.name, type=value_type, choices=choices, help=meta["help"])
             continue
-        flag = meta["flag"] or "--" + field.name.replace("_", "-")
-        required = field.default is dataclasses.MISSING
-        default = None if required else field.default
-        env = os.environ.get(ENV_PREFIX + field.name.upper())
-        if hint is bool:  # a switch; one that is on by default is turned off by --no-<name>
+        if hint is bool:
             on = field.default
-            flag = meta["flag"] or ("--no-" if on else "--") + field.name.replace("_", "-")
-            default = on if env is None else env.strip().lower() in ("1", "true", "yes", "on")
+            flag = ("--no-" if on else "--") + field.name.replace("_", "-")
+            env = env_value(flag)
+            switched = env is not None and is_true(env)
             text = meta["help"] + (f" (on unless {flag})" if on else "")
-            parser.add_argument(flag, dest=field.name, action="store_false" if on else "store_true", default=default, help=text)
+            parser.add_argument(flag, dest=field.name, action="store_false" if on else "store_true", default=on != switched, help=text)
             continue
+        flag = "--" + field.name.replace("_", "-")
+        required, default = field.default is dataclasses.MISSING, field.default
+        env = env_value(flag)
         if env is not None:
             default, required = value_type(env), False
         shown = "" if required or default in (None, "") else " (default: %(default)s)"
         parser.add_argument(
-            flag, dest=field.name, type=value_type, choices=choices, default=default, required=required, help=meta["help"] + shown
+            flag,
+            dest=field.name,
+            type=value_type,
+            choices=choices,
+            default=None if required else default,
+            required=required,
+            help=meta["help"] + shown,
         )
 
 
-def config_from_args(config: type, args: argparse.Namespace, **overrides: Any) -> Any:
-    """An instance of `config` from parsed `args` (fields the command line does not set keep their defaults)."""
+def config_from_args(config: type, args: argparse.Namespace) -> Any:
+    """An instance of `config` from parsed `args`."""
     names = {field.name for field in dataclasses.fields(config)}
-    values = {name: value for name, value in vars(args).items() if name in names}
-    return config(**{**values, **overrides})
+    return config(**{name: value for name, value in vars(args).items() if name in names})
+
+
+def resolve_weights(weights: str, random_init: bool) -> str:
+    """`--random-init` is `--weights random`; with a weights file as well, the two contradict each other."""
+    if not random_init:
+        return weights
+    if weights not in ("hub", "random"):
+        raise ValueError(f"--random-init and --weights {weights} contradict each other: pass one of them")
+    return "random"

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import ValidationError
 
+from .catalog import TaskEntry
 from .dataplane import DataPlane
 from .errors import BadRequest
-from .registry import TaskEntry
 from .rest_v1 import ERROR_RESPONSES
 from .schemas import AdapterList, CacheView, DeviceView, LoadRequest, TaskName, TaskView, UnloadResponse, VersionView
 
@@ -75,13 +75,14 @@ class AdapterEndpoints:
         return self.task_view(await self.plane.registry.upload(task, await request.body()))
 
     async def load_adapter(self, task: TaskName, request: Request, version: int | None = Query(default=None, ge=1)) -> TaskView:
+        registry = self.plane.registry  # 503 while the server loads, before the body is judged
         body = await request.body()
         if body.strip():
             try:
                 version = LoadRequest.model_validate_json(body).version or version
             except ValidationError as exc:
                 raise BadRequest(f"invalid JSON body: {exc.errors(include_url=False)[0]['msg']}") from None
-        return self.task_view(await self.plane.registry.load(task, version))
+        return self.task_view(await registry.load(task, version))
 
     async def unload_adapter(self, task: TaskName, purge: bool = Query(default=False)) -> UnloadResponse:
         await self.plane.registry.unload(task, purge=purge)

@@ -20,6 +20,7 @@ from monaserve.adapters.package import MAX_PACKAGE_BYTES
 from .admin_v1 import ADMIN_PREFIX, admin_router
 from .auth import admin_guard, api_guard
 from .budgets import BodyBudget
+from .config import ServeConfig
 from .dataplane import DataPlane
 from .health import health_router
 from .http_errors import install_error_handlers
@@ -27,7 +28,7 @@ from .middleware import REPLICA_HEADER, BodyGuard, BodyRules, ContainErrors, Rep
 from .oip import oip_router
 from .oip_codec import HEADER_LENGTH
 from .rest_v1 import inference_router
-from .runtime import Runtime, ServeConfig
+from .runtime import Runtime
 
 MiB = 2**20
 
@@ -78,7 +79,7 @@ def _register_routes(app: FastAPI, plane: DataPlane, config: ServeConfig) -> Non
     app.include_router(inference_router(plane, require_api))
     app.include_router(admin_router(plane, require_admin))
     app.include_router(oip_router(plane, require_api, require_admin))
-    app.include_router(health_router(plane))
+    app.include_router(health_router(plane.runtime))
 
 
 def create_app(runtime: Runtime) -> FastAPI:

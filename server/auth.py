@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 from fastapi import Header
 
+from .config import ServeConfig
 from .errors import Forbidden, Unauthorized
-from .runtime import ServeConfig
 
 
 def check_bearer(authorization: str | None, tokens: list[str], what: str) -> None:

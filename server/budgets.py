@@ -47,6 +47,13 @@ class ResponseBudget:
         self.check(nbytes, what)
         self.used += nbytes
 
+    def check_total(self, nbytes: int) -> None:
+        """Raise `ResponseTooLarge` if the finished answer, `nbytes` long, is over the limit."""
+        if nbytes > self.limit:
+            raise ResponseTooLarge(
+                f"the answer would be {nbytes} bytes; the limit is {self.limit} (--max-response-mb): send fewer images per request"
+            )
+
     def check(self, nbytes: int, what: str) -> None:
         """Raise `ResponseTooLarge` unless `nbytes` more for `what` would fit (charging nothing)."""
         if self.used + nbytes > self.limit:

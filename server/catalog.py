@@ -3,7 +3,9 @@
 It reads the store in threads and merges on the event loop. A store read that started before an admin
 call changed the task (an upload, a purge, a new serving state: each moves the task's *generation* on)
 is stale and is dropped. Files found unusable are remembered by signature, logged and counted once, and
-skipped until they are replaced. Whoever holds loaded weights hears of every change (`CatalogListener`).
+skipped until they are replaced. Whoever holds loaded weights hears of every change a store read
+brings (`CatalogListener`); changes this replica makes itself (`add`, `record`, `purge`, `quarantine`)
+are made by that holder, which knows of them already.
 """
 
 from __future__ import annotations
@@ -153,13 +155,14 @@ class Catalog(Mapping[str, TaskEntry]):
         return TaskVersion(entry, version)
 
     async def serving(self, task: str, version: int | None = None) -> TaskVersion:
-        """What a request for `task` (pinned to `version`, or not) runs: 404 also while the task is unloaded."""
-        target = await self.version(task, version)
-        if not target.entry.enabled:
+        """What a request for `task` (pinned to `version`, or not) runs: 404 while the task is unloaded
+        (said before whether the version exists), or for an unknown task or version."""
+        entry = await self.entry(task, version)
+        if not entry.enabled:
             raise TaskUnloaded(
                 f"task {task!r} is unloaded; load it to serve it again (POST /v1/adapters/{task}/load or /v2/repository/models/{task}/load)"
             )
-        return target
+        return await self.version(task, version)
 
     async def reread(self, task: str) -> TaskEntry | None:
         """Read `task` from the store and merge it, unless an admin call changed it meanwhile."""

@@ -1,8 +1,8 @@
 """The `monaserve` command line.
 
-`info`, `train` and `serve` take their flags from modules that import torch (`train` and `serve` from
-their configs, the one source of their defaults); those are filled in only for the command that runs,
-so the client commands start at once.
+`info`, `train` and `serve` take their flags from their configs (`InfoConfig`, `TrainConfig`,
+`ServeConfig`: the one source of their defaults), in modules that import torch; those are filled in
+only for the command that runs, so the client commands start at once.
 """
 
 from __future__ import annotations
@@ -18,15 +18,10 @@ from monaserve.client.cli import add_client_commands
 
 
 def _add_info_arguments(parser: argparse.ArgumentParser) -> None:
-    """`info`'s flags (train and serve take theirs from their configs)."""
-    from monaserve.adapters.swin import DEFAULT_BACKBONE, HUB
+    from monaserve.adapters.accounting import InfoConfig
+    from monaserve.adapters.config_args import add_config_arguments
 
-    parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="timm Swin name (default: %(default)s)")
-    parser.add_argument("--weights", default=HUB, help="'hub' (Hugging Face), 'random' or a local .safetensors/.pth file")
-    parser.add_argument("--seed", type=int, default=0, help="seed for random weights")
-    parser.add_argument("--inner-dim", type=int, default=64, help="Mona inner dimension")
-    parser.add_argument("--num-classes", type=int, default=1000, help="classes for the classify head figure")
-    parser.add_argument("--json", action="store_true", help="print JSON")
+    add_config_arguments(parser, InfoConfig)
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +45,11 @@ ARGUMENTS = {"info": _add_info_arguments, "train": _add_train_arguments, "serve"
 def cmd_info(args: argparse.Namespace) -> int:
     """Print the backbone and what one task's adapters cost on it."""
     from monaserve.adapters import Backbone, adapter_budget
+    from monaserve.adapters.accounting import InfoConfig
+    from monaserve.adapters.config_args import config_from_args
     from monaserve.adapters.swin import block_dims
+
+    args = config_from_args(InfoConfig, args)
 
     backbone = Backbone.load(args.backbone, args.weights, seed=args.seed)
     budget = adapter_budget(backbone.model, args.inner_dim)
@@ -145,14 +144,6 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     for name, (command, handler) in heavy.items():
         if chosen is None or chosen == name:
             ARGUMENTS[name](command)
-            command.add_argument(
-                "--random-init",
-                dest="weights",
-                action="store_const",
-                const="random",
-                default=argparse.SUPPRESS,
-                help="random weights from --seed (offline use; the same as --weights random)",
-            )
         command.set_defaults(handler=handler)
 
     demo = commands.add_parser("demo-data", help="write a synthetic dataset")

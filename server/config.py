@@ -1,7 +1,7 @@
 """`ServeConfig`: every `monaserve serve` option, its default and its help, written once.
 
-The command line (`--help` shows each default) and the `MONASERVE_<NAME>` environment variables are made
-from these fields (`adapters.config_args`), and so is every default the server uses.
+The command line (`--help` shows each default) and the `MONASERVE_<FLAG>` environment variables are made
+from these fields (`adapters.config_args`); the server's parts take their settings from here.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from monaserve.adapters.config_args import option
+from monaserve.adapters.config_args import option, resolve_weights
 from monaserve.adapters.swin import DEFAULT_BACKBONE, HUB
 
 MiB = 2**20
@@ -24,6 +24,7 @@ class ServeConfig:
     # the backbone
     backbone: str = option(DEFAULT_BACKBONE, "timm Swin name")
     weights: str = option(HUB, "'hub' (Hugging Face), 'random' (from --seed, offline) or a local .safetensors/.pth file")
+    random_init: bool = option(False, "random weights from --seed, for offline use (the same as --weights random)")
     seed: int = option(0, "seed for random weights")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     # listening
@@ -71,6 +72,9 @@ class ServeConfig:
     body_min_rate: float = option(1024.0, "bytes/s a request body must average over each --body-timeout-s window (0: off)")
     keep_alive_s: float = option(75.0, "idle keep-alive connections close after this (above a load balancer's 60 s)")
     drain_delay_s: float = option(0.0, "on SIGTERM, stay up this long with readiness false")
+
+    def __post_init__(self) -> None:
+        self.weights = resolve_weights(self.weights, self.random_init)
 
     @property
     def replica(self) -> str:

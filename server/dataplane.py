@@ -2,8 +2,9 @@
 
 An inference request is resolved (task, version, kind), its images decoded and prepared, run on the
 engine (`EngineClient`: this process's or another's), and each image post-processed by its kind into a
-typed result in the original image's pixels. Limits and metrics are applied here, once; `/v1` and `/v2`
-(`rest_v1.py`, `oip.py`) only translate their protocol to an `InferRequest` and the typed results back.
+typed result that answers in the original image's pixels. Limits and metrics are applied here, once;
+`/v1` and `/v2` (`rest_v1.py`, `oip.py`) only translate their protocol to an `InferRequest` and the
+typed results back.
 """
 
 from __future__ import annotations
@@ -110,18 +111,20 @@ class DataPlane:
             if registry is not None and task in registry.catalog:
                 self.metrics.requests.labels(task, label, str(status)).inc()
 
-    async def infer(self, request: InferRequest, render: Callable[[InferResult], T], check: Callable[[TaskKind], None] | None = None) -> T:
+    async def infer(
+        self, request: InferRequest, render: Callable[[InferResult], T], read_options: Callable[[TaskKind], Options] | None = None
+    ) -> T:
         """Run `request` within the request timeout, then post-process and `render` its results (the
-        protocol's answer) off the event loop. `check` sees the task's kind before any work runs (what a
-        protocol can only validate once it knows the kind)."""
+        protocol's answer) off the event loop. `read_options`, for a protocol that can read what is asked
+        only once it knows the task's kind, gives the options in place of `request.options` before any
+        work runs."""
         check_image_count(len(request.images), self.config.max_images_per_request)
         timeout = self.config.request_timeout_s
         started = time.monotonic()
         try:
             async with asyncio.timeout(timeout):
                 target = await self._resolve(request)
-                if check is not None:
-                    check(target.kind)
+                options = request.options if read_options is None else read_options(target.kind)
                 prepared = await self.runtime.decoder.prepare(request.images, target.manifest.input)
                 decoded = time.monotonic()
                 run = await self.runtime.engine_client.run(
@@ -138,8 +141,8 @@ class DataPlane:
         budget = ResponseBudget(int(self.config.max_response_mb * MiB))
 
         def finish() -> T:  # mask resizing, encoding and JSON are CPU work
-            results = [kind.postprocess(p, run.manifest.labels, q, request.options) for p, q in zip(run.predictions, prepared)]
-            return render(InferResult(request.task, kind, run.version, results, request.options, timings, budget))
+            results = [kind.postprocess(p, run.manifest.labels, q, options) for p, q in zip(run.predictions, prepared)]
+            return render(InferResult(request.task, kind, run.version, results, options, timings, budget))
 
         return await asyncio.get_running_loop().run_in_executor(self.runtime.decode_pool, finish)
 

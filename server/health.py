@@ -10,7 +10,7 @@ from importlib import resources
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from .dataplane import DataPlane
+from .runtime import Runtime
 from .schemas import Health
 
 
@@ -29,8 +29,8 @@ def page_headers(page: bytes) -> dict[str, str]:
 class HealthEndpoints:
     """Liveness, readiness (with what the server is doing), Prometheus metrics and the playground."""
 
-    def __init__(self, plane: DataPlane) -> None:
-        self.runtime = plane.runtime
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
         self.page = (resources.files("monaserve.server") / "static" / "playground.html").read_bytes()
         self.page_headers = page_headers(self.page)
 
@@ -50,9 +50,9 @@ class HealthEndpoints:
         return Response(self.page, media_type="text/html; charset=utf-8", headers=self.page_headers)
 
 
-def health_router(plane: DataPlane) -> APIRouter:
+def health_router(runtime: Runtime) -> APIRouter:
     """`/health/live`, `/health/ready`, `/metrics` and the playground at `/` (no token: probes and browsers call them)."""
-    endpoints = HealthEndpoints(plane)
+    endpoints = HealthEndpoints(runtime)
     router = APIRouter()
     router.add_api_route("/health/live", endpoints.live, methods=["GET"], response_model=Health, tags=["health"])
     router.add_api_route(

@@ -13,9 +13,10 @@ from typing import Any
 import uvicorn
 
 from .app import create_app
+from .config import ServeConfig
 from .http_protocol import ConnectionRules, GuardedH11Protocol
 from .middleware import REPLICA_HEADER
-from .runtime import Runtime, ServeConfig
+from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 RESERVED_DESCRIPTORS = 128

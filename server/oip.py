@@ -72,7 +72,16 @@ class OipEndpoints:
     async def ready(self) -> Response:
         return Response(status_code=200 if self.plane.ready else 400)
 
-    async def metadata(self, name: TaskName, version: VersionNumber | None = None) -> dict:
+    async def serving_metadata(self, name: TaskName) -> dict:
+        return await self.metadata(name, None)
+
+    async def serving_ready(self, name: TaskName) -> Response:
+        return await self.model_ready(name, None)
+
+    async def serving_infer(self, name: TaskName, request: Request) -> Response:
+        return await self.infer(name, request, None)
+
+    async def metadata(self, name: TaskName, version: VersionNumber | None) -> dict:
         target = await self.plane.task(name, version_number(version))
         return {
             "name": name,
@@ -83,11 +92,11 @@ class OipEndpoints:
             "parameters": {"kind": target.kind.name, "labels": len(target.manifest.labels)},
         }
 
-    async def model_ready(self, name: TaskName, version: VersionNumber | None = None) -> Response:
+    async def model_ready(self, name: TaskName, version: VersionNumber | None) -> Response:
         target = await self.plane.task(name, version_number(version))
         return Response(status_code=200 if self.plane.ready and target.entry.enabled else 400)
 
-    async def infer(self, name: TaskName, request: Request, version: VersionNumber | None = None) -> Response:
+    async def infer(self, name: TaskName, request: Request, version: VersionNumber | None) -> Response:
         with self.plane.counted(name, "oip"):
             body = await request.body()
             loop = asyncio.get_running_loop()
@@ -95,8 +104,8 @@ class OipEndpoints:
                 self.plane.runtime.decode_pool, parse_request, body, request.headers.get(HEADER_LENGTH)
             )
             answer = OipAnswer(name, header)
-            work = InferRequest(name, images, version_number(version), options=answer.options)
-            body, headers = await unless_client_leaves(request, self.plane.infer(work, answer, check=answer.check))
+            work = InferRequest(name, images, version_number(version))
+            body, headers = await unless_client_leaves(request, self.plane.infer(work, answer, read_options=answer.read))
         return Response(body, headers=headers)
 
     async def index(self, request: Request) -> list[dict]:
@@ -147,10 +156,13 @@ def oip_router(plane: DataPlane, require_api, require_admin) -> APIRouter:
         "responses": {**OIP_ERRORS, 400: {"description": "not ready"}},
     }
     infer = {"summary": "Inference", "response_class": Response, "openapi_extra": INFER_DOC, **api}
-    for prefix in ("/models/{name}", "/models/{name}/versions/{version}"):
-        add(prefix, endpoints.metadata, methods=["GET"], summary="Model metadata", **api)
-        add(prefix + "/ready", endpoints.model_ready, methods=["GET"], **ready)
-        add(prefix + "/infer", endpoints.infer, methods=["POST"], **infer)
+    for prefix, metadata, model_ready, model_infer in (  # the version the model serves, or one named in the path
+        ("/models/{name}", endpoints.serving_metadata, endpoints.serving_ready, endpoints.serving_infer),
+        ("/models/{name}/versions/{version}", endpoints.metadata, endpoints.model_ready, endpoints.infer),
+    ):
+        add(prefix, metadata, methods=["GET"], summary="Model metadata", **api)
+        add(prefix + "/ready", model_ready, methods=["GET"], **ready)
+        add(prefix + "/infer", model_infer, methods=["POST"], **infer)
     admin = {"dependencies": [Depends(require_admin)], "responses": OIP_ERRORS}
     add("/repository/index", endpoints.index, methods=["POST"], summary="Models in the repository and their state", **admin)
     add(

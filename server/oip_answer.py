@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from monaserve.adapters.kinds import Options, ResultShapeError, TaskKind
+from monaserve.adapters.kinds import MIN_SCORE_RANGE, TOP_K_RANGE, Options, ResultShapeError, TaskKind
 
 from .dataplane import InferResult
 from .errors import BadRequest, ResponseTooLarge
@@ -47,48 +47,47 @@ def _images(inputs: dict) -> list[bytes | np.ndarray]:
 
 
 class OipAnswer:
-    """What one request asks of its answer (read from its header at once, checked against the task's kind
-    before any work runs), and the answer itself: the outputs asked for, inline or binary, each charged to
-    the answer's budget before it is encoded."""
+    """What one request asks of its answer, read from its header once the task's kind is known (`read`,
+    before any work runs), and the answer itself: the outputs asked for, inline or binary, each charged
+    to the answer's budget before it is encoded."""
 
     def __init__(self, name: str, header: dict) -> None:
         self.name, self.header = name, header
-        parameters = parameters_of(header, "the request")
-        self.options = Options(
-            top_k=_parameter(parameters, "top_k", int, 5, 1, 1000), min_score=_parameter(parameters, "min_score", float, 0.0, 0.0, 1.0)
-        )
-        binary_default = _flag(parameters, "binary_data_output", False, "the request")
-        requested = header.get("outputs")
-        if requested is not None and not isinstance(requested, list):
-            raise BadRequest("'outputs' must be a list")
-        self.requested: list[tuple[Any, bool]] = []
-        for spec in requested or []:
-            output = spec.get("name") if isinstance(spec, dict) else None
-            what = f"output {short_repr(output)}"
-            binary = _flag(parameters_of(spec, what), "binary_data", binary_default, what) if isinstance(spec, dict) else binary_default
-            self.requested.append((output, binary))
-        self.binary_default = binary_default
-        if "id" in header and not isinstance(header["id"], str):
-            raise BadRequest(f"'id' must be a string, got {type(header['id']).__name__}")
         self.outputs: list[tuple[str, bool]] = []
 
-    def check(self, kind: TaskKind) -> None:
-        """The outputs to answer with: each a known output of `kind`, asked for once (default: all)."""
+    def read(self, kind: TaskKind) -> Options:
+        """The request's options, and the outputs to answer with: each a known output of `kind`, asked for
+        once (default: all); 400 naming what is wrong."""
+        header = self.header
+        parameters = parameters_of(header, "the request")
+        options = Options(
+            top_k=_parameter(parameters, "top_k", int, Options.top_k, *TOP_K_RANGE),
+            min_score=_parameter(parameters, "min_score", float, Options.min_score, *MIN_SCORE_RANGE),
+        )
+        binary_default = _flag(parameters, "binary_data_output", False, "the request")
+        requested = header.get("outputs") or None  # absent, null or empty: every output
+        if requested is not None and not isinstance(requested, list):
+            raise BadRequest("'outputs' must be a list")
         names = [output.name for output in kind.outputs]
-        requested = self.requested or [(name, self.binary_default) for name in names]
-        seen = set()
-        for output, _ in requested:
+        outputs, seen = [], set()
+        for spec in requested or [{"name": name} for name in names]:
+            output = spec.get("name") if isinstance(spec, dict) else None
             if not isinstance(output, str) or output not in names:
                 raise BadRequest(f"unknown output {short_repr(output)}; {kind.name} models give {names}")
             if output in seen:
                 raise BadRequest(f"output {output!r} is requested twice; ask for each output once")
             seen.add(output)
-        self.outputs = requested
+            what = f"output {output!r}"
+            outputs.append((output, _flag(parameters_of(spec, what), "binary_data", binary_default, what)))
+        if "id" in header and not isinstance(header["id"], str):
+            raise BadRequest(f"'id' must be a string, got {type(header['id']).__name__}")
+        self.outputs = outputs
+        return options
 
     def __call__(self, result: InferResult) -> tuple[bytes, dict[str, str]]:
         """The response body and its headers."""
         try:
-            tensors = result.kind.tensors(result.results)
+            tensors = result.kind.output_tensors(result.results)
         except ResultShapeError as exc:
             raise BadRequest(str(exc)) from None
         budget, entries, chunks = result.budget, [], []
@@ -111,8 +110,7 @@ class OipAnswer:
         if "id" in self.header:
             response["id"] = self.header["id"]
         body, headers = encode_response(response, b"".join(chunks))
-        if len(body) > budget.limit:
-            raise ResponseTooLarge(f"the answer would be {len(body)} bytes; the limit is {budget.limit} (--max-response-mb)")
+        budget.check_total(len(body))
         return body, headers
 
 

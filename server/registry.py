@@ -23,7 +23,7 @@ from typing import Literal
 
 from monaserve.adapters import AdapterError, AdapterPackage, Manifest, validate_task_name
 
-from .catalog import Catalog, Change, TaskEntry, TaskVersion, VersionInfo
+from .catalog import Catalog, Change, TaskEntry, VersionInfo
 from .engine import Engine
 from .errors import BadRequest, UnknownTask, UnknownVersion, VersionExists
 from .loader import PackageLoader
@@ -34,8 +34,6 @@ from .store import AdapterStore
 log = logging.getLogger(__name__)
 Key = tuple[str, int]
 Location = Literal["gpu", "cpu", "store"]
-
-__all__ = ["Lease", "Registry", "TaskEntry", "TaskVersion"]
 
 
 class Registry:
@@ -48,8 +46,8 @@ class Registry:
         executor: Executor,
         metrics: Metrics,
         cpu_cache_bytes: int,
-        gpu_budget_bytes: int | None = None,
-        admission_timeout_s: float = 30.0,
+        gpu_budget_bytes: int | None,
+        admission_timeout_s: float,
     ) -> None:
         self.store = store
         self.engine = engine
@@ -165,6 +163,9 @@ class Registry:
             except AdapterError as exc:
                 self.catalog.quarantine(key, exc)
                 raise UnknownVersion(f"task {key[0]!r} version {key[1]} is unusable in the store: {exc}") from None
+            if self._epochs.get(key, 0) != epoch:  # its file left or changed while it was read: drop what was read
+                self.loader.drop([key])
+                raise UnknownVersion(f"task {key[0]!r} version {key[1]} left or changed in the store while it was read")
         resident = await self.slots.install(key, package)
         if self._epochs.get(key, 0) != epoch:
             self.slots.retire(resident)  # purged or replaced while loading: these weights are gone
@@ -237,10 +238,11 @@ class Registry:
                 if listing is None or not (listing.versions or listing.state):
                     raise
                 entry = None  # only unusable files are stored: a purge still clears them
+            known = [version for _, version in self.catalog.versions_of(task)]
             if purge:  # first, so a store that refuses leaves the task served
-                versions = [version for _, version in self.catalog.versions_of(task)]
                 await self.catalog.purge(task)
-                self._forget(task, versions, "purged")
+                loading = {version for name, version in self._loading if name == task}  # also ones read in meanwhile
+                self._forget(task, sorted(set(known) | loading), "purged")
                 self._stop_serving(task, retire=True)
             elif entry is not None:
                 await self.catalog.record(task, replace(entry.state, enabled=False), f"could not record that {task} is unloaded")

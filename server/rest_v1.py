@@ -13,12 +13,12 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from monaserve.adapters.kinds import Options
+from monaserve.adapters.kinds import MIN_SCORE_RANGE, TOP_K_RANGE, Options
 
+from .catalog import TaskEntry
 from .dataplane import DataPlane, InferRequest, InferResult, check_image_count
 from .disconnect import unless_client_leaves
-from .errors import BadRequest, ResponseTooLarge, UnsupportedMedia
-from .registry import TaskEntry
+from .errors import BadRequest, UnsupportedMedia
 from .schemas import ERROR_STATUSES, RESPONSES, ErrorBody, ImagesRequest, InferResponse, Kind, TaskInfo, TaskName, Timings
 
 ERROR_RESPONSES = {status: {"model": ErrorBody} for status in ERROR_STATUSES}
@@ -82,10 +82,7 @@ def render(result: InferResult) -> bytes:
         timings_ms=Timings(**{f"{k}_ms": round(v * 1000, 3) for k, v in result.timings_s.items()}),
     )
     body = response.model_dump_json().encode()
-    if len(body) > budget.limit:
-        raise ResponseTooLarge(
-            f"the answer would be {len(body)} bytes; the limit is {budget.limit} (--max-response-mb): send fewer images per request"
-        )
+    budget.check_total(len(body))
     return body
 
 
@@ -114,9 +111,11 @@ class InferenceEndpoints:
         kind: Kind,
         request: Request,
         version: int | None = Query(default=None, ge=1, description="pin an adapter version"),
-        top_k: int = Query(default=5, ge=1, le=1000, description="classify: labels per image"),
-        min_score: float = Query(default=0.0, ge=0.0, le=1.0, description="detect: drop boxes scoring less"),
-        rle: bool = Query(default=False, description="segment: add per-class RLE"),
+        top_k: int = Query(default=Options.top_k, ge=TOP_K_RANGE[0], le=TOP_K_RANGE[1], description="classify: labels per image"),
+        min_score: float = Query(
+            default=Options.min_score, ge=MIN_SCORE_RANGE[0], le=MIN_SCORE_RANGE[1], description="detect: drop boxes scoring less"
+        ),
+        rle: bool = Query(default=Options.rle, description="segment: add per-class RLE"),
     ) -> Response:
         with self.plane.counted(task, kind):
             images = await read_images(request, self.plane.config.max_images_per_request)

@@ -1,4 +1,4 @@
-"""The running server: configuration, start-up in the background, and drain."""
+"""The running server: its parts and threads, start-up in the background, and drain."""
 
 from __future__ import annotations
 
@@ -28,8 +28,6 @@ from .store import AdapterStore
 
 log = logging.getLogger(__name__)
 MiB = 2**20
-
-__all__ = ["Runtime", "ServeConfig"]
 
 
 class Runtime:

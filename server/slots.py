@@ -1,9 +1,9 @@
 """Device slots: which task version sits in which slot, who holds it, and which idle one makes room.
 
-A request holds a `Lease` on its slot until its batch has run. A slot that must go while requests still
-hold it (unload, purge, a version replaced in the store) is *retired*: out of `residents` at once (no new
-request finds it) and freed when its last lease ends. Which idle resident gives way to a new one is the
-`EvictionPolicy`'s choice.
+A request holds a `Lease` on its slot until its batch has run. A slot whose weights are gone while
+requests still hold it (a purge, a version replaced in the store) is *retired*: out of `residents` at
+once (no new request finds it) and freed when its last lease ends; an unloaded task's busy slots are
+freed when their leases end. Which idle resident gives way to a new one is the `EvictionPolicy`'s choice.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ class Resident:
 class Lease:
     """A request's hold on a slot: the slot stays put until the lease is released."""
 
-    task: str
     version: int
     manifest: Manifest
     resident: Resident
@@ -107,7 +106,7 @@ class SlotPool:
             return None
         resident.refs += 1
         resident.last_used = time.monotonic()
-        return Lease(key[0], key[1], manifest, resident)
+        return Lease(key[1], manifest, resident)
 
     def release(self, lease: Lease) -> None:
         resident = lease.resident

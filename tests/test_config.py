@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from monaserve.adapters.accounting import InfoConfig
+from monaserve.adapters.config_args import config_from_args
 from monaserve.adapters.trainer import TrainConfig
 from monaserve.server.cli import build_parser
 from monaserve.server.config import ServeConfig
@@ -18,12 +20,10 @@ def subcommand(argv: list[str]):
     return next(a for a in build_parser(argv)._actions if a.dest == "command").choices[argv[0]]
 
 
-@pytest.mark.parametrize(("command", "config"), [("serve", ServeConfig), ("train", TrainConfig)])
+@pytest.mark.parametrize(("command", "config"), [("serve", ServeConfig), ("train", TrainConfig), ("info", InfoConfig)])
 def test_every_field_is_a_flag_with_its_default_and_help(command, config):
     parser = subcommand([command])
-    actions = {}
-    for action in parser._actions:  # --random-init shares --weights' field: the flag that owns it comes first
-        actions.setdefault(action.dest, action)
+    actions = {action.dest: action for action in parser._actions}
     for field in dataclasses.fields(config):
         action = actions[field.name]
         assert action.help, field.name
@@ -40,7 +40,7 @@ def test_help_shows_the_defaults():
 def test_environment_variables_set_the_defaults(monkeypatch):
     monkeypatch.setenv("MONASERVE_GPU_SLOTS", "3")
     monkeypatch.setenv("MONASERVE_INSECURE_ADMIN", "true")
-    monkeypatch.setenv("MONASERVE_PROGRESS", "0")
+    monkeypatch.setenv("MONASERVE_NO_PROGRESS", "1")
     serve = build_parser(["serve"]).parse_args(["serve"])
     assert (serve.gpu_slots, serve.insecure_admin) == (3, True)
     assert build_parser(["serve"]).parse_args(["serve", "--gpu-slots", "5"]).gpu_slots == 5  # a flag beats the variable
@@ -50,7 +50,22 @@ def test_environment_variables_set_the_defaults(monkeypatch):
 
 def test_a_switch_on_by_default_is_turned_off_with_no():
     assert build_parser(["train"]).parse_args(["train", "detect", "d", "--name", "t", "--no-progress"]).progress is False
-    assert build_parser(["serve"]).parse_args(["serve", "--random-init"]).weights == "random"
+
+
+def test_random_init_is_random_weights_and_refuses_a_weights_file(monkeypatch):
+    def serve_config(*argv: str) -> ServeConfig:
+        return config_from_args(ServeConfig, build_parser(["serve"]).parse_args(["serve", *argv]))
+
+    assert serve_config("--random-init").weights == "random"
+    assert serve_config().weights == "hub"
+    with pytest.raises(ValueError, match="contradict"):
+        serve_config("--weights", "w.pth", "--random-init")
+    monkeypatch.setenv("MONASERVE_RANDOM_INIT", "1")
+    assert serve_config().weights == "random"
+    monkeypatch.setenv("MONASERVE_WEIGHTS", "random")
+    monkeypatch.delenv("MONASERVE_RANDOM_INIT")
+    info = build_parser(["info"]).parse_args(["info"])
+    assert info.weights == "random"  # info reads the environment too
 
 
 def test_the_client_commands_start_without_torch():

@@ -204,6 +204,20 @@ def test_requests_are_checked_before_inference(server, http):
     assert too_large.status_code == 413 and list(too_large.json()) == ["error"]
 
 
+def test_the_model_is_resolved_before_the_request_is_judged(http):
+    """An unknown model is a 404 whatever its parameters; an empty `outputs` asks for every output; a
+    route without a version takes none from the query string."""
+    image = bytes_input(image_bytes(0))
+    assert http.post("/v2/models/nope/infer", json={"inputs": [image], "parameters": {"top_k": 0}}).status_code == 404
+    every = http.post("/v2/models/pets/infer", json={"inputs": [image], "outputs": []})
+    assert every.status_code == 200 and [o["name"] for o in every.json()["outputs"]] == ["scores", "labels", "indices"]
+    assert http.post("/v2/models/pets/infer?version=99", json={"inputs": [image]}).status_code == 200
+    paths = http.get("/openapi.json").json()["paths"]
+    for route in ("/v2/models/{name}", "/v2/models/{name}/ready", "/v2/models/{name}/infer"):
+        for operation in paths[route].values():
+            assert "version" not in [p["name"] for p in operation["parameters"]], route
+
+
 def test_too_many_images_is_the_same_413_on_both_protocols(http):
     """One limit in the data plane: --max-images-per-request (64 here), refused before anything is decoded."""
     many = [b"not even an image"] * 65
@@ -241,7 +255,7 @@ def test_a_mask_is_charged_to_the_answer_budget_once(shared_backbone):
     kind = get_kind("segment")
     segmentation = kind.postprocess(torch.zeros(64, 64, dtype=torch.int32), manifest.labels, prepared, Options())
     answer = OipAnswer("masks", {"outputs": [{"name": "mask", "parameters": {"binary_data": True}}]})
-    answer.check(kind)
+    options = answer.read(kind)
     budget = ResponseBudget(1_000_000)
-    body, headers = answer(InferResult("masks", kind, 1, [segmentation], answer.options, {}, budget))
+    body, headers = answer(InferResult("masks", kind, 1, [segmentation], options, {}, budget))
     assert len(body) - int(headers[HEADER]) == 800_000 and budget.used == 800_000

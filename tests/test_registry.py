@@ -105,6 +105,29 @@ def test_purge_and_reupload_while_a_request_holds_the_old_weights(tiny_backbone,
     asyncio.run(scenario())
 
 
+def test_the_idle_adapter_evicted_is_the_policys_choice(tiny_weights, shared_backbone, tmp_path):
+    """Two slots, three tasks: by default the least recently used idle adapter makes room; another
+    policy (here: the most recently used) changes only which one."""
+
+    class MostRecentlyUsed:
+        def choose(self, idle):
+            return max(idle, key=lambda resident: resident.last_used)
+
+    async def scenario(policy):
+        for name in ("a", "b", "c"):
+            random_package(shared_backbone, name, seed=1).save(tmp_path / name / "1.safetensors")
+        registry = make_registry(Backbone.load(TINY, tiny_weights), tmp_path, slots=2)
+        if policy is not None:
+            registry.slots.policy = policy
+        for name in ("a", "b", "c"):
+            manifest = (await registry.catalog.entry(name)).versions[1].manifest
+            registry.release(await registry.acquire(name, 1, manifest))
+        return sorted(task for task, _ in registry.slots.residents)
+
+    assert asyncio.run(scenario(None)) == ["b", "c"]
+    assert asyncio.run(scenario(MostRecentlyUsed())) == ["a", "c"]
+
+
 def test_concurrent_loads_respect_the_byte_budget(tiny_backbone, shared_backbone, tmp_path):
     async def scenario():
         for name in ("a", "b"):

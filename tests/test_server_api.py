@@ -311,6 +311,8 @@ def test_unload_load_and_purge(server, shared_backbone):
         assert admin.delete("/v1/adapters/temp").json() == {"task": "temp", "unloaded": True, "purged": False}
         gone = client.post("/v1/tasks/temp/classify", files=image)
         assert gone.status_code == 404 and gone.json()["error"] == "task_unloaded"
+        pinned = client.post("/v1/tasks/temp/classify?version=9", files=image)  # unloaded is said first
+        assert pinned.status_code == 404 and pinned.json()["error"] == "task_unloaded"
         assert admin.get("/v1/adapters/temp").json()["enabled"] is False
         loaded = admin.post("/v1/adapters/temp/load", json={"version": 1})
         assert loaded.status_code == 200 and loaded.json()["versions"][0]["location"] == "gpu"

@@ -147,6 +147,6 @@ def test_any_inference_request_json_fails_only_with_a_4xx(header, binary, header
         check_image_count(len(images), 8)
         answer = OipAnswer("model", parsed)
         for kind in KINDS.values():
-            answer.check(kind)
+            answer.read(kind)
     except ServeError as exc:
         assert exc.status in (400, 413), f"{exc.status} {exc.message}"

@@ -33,7 +33,6 @@ class Sample:
 class TaskData:
     """The samples of one dataset and its class names (in label order)."""
 
-    kind: str
     labels: list[str]
     samples: list[Sample] = field(default_factory=list)
 
@@ -57,7 +56,7 @@ def image_folder(root: str | Path) -> TaskData:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise ValueError(f"{root} has no class folders (expected root/<class>/<image>)")
-    data = TaskData("classify", classes)
+    data = TaskData(classes)
     for index, name in enumerate(classes):
         data.samples += [Sample(path, index) for path in _images_in(root / name)]
     return data
@@ -78,7 +77,7 @@ def coco_detection(annotations: str | Path, images: str | Path | None = None) ->
         if not a.get("iscrowd", 0):
             x, y, w, h = a["bbox"]
             boxes[a["image_id"]].append(([x, y, x + w, y + h], label_of[a["category_id"]]))
-    data = TaskData("detect", [c["name"] for c in categories])
+    data = TaskData([c["name"] for c in categories])
     for image in coco["images"]:
         entries = boxes[image["id"]]
         target = {
@@ -99,7 +98,7 @@ def image_masks(images: str | Path, masks: str | Path, labels: Sequence[str] | N
         if not names_file.exists():
             raise ValueError(f"class names needed: pass labels or write {names_file} (a JSON list, id order)")
         labels = json.loads(names_file.read_text())
-    data = TaskData("segment", list(labels))
+    data = TaskData(list(labels))
     for path in _images_in(images):
         mask = masks / f"{path.stem}.png"
         if not mask.exists():

@@ -6,7 +6,22 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .base import KINDS, Budget, Metric, Options, OutputSpec, OutputTensor, ResultShapeError, TaskKind, get_kind, register_kind, to_host
+from .base import (
+    KINDS,
+    MIN_SCORE_RANGE,
+    TOP_K_RANGE,
+    Budget,
+    Metric,
+    Options,
+    OutputSpec,
+    OutputTensor,
+    ResultShapeError,
+    TaskKind,
+    Tensors,
+    get_kind,
+    register_kind,
+    to_host,
+)
 from .classify import Classify, ClassifyHeadConfig, ClassifyResult, LabelScore
 from .detect import Detect, DetectHeadConfig, Detection, DetectResult
 from .segment import ClassArea, Segment, Segmentation, SegmentHeadConfig, SegmentResult
@@ -22,6 +37,8 @@ def build_head(manifest: Manifest, stage_dims: list[int]) -> nn.Module:
 
 __all__ = [
     "KINDS",
+    "MIN_SCORE_RANGE",
+    "TOP_K_RANGE",
     "Budget",
     "ClassArea",
     "Classify",
@@ -42,6 +59,7 @@ __all__ = [
     "SegmentResult",
     "Segmentation",
     "TaskKind",
+    "Tensors",
     "build_head",
     "get_kind",
     "register_kind",

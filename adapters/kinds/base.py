@@ -35,6 +35,11 @@ class Options:
     rle: bool = False
 
 
+TOP_K_RANGE = (1, 1000)
+MIN_SCORE_RANGE = (0.0, 1.0)
+"""The values `Options.top_k` and `Options.min_score` may take, for every protocol."""
+
+
 class Budget(Protocol):
     """Bytes an answer may still take; `charge` raises once it would be exceeded."""
 
@@ -67,14 +72,18 @@ class OutputTensor:
     values: Callable[[], Any]
 
 
+Tensors = dict[str, tuple[list[int], Callable[[], Any]]]
+"""A kind's outputs for a batch: name -> (shape, a function that builds the values)."""
+
+
 class ResultShapeError(ValueError):
     """The results cannot take the asked-for form (a client's mistake, e.g. masks of different sizes in one tensor)."""
 
 
 class TaskKind(ABC, Generic[Result]):
     """Everything that differs between kinds of task. Heads' `predict` all stop at the same stage: the
-    answer in the model input's pixels (probabilities, boxes after NMS, class ids); `postprocess` maps
-    it back to the original image."""
+    answer in the model input's pixels (probabilities, boxes after NMS, class ids); `postprocess` turns
+    it into a result in the original image's pixels."""
 
     name: ClassVar[str]
     head_config: ClassVar[type[Strict]]
@@ -113,15 +122,21 @@ class TaskKind(ABC, Generic[Result]):
 
     @abstractmethod
     def postprocess(self, prediction: Any, labels: list[str], prepared: Prepared, options: Options) -> Result:
-        """One image's head prediction as its typed result, in the original image's pixels."""
+        """One image's head prediction as its typed result, which answers in the original image's pixels
+        (segment maps its class map back when the answer is built, so an oversized one is never made)."""
 
     def to_json(self, result: Result, options: Options, budget: Budget) -> BaseModel:
         """`result` as `result_schema` (the /v1 answer), charging what it adds beyond plain fields to `budget`."""
         return result  # classify and detect results are their /v1 form already
 
     @abstractmethod
-    def tensors(self, results: list[Result]) -> dict[str, OutputTensor]:
-        """The Open Inference Protocol outputs of a batch of results, batch first (values built on demand)."""
+    def tensors(self, results: list[Result]) -> Tensors:
+        """The shape and values of each of `outputs` for a batch of results, batch first."""
+
+    def output_tensors(self, results: list[Result]) -> dict[str, OutputTensor]:
+        """The Open Inference Protocol outputs of a batch of results, typed as `outputs` declares them."""
+        tensors = self.tensors(results)
+        return {spec.name: OutputTensor(spec.datatype, *tensors[spec.name]) for spec in self.outputs}
 
 
 KINDS: dict[str, TaskKind] = {}

@@ -14,7 +14,7 @@ from ..heads.classify import ClassifyHead
 from ..metrics import TopK
 from ..strict import Strict
 from ..transforms import InputSpec, Prepared
-from .base import Options, OutputSpec, OutputTensor, TaskKind, register_kind
+from .base import Options, OutputSpec, TaskKind, Tensors, register_kind
 
 
 class ClassifyHeadConfig(Strict):
@@ -58,10 +58,10 @@ class Classify(TaskKind[ClassifyResult]):
         scores, indices = probabilities.float().topk(min(options.top_k, probabilities.numel()))
         return ClassifyResult(top=[LabelScore(label=labels[i], index=i, score=s) for s, i in zip(scores.tolist(), indices.tolist())])
 
-    def tensors(self, results: list[ClassifyResult]) -> dict[str, OutputTensor]:
+    def tensors(self, results: list[ClassifyResult]) -> Tensors:
         shape = [len(results), len(results[0].top)]
         return {
-            "scores": OutputTensor("FP32", shape, lambda: [[t.score for t in r.top] for r in results]),
-            "labels": OutputTensor("BYTES", shape, lambda: [t.label for r in results for t in r.top]),
-            "indices": OutputTensor("INT64", shape, lambda: [[t.index for t in r.top] for r in results]),
+            "scores": (shape, lambda: [[t.score for t in r.top] for r in results]),
+            "labels": (shape, lambda: [t.label for r in results for t in r.top]),
+            "indices": (shape, lambda: [[t.index for t in r.top] for r in results]),
         }

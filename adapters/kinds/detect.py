@@ -15,7 +15,7 @@ from ..heads.detect import DetectHead
 from ..metrics import CocoMap
 from ..strict import Strict
 from ..transforms import InputSpec, Prepared, prepare_boxes
-from .base import Options, OutputSpec, OutputTensor, TaskKind, register_kind
+from .base import Options, OutputSpec, TaskKind, Tensors, register_kind
 
 
 class DetectHeadConfig(Strict):
@@ -90,7 +90,7 @@ class Detect(TaskKind[DetectResult]):
         height, width = prepared.original_size
         return DetectResult(width=width, height=height, detections=detections)
 
-    def tensors(self, results: list[DetectResult]) -> dict[str, OutputTensor]:
+    def tensors(self, results: list[DetectResult]) -> Tensors:
         """Boxes, scores, labels and indices padded to the most detections of any image; `num_detections` says how many are real."""
         n, m = len(results), max(len(r.detections) for r in results)
 
@@ -105,9 +105,9 @@ class Detect(TaskKind[DetectResult]):
             return [r.detections[j].label if j < len(r.detections) else "" for r in results for j in range(m)]
 
         return {
-            "boxes": OutputTensor("FP32", [n, m, 4], lambda: padded("box", np.float32, (4,))),
-            "scores": OutputTensor("FP32", [n, m], lambda: padded("score", np.float32)),
-            "labels": OutputTensor("BYTES", [n, m], labels),
-            "indices": OutputTensor("INT64", [n, m], lambda: padded("index", np.int64)),
-            "num_detections": OutputTensor("INT32", [n], lambda: [len(r.detections) for r in results]),
+            "boxes": ([n, m, 4], lambda: padded("box", np.float32, (4,))),
+            "scores": ([n, m], lambda: padded("score", np.float32)),
+            "labels": ([n, m], labels),
+            "indices": ([n, m], lambda: padded("index", np.int64)),
+            "num_detections": ([n], lambda: [len(r.detections) for r in results]),
         }

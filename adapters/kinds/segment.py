@@ -20,7 +20,7 @@ from ..heads.segment import SegmentHead
 from ..metrics import ConfusionIoU
 from ..strict import Strict
 from ..transforms import InputSpec, Prepared, prepare_mask
-from .base import Budget, Options, OutputSpec, OutputTensor, ResultShapeError, TaskKind, register_kind
+from .base import Budget, Options, OutputSpec, ResultShapeError, TaskKind, Tensors, register_kind
 
 
 class SegmentHeadConfig(Strict):
@@ -130,9 +130,9 @@ class Segment(TaskKind[Segmentation]):
             classes.append(ClassArea(label=result.labels[i], index=int(i), pixels=int(n), rle=None if runs is None else runs.tolist()))
         return SegmentResult(width=mask.shape[1], height=mask.shape[0], mask_png=mask_png, classes=classes)
 
-    def tensors(self, results: list[Segmentation]) -> dict[str, OutputTensor]:
+    def tensors(self, results: list[Segmentation]) -> Tensors:
         """`mask` `[N, H, W]` of class ids: one tensor, so the images must share one size."""
         sizes = {r.size for r in results}
         if len(sizes) > 1:
             raise ResultShapeError("a segment request's images must share one size: the 'mask' output is one [N, H, W] tensor")
-        return {"mask": OutputTensor("UINT8", [len(results), *sizes.pop()], lambda: np.stack([r.mask for r in results]))}
+        return {"mask": ([len(results), *sizes.pop()], lambda: np.stack([r.mask for r in results]))}
