@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from deploy_harness import require_tool
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -26,6 +28,15 @@ def run_bench(script: str, tmp_path: Path, *args: str) -> dict:
     assert script in environment["command"] and "--device cpu" in environment["command"]
     assert "| " in done.stdout  # the Markdown table
     return result
+
+
+@pytest.mark.process
+def test_frontend_bench(tmp_path):
+    require_tool("wrk")
+    result = run_bench("frontend_bench.py", tmp_path, "--duration", "1", "--connections", "4", "--cases", "png-32")
+    assert result["health_floor"]["requests_per_s"] > 0
+    assert [(c["case"], c["protocol"]) for c in result["cases"]] == [("png-32", "v1"), ("png-32", "v2")]
+    assert all(c["requests_per_s"] > 0 and c["non_2xx"] == 0 and c["p99_ms"] >= c["p50_ms"] for c in result["cases"])
 
 
 @pytest.mark.process

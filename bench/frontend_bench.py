@@ -1,0 +1,178 @@
+"""The front end's own rate: the real server with the engine's forward replaced by a constant
+(`bench/constant_engine.py`, in this benchmark only), under wrk, one image per request.
+
+For each image (a 32-px PNG, a 512-px JPEG, a 4000x3000 JPEG; all for a classify task at 224 px) and
+each protocol (/v1 raw body, /v2 JSON with the image as BYTES), it reports requests/s, p50 and p99,
+and the same run's framework floor: `GET /health/live` under the same load. Ratios to the floor say
+how much of the HTTP stack's rate the inference path keeps.
+
+    python bench/frontend_bench.py --label before       # writes bench/results/frontend-before-<cpu>.json
+
+wrk comes from Debian's packages (apt-get install wrk). The load generator shares the machine's cores
+with the server, as it would with a load balancer on the same box; the table says how many there were.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from monaserve.adapters import Backbone, InputSpec
+from monaserve.adapters.synthetic import random_package
+from monaserve.testing import ServerProcess, find_tool
+
+from common import print_table, write_result
+
+CONSTANT_ENGINE = Path(__file__).resolve().with_name("constant_engine.py")
+TASK = "frontend"
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def image(width: int, height: int, fmt: str) -> bytes:
+    """A smooth test image (photograph-like compressibility, not noise) encoded as `fmt`."""
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([(x * 255 // max(1, width - 1)), (y * 255 // max(1, height - 1)), ((x + y) * 127 // max(1, width + height))], -1)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+CASES = {
+    "png-32": lambda: (image(32, 32, "PNG"), "image/png"),
+    "jpeg-512": lambda: (image(512, 512, "JPEG"), "image/jpeg"),
+    "jpeg-4000x3000": lambda: (image(4000, 3000, "JPEG"), "image/jpeg"),
+}
+
+
+def request_script(folder: Path, name: str, body: bytes, content_type: str) -> Path:
+    """A wrk Lua script that POSTs `body`."""
+    body_path = folder / f"{name}.body"
+    body_path.write_bytes(body)
+    script = folder / f"{name}.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f'wrk.headers["Content-Type"] = "{content_type}"\n'
+        f'local f = io.open("{body_path}", "rb")\nwrk.body = f:read("*all")\nf:close()\n'
+    )
+    return script
+
+
+def oip_body(data: bytes) -> bytes:
+    return json.dumps(
+        {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(data).decode()]}]}
+    ).encode()
+
+
+def run_wrk(wrk: str, url: str, args: argparse.Namespace, script: Path | None = None) -> dict:
+    """One wrk run: requests/s, p50/p99 in ms, and the count of answers that were not 2xx."""
+    command = [wrk, f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s", "--latency", "--timeout", "30s"]
+    if script is not None:
+        command += ["-s", str(script)]
+    out = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
+
+    def latency(percent: str) -> float:
+        value, unit = re.search(rf"^\s+{percent}%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.MULTILINE).groups()
+        return round(float(value) * UNITS[unit], 2)
+
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)$", out, re.MULTILINE)
+    return {
+        "requests_per_s": round(float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), 1),
+        "p50_ms": latency("50"),
+        "p99_ms": latency("99"),
+        "non_2xx": int(errors.group(1)) if errors else 0,
+        "socket_errors": socket_errors.group(1).strip() if socket_errors else "",
+    }
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto", help="the server's --device (its engine answers a constant either way)")
+    parser.add_argument("--label", default="now", help="names the result file: frontend-<label>-<cpu>.json")
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=64, help="wrk connections")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated, of: " + ", ".join(CASES))
+    parser.add_argument("--protocols", default="v1,v2", help="v1, v2 or both")
+    parser.add_argument("--server-args", default="", help="extra `monaserve serve` flags, e.g. '--decode-threads 2'")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    wrk = find_tool("wrk")
+    if wrk is None:
+        raise SystemExit("wrk is needed: apt-get install wrk")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        weights = folder / "swin_t.safetensors"
+        backbone = Backbone.load("swin_tiny_patch4_window7_224", "random", seed=0)
+        save_file(backbone.model.state_dict(), weights)
+        store = folder / "store"
+        package = random_package(backbone, TASK, seed=0, num_labels=1000, input=InputSpec(size=(224, 224)))
+        package.save(store / TASK / "1.safetensors")
+        launcher = [sys.executable, str(CONSTANT_ENGINE)]
+        server_args = ["--device", args.device, *args.server_args.split()]
+        server = ServerProcess(weights, store, *server_args, log=folder / "server.log", launcher=launcher)
+        rows, results = [], []
+        with server:
+            floor = run_wrk(wrk, server.url + "/health/live", args)
+            for case in args.cases.split(","):
+                data, content_type = CASES[case]()
+                for protocol in args.protocols.split(","):
+                    if protocol == "v1":
+                        url, script = f"{server.url}/v1/tasks/{TASK}/classify", request_script(folder, f"{case}-v1", data, content_type)
+                    else:
+                        url, script = (
+                            f"{server.url}/v2/models/{TASK}/infer",
+                            request_script(folder, f"{case}-v2", oip_body(data), "application/json"),
+                        )
+                    with server.client(token=None) as client:  # one answer checked before the load
+                        sample = client.post(
+                            url.removeprefix(server.url),
+                            content=script.with_suffix(".body").read_bytes(),
+                            headers={"content-type": content_type if protocol == "v1" else "application/json"},
+                        )
+                        sample.raise_for_status()
+                    measured = run_wrk(wrk, url, args, script)
+                    results.append({"case": case, "protocol": protocol, "bytes": len(data), **measured})
+                    rows.append(
+                        [
+                            case,
+                            protocol,
+                            measured["requests_per_s"],
+                            measured["p50_ms"],
+                            measured["p99_ms"],
+                            f"{measured['requests_per_s'] / floor['requests_per_s']:.3f}",
+                            measured["non_2xx"],
+                        ]
+                    )
+    print(f"\nhealth floor (GET /health/live, same run): {floor['requests_per_s']} req/s, p50 {floor['p50_ms']} ms\n")
+    print_table(["image", "protocol", "req/s", "p50 ms", "p99 ms", "x floor", "non-2xx"], rows)
+    settings = {
+        "duration_s": args.duration,
+        "connections": args.connections,
+        "wrk_threads": args.threads,
+        "server_args": args.server_args,
+        "cpus": os.cpu_count(),
+    }
+    path = write_result(f"frontend-{args.label}", torch.device("cpu"), {"settings": settings, "health_floor": floor, "cases": results})
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
