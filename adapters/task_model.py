@@ -12,6 +12,7 @@ from .manifest import Manifest
 from .mona import Mona
 from .package import AdapterPackage
 from .swin import Backbone, forward_pyramid, inject_mona
+from .transforms import normalize, spec_norm
 
 
 class MonaTaskModel(nn.Module):
@@ -28,18 +29,28 @@ class MonaTaskModel(nn.Module):
         inject_mona(backbone.model, lambda dim: Mona(dim, manifest.mona_inner_dim))
         self.backbone = backbone.model
         self.head = build_head(manifest, backbone.stage_dims)
+        mean, std = spec_norm(manifest.input)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The pyramid of `images`: uint8 as `preprocess` makes them (normalised here, as the engine does),
+        or float already normalised."""
+        if images.dtype == torch.uint8:
+            images = normalize(images, self.mean, self.std)
+        return forward_pyramid(self.backbone, images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(forward_pyramid(self.backbone, images))
+        return self.head(self.features(images))
 
     def loss(self, images: torch.Tensor, targets) -> torch.Tensor:
         """The head's training loss (class indices, detection targets or masks, in input pixels)."""
-        return self.head.loss(forward_pyramid(self.backbone, images), targets)
+        return self.head.loss(self.features(images), targets)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> list:
         """One prediction per image, as the server's engine gives them."""
-        return self.head.predict(forward_pyramid(self.backbone, images))
+        return self.head.predict(self.features(images))
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """What a package holds, under package names: the Mona adapters and the head."""

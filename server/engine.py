@@ -25,6 +25,7 @@ from monaserve.adapters import (
     load_head,
 )
 from monaserve.adapters.kinds import to_host
+from monaserve.adapters.transforms import normalize, spec_norm
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -60,6 +61,8 @@ class Engine:
         self.banks: dict[str, MonaBank] = adapter_modules(self.model)
         self.heads: list[nn.Module | None] = [None] * num_slots
         self.manifests: list[Manifest | None] = [None] * num_slots
+        self.means = torch.zeros(num_slots, 3, 1, 1, device=self.device)  # each slot's input normalisation
+        self.stds = torch.ones(num_slots, 3, 1, 1, device=self.device)
 
     @property
     def num_slots(self) -> int:
@@ -99,6 +102,8 @@ class Engine:
         for path, bank in self.banks.items():
             bank.write(slot, folded[path])
         self.heads[slot] = head.to(self.device, self.dtype).eval()
+        mean, std = spec_norm(manifest.input, self.device)
+        self.means[slot], self.stds[slot] = mean, std
         self.manifests[slot] = manifest
 
     @torch.inference_mode()
@@ -117,7 +122,9 @@ class Engine:
 
     @torch.inference_mode()
     def run(self, images: torch.Tensor, slots: Sequence[int] | torch.Tensor) -> list[HeadOutput]:
-        """Run a mixed batch: `images` `(B, 3, H, W)` normalised, `slots[i]` the slot of image i.
+        """Run a mixed batch: `images` `(B, 3, H, W)`, uint8 as `preprocess` makes them (copied to the device
+        as they are, then normalised there with each sample's own task's mean and std, in one pass) or
+        float already normalised; `slots[i]` the slot of image i.
 
         Returns each image's head prediction on the CPU, in batch order, in the model input's pixels:
         classify probabilities (float32), detect `{boxes, scores, labels}`, or segment class ids `(H, W)`.
@@ -132,7 +139,12 @@ class Engine:
         # Sort by slot so each task is one contiguous run: dense adapter ops and head inputs are slices.
         order = torch.argsort(slot_ids, stable=True)
         routing = SlotRouting.of(slot_ids[order], self.device)
-        images = images.to(self.device, self.dtype)[order.to(self.device)]
+        order_on_device = order.to(self.device)
+        if images.dtype == torch.uint8:
+            on_device = slot_ids.to(self.device)[order_on_device]
+            images = normalize(images.to(self.device)[order_on_device], self.means[on_device], self.stds[on_device], self.dtype)
+        else:
+            images = images.to(self.device, self.dtype)[order_on_device]
         features = forward_pyramid(self.model, images, routing)
         outputs: list[HeadOutput | None] = [None] * len(slot_ids)
         positions = order.tolist()

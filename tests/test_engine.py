@@ -149,3 +149,24 @@ def test_cuda_bf16_engine_matches_cpu_reference(tiny_weights):
         index = [i for i, s in enumerate(slots) if s == slot]
         expected = reference_outputs(Backbone.load(TINY, tiny_weights), package, images[index])
         assert relative_error(torch.stack([mixed[i] for i in index]), expected) < 3e-2
+
+
+def test_uint8_batches_are_normalised_on_the_device_with_each_samples_own_task(tiny_backbone, shared_backbone):
+    """uint8 images in, each sample normalised with its own task's mean and std: the same as normalising
+    each one first and handing the engine floats, and the same as the reference model fed uint8."""
+    from monaserve.adapters import InputSpec, MonaTaskModel
+    from monaserve.adapters.transforms import normalize, spec_norm
+
+    specs = [InputSpec(size=(224, 224)), InputSpec(size=(224, 224), mean=(0.5, 0.5, 0.5), std=(0.25, 0.3, 0.2))]
+    packages = [random_package(shared_backbone, f"t{i}", seed=i, num_labels=3, input=spec) for i, spec in enumerate(specs)]
+    engine = Engine(tiny_backbone, num_slots=2)
+    for slot, package in enumerate(packages):
+        engine.install(slot, package)
+    images = torch.randint(0, 256, (4, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    slots = [1, 0, 1, 0]
+    from_uint8 = engine.run(images, slots)
+    normalised = torch.stack([normalize(images[i], *spec_norm(specs[s])) for i, s in enumerate(slots)])
+    torch.testing.assert_close(torch.stack(from_uint8), torch.stack(engine.run(normalised, slots)), rtol=1e-5, atol=1e-6)
+    reference = MonaTaskModel(Backbone.load(TINY, "random", seed=1234), packages[1].manifest).eval()
+    reference.load_package(packages[1])
+    torch.testing.assert_close(torch.stack(from_uint8)[[0, 2]], torch.stack(reference.predict(images[[0, 2]])), rtol=1e-4, atol=1e-4)

@@ -100,3 +100,14 @@ def test_segment_stops_at_its_response_budget(manifest):
     segment(noisy, manifest, prepared, rle=False, budget=ResponseBudget(8_000))
     with pytest.raises(ResponseTooLarge, match="--max-response-mb"):
         segment(noisy, manifest, prepared, rle=True, budget=ResponseBudget(8_000))
+
+
+def test_images_are_prepared_as_uint8_and_letterbox_padding_normalises_to_about_zero():
+    from monaserve.adapters.transforms import normalize, spec_norm
+
+    spec = InputSpec(size=(256, 256), resize="letterbox")
+    prepared = preprocess(Image.new("RGB", (400, 200), (255, 0, 0)), spec)
+    assert prepared.tensor.dtype == torch.uint8 and prepared.tensor.shape == (3, 256, 256)
+    assert prepared.tensor[:, 64:192].float().mean(dim=(1, 2)).tolist() == [255.0, 0.0, 0.0]
+    padding = normalize(prepared.tensor[:, :64], *spec_norm(spec))
+    assert padding.abs().max() < 0.01  # the mean colour, rounded to uint8
