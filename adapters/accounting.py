@@ -8,27 +8,20 @@ from dataclasses import dataclass
 from timm.models.swin_transformer import SwinTransformer
 
 from .bank import MonaBank
-from .config_args import option, resolve_weights
+from .config_args import option
 from .mona import INNER_DIM
-from .swin import DEFAULT_BACKBONE, HUB, block_dims
+from .swin import BackboneOptions, block_dims
 
 ADAPTERS_PER_BLOCK = 2
 
 
 @dataclass
-class InfoConfig:
+class InfoConfig(BackboneOptions):
     """Everything `monaserve info` takes."""
 
-    backbone: str = option(DEFAULT_BACKBONE, "timm Swin name")
-    weights: str = option(HUB, "'hub' (Hugging Face), 'random' (from --seed, offline) or a local .safetensors/.pth file")
-    random_init: bool = option(False, "random weights from --seed, for offline use (the same as --weights random)")
-    seed: int = option(0, "seed for random weights")
     inner_dim: int = option(INNER_DIM, "Mona inner dimension")
     num_classes: int = option(1000, "classes for the classify head figure")
     json: bool = option(False, "print JSON")
-
-    def __post_init__(self) -> None:
-        self.weights = resolve_weights(self.weights, self.random_init)
 
 
 def mona_parameters(dim: int, inner_dim: int = INNER_DIM) -> int:

@@ -79,12 +79,3 @@ def config_from_args(config: type, args: argparse.Namespace) -> Any:
     """An instance of `config` from parsed `args`."""
     names = {field.name for field in dataclasses.fields(config)}
     return config(**{name: value for name, value in vars(args).items() if name in names})
-
-
-def resolve_weights(weights: str, random_init: bool) -> str:
-    """`--random-init` is `--weights random`; with a weights file as well, the two contradict each other."""
-    if not random_init:
-        return weights
-    if weights not in ("hub", "random"):
-        raise ValueError(f"--random-init and --weights {weights} contradict each other: pass one of them")
-    return "random"

@@ -11,6 +11,7 @@ from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from torch import nn
 
 from .bank import SlotRouting
+from .config_args import option
 from .fingerprint import fingerprint_module
 
 SUPPORTED_BACKBONES = (
@@ -26,6 +27,23 @@ SUPPORTED_BACKBONES = (
 DEFAULT_BACKBONE = SUPPORTED_BACKBONES[0]
 HUB = "hub"
 RANDOM = "random"
+
+
+@dataclass(kw_only=True)
+class BackboneOptions:
+    """The backbone options every command shares (`info`, `train`, `serve`), written once."""
+
+    backbone: str = option(DEFAULT_BACKBONE, "timm Swin name")
+    weights: str = option(HUB, "'hub' (Hugging Face), 'random' (from --seed, offline) or a local .safetensors/.pth file")
+    random_init: bool = option(False, "random weights from --seed, for offline use (the same as --weights random)")
+    seed: int = option(0, "seed of random weights (in training, also of the split and the shuffles)")
+
+    def __post_init__(self) -> None:
+        """`--random-init` is `--weights random`; with a weights file as well, the two contradict each other."""
+        if self.random_init:
+            if self.weights not in (HUB, RANDOM):
+                raise ValueError(f"--random-init and --weights {self.weights} contradict each other: pass one of them")
+            self.weights = RANDOM
 
 
 def resolve_device(name: str) -> torch.device:

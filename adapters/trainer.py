@@ -16,20 +16,20 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .config_args import REQUIRED, option, resolve_weights
+from .config_args import REQUIRED, option
 from .data.datasets import TaskDataset, collate
 from .evaluate import evaluate
 from .kinds import get_kind
 from .manifest import BackboneRef, InputSpec, KindName, Manifest
 from .package import AdapterPackage, atomic_write
-from .swin import DEFAULT_BACKBONE, HUB, Backbone, resolve_device
+from .swin import Backbone, BackboneOptions, resolve_device
 from .task_model import MonaTaskModel
 
 Method = Literal["mona", "head-only", "full"]
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(BackboneOptions):
     """Everything `monaserve train` takes: each field's default and help are the command line's."""
 
     kind: KindName = option(REQUIRED, "the kind of task", positional=True)
@@ -40,10 +40,6 @@ class TrainConfig:
     images: Path | None = option(None, "detect: images folder (default: images/ beside the json)")
     version: int = option(1, "the package's version")
     out: Path | None = option(None, "package path (default: NAME-VERSION.safetensors)")
-    backbone: str = option(DEFAULT_BACKBONE, "timm Swin name")
-    weights: str = option(HUB, "'hub' (Hugging Face), 'random' (from --seed, offline) or a local .safetensors/.pth file")
-    random_init: bool = option(False, "random weights from --seed, for offline use (the same as --weights random)")
-    seed: int = option(0, "seed of the split, the shuffles and random weights")
     input_size: int = option(224, "square input side (multiple of 32)")
     resize: Literal["resize", "letterbox"] = option("resize", "how images are fitted to the input size")
     head_channels: int = option(256, "FPN (detect) or UperNet (segment) width")
@@ -60,9 +56,6 @@ class TrainConfig:
     resume: bool = option(False, "continue from the checkpoint in --checkpoint-dir")
     max_steps: int | None = option(None, "stop after this many steps")
     progress: bool = option(True, "a progress bar per epoch")
-
-    def __post_init__(self) -> None:
-        self.weights = resolve_weights(self.weights, self.random_init)
 
     def package_path(self) -> Path:
         return self.out or Path(f"{self.name}-{self.version}.safetensors")

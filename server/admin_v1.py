@@ -28,7 +28,7 @@ class AdapterEndpoints:
 
     def task_view(self, entry: TaskEntry) -> TaskView:
         registry = self.plane.registry
-        serving = entry.versions[entry.serving].manifest
+        serving = entry.manifest
         versions = [
             VersionView(
                 version=version,

@@ -54,6 +54,11 @@ class TaskEntry:
     def enabled(self) -> bool:
         return self.state.enabled
 
+    @property
+    def manifest(self) -> Manifest:
+        """The manifest of the version unpinned requests get."""
+        return self.versions[self.serving].manifest
+
     def state_serving(self, version: int) -> ServingState:
         """The enabled state that serves `version`: pinned to it, or following the newest if it is the newest."""
         return ServingState(None if version == max(self.versions) else version, enabled=True)

@@ -11,21 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from monaserve.adapters.config_args import option, resolve_weights
-from monaserve.adapters.swin import DEFAULT_BACKBONE, HUB
+from monaserve.adapters.config_args import option
+from monaserve.adapters.swin import BackboneOptions
 
 MiB = 2**20
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(BackboneOptions):
     """Every `monaserve serve` option (each also read from `MONASERVE_<NAME>`)."""
 
-    # the backbone
-    backbone: str = option(DEFAULT_BACKBONE, "timm Swin name")
-    weights: str = option(HUB, "'hub' (Hugging Face), 'random' (from --seed, offline) or a local .safetensors/.pth file")
-    random_init: bool = option(False, "random weights from --seed, for offline use (the same as --weights random)")
-    seed: int = option(0, "seed for random weights")
+    # the device
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     # listening
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0 in containers)")
@@ -72,9 +68,6 @@ class ServeConfig:
     body_min_rate: float = option(1024.0, "bytes/s a request body must average over each --body-timeout-s window (0: off)")
     keep_alive_s: float = option(75.0, "idle keep-alive connections close after this (above a load balancer's 60 s)")
     drain_delay_s: float = option(0.0, "on SIGTERM, stay up this long with readiness false")
-
-    def __post_init__(self) -> None:
-        self.weights = resolve_weights(self.weights, self.random_init)
 
     @property
     def replica(self) -> str:

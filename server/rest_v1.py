@@ -87,7 +87,7 @@ def render(result: InferResult) -> bytes:
 
 
 def task_info(entry: TaskEntry) -> TaskInfo:
-    serving = entry.versions[entry.serving].manifest
+    serving = entry.manifest
     return TaskInfo(
         name=entry.name,
         kind=serving.kind,
