@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 from pydantic import Field
+from torchvision.transforms.v2.functional import InterpolationMode, resize
 
 from .strict import Strict
 
@@ -65,21 +66,49 @@ def preprocess(image: Image.Image, spec: InputSpec, original_size: tuple[int, in
     is the size of the original `image` stands for when it was decoded at reduced scale: the geometry in
     `Prepared` then maps back to that original.
     """
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    return prepare_pixels(torch.from_numpy(np.array(rgb)).permute(2, 0, 1), spec, original_size)
+
+
+def prepare_pixels(pixels: torch.Tensor, spec: InputSpec, original_size: tuple[int, int] | None = None) -> Prepared:
+    """`preprocess` for decoded uint8 `(3, h, w)` pixels on any device (a CUDA JPEG decode's, say), in any layout.
+
+    A resized result is channels-last in memory (a `(3, H, W)` view of `(H, W, 3)`), as torch's uint8
+    resize makes it; `stack_images` batches any layout with one copy.
+    """
     target_h, target_w = spec.size
-    height, width = original_size or (image.height, image.width)
+    height, width = original_size or tuple(pixels.shape[1:])
     if spec.resize == "letterbox":
         ratio = min(target_w / width, target_h / height)
         new_w, new_h = max(1, round(width * ratio)), max(1, round(height * ratio))
         top, left = (target_h - new_h) // 2, (target_w - new_w) // 2
     else:
         new_w, new_h, top, left = target_w, target_h, 0, 0
-    resized = torch.from_numpy(np.array(image.resize((new_w, new_h), Image.Resampling.BILINEAR))).permute(2, 0, 1)
+    resized = resize_pixels(pixels, (new_h, new_w))
     if (new_h, new_w) == (target_h, target_w):
-        tensor = resized.contiguous()
+        tensor = resized
     else:
-        tensor = torch.tensor([round(255 * m) for m in spec.mean], dtype=torch.uint8).view(3, 1, 1).repeat(1, target_h, target_w)
-        tensor[:, top : top + new_h, left : left + new_w] = resized
+        fill = torch.tensor([round(255 * m) for m in spec.mean], dtype=torch.uint8, device=pixels.device)
+        canvas = fill.repeat(target_h, target_w, 1)
+        canvas[top : top + new_h, left : left + new_w] = resized.permute(1, 2, 0)
+        tensor = canvas.permute(2, 0, 1)
     return Prepared(tensor, (height, width), (new_h / height, new_w / width), (top, left))
+
+
+def resize_pixels(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 `(3, h, w)` resized to `size` (height, width) with antialiased bilinear filtering: Pillow's
+    `BILINEAR` within rounding (at most 2 levels apart), in torch's uint8 kernel (3-5x faster on a CPU)."""
+    if tuple(pixels.shape[1:]) == size:
+        return pixels
+    return resize(pixels[None], list(size), InterpolationMode.BILINEAR, antialias=True)[0]
+
+
+def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """uint8 `(3, H, W)` images as one `(B, 3, H, W)` batch, channels-last in memory: one copy, whatever their
+    layout. Images on different devices (some decoded on the GPU, some on the CPU) meet on the GPU."""
+    devices = {image.device for image in images}
+    device = devices.pop() if len(devices) == 1 else next(d for d in devices if d.type != "cpu")
+    return torch.stack([image.permute(1, 2, 0).to(device) for image in images]).permute(0, 3, 1, 2)
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
 import os
@@ -37,6 +38,7 @@ from monaserve.testing import ServerProcess, find_tool
 from common import print_table, write_result
 
 CONSTANT_ENGINE = Path(__file__).resolve().with_name("constant_engine.py")
+REPOSITORY = Path(__file__).resolve().parents[1]
 TASK = "frontend"
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 
@@ -98,10 +100,64 @@ def run_wrk(wrk: str, url: str, args: argparse.Namespace, script: Path | None = 
     }
 
 
+def task_files(folder: Path) -> tuple[Path, Path]:
+    """A random Swin-T's weights, and a store with one 1000-label classify task at 224 px."""
+    weights = folder / "swin_t.safetensors"
+    backbone = Backbone.load("swin_tiny_patch4_window7_224", "random", seed=0)
+    save_file(backbone.model.state_dict(), weights)
+    store = folder / "store"
+    package = random_package(backbone, TASK, seed=0, num_labels=1000, input=InputSpec(size=(224, 224)))
+    package.save(store / TASK / "1.safetensors")
+    return weights, store
+
+
+def constant_server(folder: Path, server_args: list[str], weights: Path | None = None, store: Path | None = None) -> ServerProcess:
+    """`monaserve serve` (enter it to start) over `task_files` (made in `folder` unless given), with the
+    engine's forward a constant."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if weights is None or store is None:
+        weights, store = task_files(folder)
+    return ServerProcess(weights, store, *server_args, log=folder / "server.log", launcher=[sys.executable, str(CONSTANT_ENGINE)])
+
+
+def baseline_server(folder: Path, revision: str, server_args: list[str], weights: Path, store: Path) -> ServerProcess:
+    """The same server from this repository's code at `revision` (`git archive`, imported ahead of the
+    installed package; the same interpreter and packages), to measure against in the same run."""
+    tree, path = folder / "tree", folder / "path"
+    tree.mkdir(parents=True)
+    path.mkdir()  # holds `monaserve`, a link to the tree, for PYTHONPATH
+    archive = subprocess.run(["git", "-C", str(REPOSITORY), "archive", revision], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    (path / "monaserve").symlink_to(tree)
+    launcher = [sys.executable, str(tree / "bench" / "constant_engine.py")]
+    return ServerProcess(weights, store, *server_args, log=folder / "server.log", launcher=launcher, env={"PYTHONPATH": str(path)})
+
+
+def request_for(server: ServerProcess, folder: Path, case: str, protocol: str) -> tuple[str, Path, str]:
+    """(url, wrk script, content type) of one image on one protocol."""
+    data, content_type = CASES[case]()
+    if protocol == "v1":
+        return f"{server.url}/v1/tasks/{TASK}/classify", request_script(folder, f"{case}-v1", data, content_type), content_type
+    script = request_script(folder, f"{case}-v2", oip_body(data), "application/json")
+    return f"{server.url}/v2/models/{TASK}/infer", script, "application/json"
+
+
+def measure(wrk: str, server: ServerProcess, folder: Path, case: str, protocol: str, args: argparse.Namespace) -> dict:
+    """One answer checked, then wrk's figures for one image on one protocol."""
+    url, script, content_type = request_for(server, folder, case, protocol)
+    with server.client(token=None) as client:
+        sample = client.post(
+            url.removeprefix(server.url), content=script.with_suffix(".body").read_bytes(), headers={"content-type": content_type}
+        )
+        sample.raise_for_status()
+    return run_wrk(wrk, url, args, script)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="the server's --device (its engine answers a constant either way)")
     parser.add_argument("--label", default="now", help="names the result file: frontend-<label>-<cpu>.json")
+    parser.add_argument("--baseline", help="a git revision of this repository to run side by side, case by case (e.g. 3c01a4d)")
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
@@ -116,60 +172,50 @@ def main() -> int:
     wrk = find_tool("wrk")
     if wrk is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
-    with tempfile.TemporaryDirectory() as tmp:
+    server_args = ["--device", args.device, *args.server_args.split()]
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
         folder = Path(tmp)
-        weights = folder / "swin_t.safetensors"
-        backbone = Backbone.load("swin_tiny_patch4_window7_224", "random", seed=0)
-        save_file(backbone.model.state_dict(), weights)
-        store = folder / "store"
-        package = random_package(backbone, TASK, seed=0, num_labels=1000, input=InputSpec(size=(224, 224)))
-        package.save(store / TASK / "1.safetensors")
-        launcher = [sys.executable, str(CONSTANT_ENGINE)]
-        server_args = ["--device", args.device, *args.server_args.split()]
-        server = ServerProcess(weights, store, *server_args, log=folder / "server.log", launcher=launcher)
+        weights, store = task_files(folder)
+        servers = {"now": constant_server(folder / "now", server_args, weights, store)}
+        if args.baseline:
+            servers["baseline"] = baseline_server(folder / "baseline", args.baseline, server_args, weights, store)
+        for server in servers.values():
+            running.enter_context(server)
+        floors = {name: run_wrk(wrk, server.url + "/health/live", args) for name, server in servers.items()}
         rows, results = [], []
-        with server:
-            floor = run_wrk(wrk, server.url + "/health/live", args)
-            for case in args.cases.split(","):
-                data, content_type = CASES[case]()
-                for protocol in args.protocols.split(","):
-                    if protocol == "v1":
-                        url, script = f"{server.url}/v1/tasks/{TASK}/classify", request_script(folder, f"{case}-v1", data, content_type)
-                    else:
-                        url, script = (
-                            f"{server.url}/v2/models/{TASK}/infer",
-                            request_script(folder, f"{case}-v2", oip_body(data), "application/json"),
-                        )
-                    with server.client(token=None) as client:  # one answer checked before the load
-                        sample = client.post(
-                            url.removeprefix(server.url),
-                            content=script.with_suffix(".body").read_bytes(),
-                            headers={"content-type": content_type if protocol == "v1" else "application/json"},
-                        )
-                        sample.raise_for_status()
-                    measured = run_wrk(wrk, url, args, script)
-                    results.append({"case": case, "protocol": protocol, "bytes": len(data), **measured})
-                    rows.append(
-                        [
-                            case,
-                            protocol,
-                            measured["requests_per_s"],
-                            measured["p50_ms"],
-                            measured["p99_ms"],
-                            f"{measured['requests_per_s'] / floor['requests_per_s']:.3f}",
-                            measured["non_2xx"],
-                        ]
-                    )
-    print(f"\nhealth floor (GET /health/live, same run): {floor['requests_per_s']} req/s, p50 {floor['p50_ms']} ms\n")
-    print_table(["image", "protocol", "req/s", "p50 ms", "p99 ms", "x floor", "non-2xx"], rows)
+        for case in args.cases.split(","):
+            for protocol in args.protocols.split(","):
+                measured = {name: measure(wrk, server, folder, case, protocol, args) for name, server in servers.items()}
+                now = measured["now"]
+                results.append(
+                    {"case": case, "protocol": protocol, "bytes": len(CASES[case]()[0]), **now, "baseline": measured.get("baseline")}
+                )
+                row = [
+                    case,
+                    protocol,
+                    now["requests_per_s"],
+                    now["p50_ms"],
+                    now["p99_ms"],
+                    f"{now['requests_per_s'] / floors['now']['requests_per_s']:.3f}",
+                ]
+                if "baseline" in measured:
+                    before = measured["baseline"]["requests_per_s"]
+                    row += [before, f"{now['requests_per_s'] / before:.2f}x"]
+                rows.append([*row, now["non_2xx"] + sum(m["non_2xx"] for m in measured.values() if m is not now)])
+    for name, floor in floors.items():
+        print(f"health floor of {name} (GET /health/live, same run): {floor['requests_per_s']} req/s, p50 {floor['p50_ms']} ms")
+    headers = ["image", "protocol", "req/s", "p50 ms", "p99 ms", "x floor"]
+    print_table([*headers, *(["baseline req/s", "vs baseline"] if args.baseline else []), "non-2xx"], rows)
     settings = {
         "duration_s": args.duration,
         "connections": args.connections,
         "wrk_threads": args.threads,
         "server_args": args.server_args,
         "cpus": os.cpu_count(),
+        "baseline": args.baseline,
     }
-    path = write_result(f"frontend-{args.label}", torch.device("cpu"), {"settings": settings, "health_floor": floor, "cases": results})
+    result = {"settings": settings, "health_floor": floors["now"], "baseline_health_floor": floors.get("baseline"), "cases": results}
+    path = write_result(f"frontend-{args.label}", torch.device("cpu"), result)
     print(f"\nwrote {path}")
     return 0
 

@@ -1,7 +1,7 @@
 """The HTTP app, assembled in small named steps: error handlers, middleware, then the routers over one data plane.
 
-The request path, outermost first: `http_protocol.GuardedH11Protocol` (connection limits, timeouts) ->
-the middleware added here (replica header, error containment, body guard, CORS) -> a router
+The request path, outermost first: `http_protocol.ConnectionGuard` (connection limits, timeouts) ->
+the middleware added here (error containment, body guard, CORS) -> a router
 (`rest_v1`, `admin_v1`, `oip`, `health`) that translates its protocol -> `dataplane.DataPlane` ->
 `decoding.Decoder` and `engine_client.LocalEngine` (registry lease, scheduler, engine) -> the kind's
 post-process -> back through the router's renderer.
@@ -20,11 +20,11 @@ from monaserve.adapters.package import MAX_PACKAGE_BYTES
 from .admin_v1 import ADMIN_PREFIX, admin_router
 from .auth import admin_guard, api_guard
 from .budgets import BodyBudget
-from .config import ServeConfig
+from .config import REPLICA_HEADER, ServeConfig
 from .dataplane import DataPlane
 from .health import health_router
 from .http_errors import install_error_handlers
-from .middleware import REPLICA_HEADER, BodyGuard, BodyRules, ContainErrors, ReplicaHeader
+from .middleware import BodyGuard, BodyRules, ContainErrors
 from .oip import oip_router
 from .oip_codec import HEADER_LENGTH
 from .rest_v1 import inference_router
@@ -48,8 +48,9 @@ def _lifespan(runtime: Runtime):
 
 
 def _add_middlewares(app: FastAPI, config: ServeConfig) -> None:
-    """The middleware stack, added innermost first: CORS (when asked for), the body guard, error
-    containment, and outermost the replica header, so even a contained error names its replica."""
+    """The middleware stack, added innermost first: CORS (when asked for), the body guard, and outermost
+    error containment. (The replica header is uvicorn's default header: every answer has it, a
+    contained error's and the HTTP parser's own too.)"""
     origins = [o.strip() for o in config.cors_origins.split(",") if o.strip()]
     if origins:  # off by default: browsers then refuse cross-origin calls
         app.add_middleware(
@@ -70,7 +71,6 @@ def _add_middlewares(app: FastAPI, config: ServeConfig) -> None:
     upload_budget = BodyBudget(rules.upload_limit, "one package upload at a time")
     app.add_middleware(BodyGuard, rules=rules, budget=budget, upload_budget=upload_budget)
     app.add_middleware(ContainErrors)
-    app.add_middleware(ReplicaHeader, replica=config.replica)
 
 
 def _register_routes(app: FastAPI, plane: DataPlane, config: ServeConfig) -> None:

@@ -12,9 +12,12 @@ from pathlib import Path
 from typing import Literal
 
 from monaserve.adapters.config_args import option
-from monaserve.adapters.swin import BackboneOptions
+from monaserve.adapters.swin import BackboneOptions, resolve_device
 
 MiB = 2**20
+
+REPLICA_HEADER = "X-Monaserve-Replica"
+"""The header of every response naming the replica that made it (`ServeConfig.replica`)."""
 
 
 @dataclass
@@ -28,6 +31,8 @@ class ServeConfig(BackboneOptions):
     port: int = option(8000, "port to listen on")
     replica_id: str | None = option(None, "this replica's name in responses and metrics (default: host:port)")
     log_level: Literal["debug", "info", "warning", "error"] = option("info", "log level")
+    access_log: bool = option(True, "log one line per request (--no-access-log: leave it to the load balancer)")
+    http: Literal["httptools", "h11"] = option("httptools", "HTTP/1.1 parser: httptools (C) or h11 (pure Python)")
     # the store and the demo
     store: str = option("var/adapters", "adapter store: a directory, or an fsspec URL such as s3://bucket/prefix")
     catalog_refresh_s: float = option(10.0, "re-read the store this often (0: only on a miss)")
@@ -44,6 +49,9 @@ class ServeConfig(BackboneOptions):
     max_queue: int = option(512, "images waiting before requests get 503")
     request_timeout_s: float = option(30.0, "per-request deadline (504 after it)")
     decode_threads: int = option(4, "threads that decode and prepare images")
+    jpeg_decode: Literal["auto", "device", "pillow"] = option(
+        "auto", "where JPEGs decode: on the engine's device (nvJPEG on CUDA), or with Pillow on the CPU; auto: the device if a GPU"
+    )
     # access
     admin_token: str | None = option(None, "bearer token for /v1/adapters (prefer MONASERVE_ADMIN_TOKEN)")
     insecure_admin: bool = option(False, "serve the admin routes without a token")
@@ -75,7 +83,11 @@ class ServeConfig(BackboneOptions):
         return self.replica_id or f"{socket.gethostname()}:{self.port}"
 
     def check(self) -> None:
-        """Refuse settings that cannot be meant: empty tokens, and limits that are not positive."""
+        """Refuse settings that cannot be meant: a device torch does not know, empty tokens, and limits that are not positive."""
+        try:
+            resolve_device(self.device)
+        except RuntimeError:
+            raise ValueError(f"--device {self.device!r} is not a device: give auto, cpu, cuda or cuda:N") from None
         for flag, token in (
             ("--admin-token (MONASERVE_ADMIN_TOKEN)", self.admin_token),
             ("--api-token (MONASERVE_API_TOKEN)", self.api_token),

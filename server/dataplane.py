@@ -140,10 +140,12 @@ class DataPlane:
         kind = get_kind(run.manifest.kind)
         budget = ResponseBudget(int(self.config.max_response_mb * MiB))
 
-        def finish() -> T:  # mask resizing, encoding and JSON are CPU work
+        def finish() -> T:  # mask resizing, encoding and JSON are CPU work: off the loop unless cheap
             results = [kind.postprocess(p, run.manifest.labels, q, options) for p, q in zip(run.predictions, prepared)]
             return render(InferResult(request.task, kind, run.version, results, options, timings, budget))
 
+        if kind.cheap_postprocess:
+            return finish()
         return await asyncio.get_running_loop().run_in_executor(self.runtime.decode_pool, finish)
 
     async def _resolve(self, request: InferRequest) -> TaskVersion:

@@ -18,11 +18,12 @@ import threading
 from concurrent.futures import Executor, ThreadPoolExecutor
 
 import numpy as np
+import torch
 
 from monaserve.adapters.manifest import InputSpec
-from monaserve.adapters.transforms import Prepared, preprocess
+from monaserve.adapters.transforms import Prepared, prepare_pixels, preprocess
 
-from .images import Decoded, ImageLimits, OpenedImage, decode, open_images
+from .images import Decoded, ImageLimits, OpenedImage, decode, decode_jpeg_on, device_decodable, open_images
 
 log = logging.getLogger(__name__)
 LARGE_IMAGE_PIXELS = 4_000_000
@@ -38,25 +39,39 @@ def _lower_priority() -> None:
         log.info("large-image lane keeps normal priority: %s", exc)
 
 
+def jpeg_device(choice: str, engine_device: torch.device) -> torch.device | None:
+    """Where JPEGs decode for `--jpeg-decode choice`: the engine's device, or None for Pillow on the CPU."""
+    if choice == "device" or (choice == "auto" and engine_device.type == "cuda"):
+        return engine_device
+    return None
+
+
 def large_image_lane() -> ThreadPoolExecutor:
     """One low-priority thread for large decodes."""
     return ThreadPoolExecutor(1, thread_name_prefix="decode-large", initializer=_lower_priority)
 
 
 class Decoder:
-    """Turns a request's encoded images (or raw pixels) into model inputs for one task's input spec."""
+    """Turns a request's encoded images (or raw pixels) into model inputs for one task's input spec.
 
-    def __init__(self, limits: ImageLimits, pool: Executor, large_lane: Executor) -> None:
+    With a `jpeg_device`, plain JPEGs decode there in full (nvJPEG on CUDA) and are resized there; the
+    other images, and every image without one, decode with Pillow on the CPU (JPEGs at reduced scale).
+    """
+
+    def __init__(self, limits: ImageLimits, pool: Executor, large_lane: Executor, jpeg_device: torch.device | None = None) -> None:
         self.limits = limits
         self.pool = pool
         self.large_lane = large_lane
+        self.jpeg_device = jpeg_device
 
     async def prepare(self, images: list[bytes | np.ndarray], spec: InputSpec) -> list[Prepared]:
         """Headers first (the request's pixel budget is checked before anything is decoded), then every
-        image on its lane, in parallel."""
+        image on its lane, in parallel; a request of one small image is prepared in the same trip to the pool."""
         loop = asyncio.get_running_loop()
-        opened = await loop.run_in_executor(self.pool, open_images, images, self.limits, spec.size)
-        futures = [loop.run_in_executor(self.large_lane if _is_large(o) else self.pool, _prepare, o, spec) for o in opened]
+        opened = await loop.run_in_executor(self.pool, self._open, images, spec)
+        if len(opened) == 1 and isinstance(opened[0], Prepared):
+            return opened
+        futures = [loop.run_in_executor(self.large_lane if self._is_large(o) else self.pool, self._prepare, o, spec) for o in opened]
         try:
             return list(await asyncio.gather(*futures))
         except BaseException:  # one image failed, or the request gave up: the others need not start
@@ -64,11 +79,23 @@ class Decoder:
                 future.cancel()
             raise
 
+    def _open(self, images: list[bytes | np.ndarray], spec: InputSpec) -> list[OpenedImage | Decoded] | list[Prepared]:
+        """Every image's header (the budget check), and a lone image that is not large prepared at once."""
+        opened = open_images(images, self.limits, spec.size, reduce_jpegs=self.jpeg_device is None)
+        if len(opened) == 1 and not self._is_large(opened[0]):
+            return [self._prepare(opened[0], spec)]
+        return opened
 
-def _is_large(image: OpenedImage | Decoded) -> bool:
-    return isinstance(image, OpenedImage) and image.pixels > LARGE_IMAGE_PIXELS
+    def _prepare(self, image: OpenedImage | Decoded, spec: InputSpec) -> Prepared:
+        if self._on_device(image):
+            return prepare_pixels(decode_jpeg_on(image, self.jpeg_device), spec)
+        decoded = decode(image) if isinstance(image, OpenedImage) else image
+        return preprocess(decoded.image, spec, original_size=decoded.original_size)
 
+    def _on_device(self, image: OpenedImage | Decoded) -> bool:
+        return self.jpeg_device is not None and device_decodable(image)
 
-def _prepare(image: OpenedImage | Decoded, spec: InputSpec) -> Prepared:
-    decoded = decode(image) if isinstance(image, OpenedImage) else image
-    return preprocess(decoded.image, spec, original_size=decoded.original_size)
+    def _is_large(self, image: OpenedImage | Decoded) -> bool:
+        """A large decode for the CPU (a GPU decode is not one)."""
+        on_gpu = self._on_device(image) and self.jpeg_device.type == "cuda"
+        return isinstance(image, OpenedImage) and image.pixels > LARGE_IMAGE_PIXELS and not on_gpu

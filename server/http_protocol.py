@@ -1,4 +1,4 @@
-"""uvicorn's HTTP/1.1 protocol (h11) with the guards it lacks: deadlines for clients that stall, and a connection cap.
+"""uvicorn's HTTP/1.1 protocols (httptools and h11) with the guards they lack: deadlines for clients that stall, and a connection cap.
 
 uvicorn waits for a request's headers forever, and a client that trickles a byte now and then keeps
 its connection (and a file descriptor) as long as it likes. Here, as nginx and Envoy do:
@@ -27,9 +27,12 @@ from typing import Any, Literal
 import h11
 from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 Phase = Literal["head", "idle", "drain"]
+Reading = Literal["nothing", "head", "body"]
+"""Where the client is in sending its request: between requests, partway through a request's head, or its body."""
 
 
 @dataclass(frozen=True)
@@ -43,24 +46,30 @@ class ConnectionRules:
     """Added to the answers written here (they never reach the app): the replica header."""
 
 
-class GuardedH11Protocol(H11Protocol):
-    """One HTTP/1.1 connection, as uvicorn's `H11Protocol`, with the deadlines and cap in the module docstring."""
+class ConnectionGuard:
+    """The deadlines and cap of the module docstring, over one of uvicorn's HTTP protocols; the parser's
+    own subclass says how far the client has got (`_reading`) and refuses a request over the cap (`_refuse`)."""
 
-    def __init__(
-        self,
-        config: Config,
-        server_state: ServerState,
-        app_state: dict[str, Any],
-        _loop: asyncio.AbstractEventLoop | None = None,
-        *,
-        rules: ConnectionRules,
-    ) -> None:
-        super().__init__(config, server_state, app_state, _loop)
+    rules: ConnectionRules
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+    connections: set
+    cycle: Any
+
+    def _guard(self, rules: ConnectionRules) -> None:
         self.rules = rules
         self._timer: asyncio.TimerHandle | None = None
         self._armed: Phase | None = None
         self._armed_at = 0.0
         self._refusing = False
+
+    def _reading(self) -> Reading | None:
+        """How far the client has got with its next request; None when no deadline of ours applies."""
+        raise NotImplementedError
+
+    def _refuse(self, data: bytes) -> None:
+        """Over the connection cap: answer the first request with 503 as soon as its headers are in."""
+        raise NotImplementedError
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -74,7 +83,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def _close_an_idle_connection(self) -> bool:
         """Close the kept-alive connection idle the longest, if there is one (nginx does the same)."""
-        idle = [c for c in self.connections if isinstance(c, GuardedH11Protocol) and c._armed == "idle" and c is not self]
+        idle = [c for c in self.connections if isinstance(c, ConnectionGuard) and c._armed == "idle" and c is not self]
         if not idle:
             return False
         oldest = min(idle, key=lambda c: c._armed_at)
@@ -105,11 +114,10 @@ class GuardedH11Protocol(H11Protocol):
         answered = self.cycle is None or self.cycle.response_complete
         if not answered:
             return None  # the app has the request: bodies it reads have their own deadlines
-        if self.conn.their_state is h11.IDLE:
-            return "head" if self.cycle is None or self.conn.trailing_data[0] else "idle"
-        if self.conn.their_state is h11.SEND_BODY:
-            return "drain"
-        return None
+        reading = self._reading()
+        if reading == "nothing":
+            return "head" if self.cycle is None else "idle"
+        return {"head": "head", "body": "drain", None: None}[reading]
 
     def _track(self) -> None:
         """Arm the deadline of the phase the connection is in (kept from when the phase began), or none."""
@@ -131,27 +139,20 @@ class GuardedH11Protocol(H11Protocol):
         self._timer, self._armed = None, None
         if self._phase() != phase:
             return
-        if phase == "head" and self.conn.trailing_data[0]:  # half a request is here: say why it ends
+        if phase == "head" and self._reading() == "head":  # half a request is here: say why it ends
             message = f"the request headers did not arrive within {self.rules.header_timeout_s:g} s (--header-timeout-s)"
             self.transport.write(self._answer(408, "header_timeout", message))
         self.transport.close()
 
-    def _refuse(self, data: bytes) -> None:
-        """Over the connection cap: answer the first request with 503 as soon as its headers are in."""
-        self.conn.receive_data(data)
-        try:
-            event = self.conn.next_event()
-        except h11.RemoteProtocolError:
-            self.transport.close()
-            return
-        if isinstance(event, h11.Request):
-            open_now, cap = len(self.connections) - 1, self.rules.max_connections
-            message = f"the server has {open_now} connections open (--max-connections {cap}); retry shortly"
-            self.transport.write(self._answer(503, "too_many_connections", message, retry_after_s=1))
-            self.transport.close()
+    def _refuse_now(self) -> None:
+        """The 503 of a connection over the cap, once its first request's headers are in, and the close."""
+        open_now, cap = len(self.connections) - 1, self.rules.max_connections
+        message = f"the server has {open_now} connections open (--max-connections {cap}); retry shortly"
+        self.transport.write(self._answer(503, "too_many_connections", message, retry_after_s=1))
+        self.transport.close()
 
     def _answer(self, status: int, code: str, message: str, retry_after_s: int | None = None) -> bytes:
-        """A complete JSON answer with `Connection: close`, written without h11 (no request may be in its state)."""
+        """A complete JSON answer with `Connection: close`, written without the parser (no request may be in its state)."""
         body = json.dumps({"error": code, "message": message}).encode()
         headers = [
             ("content-type", "application/json"),
@@ -162,3 +163,78 @@ class GuardedH11Protocol(H11Protocol):
         ]
         head = f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
         return (head + "\r\n").encode("latin-1") + body
+
+
+class GuardedH11Protocol(ConnectionGuard, H11Protocol):
+    """One HTTP/1.1 connection parsed by h11 (pure Python), as uvicorn's `H11Protocol`, with the guards."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        rules: ConnectionRules,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._guard(rules)
+
+    def _reading(self) -> Reading | None:
+        if self.conn.their_state is h11.IDLE:
+            return "head" if self.conn.trailing_data[0] else "nothing"
+        return "body" if self.conn.their_state is h11.SEND_BODY else None
+
+    def _refuse(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        try:
+            event = self.conn.next_event()
+        except h11.RemoteProtocolError:
+            self.transport.close()
+            return
+        if isinstance(event, h11.Request):
+            self._refuse_now()
+
+
+class GuardedHttpToolsProtocol(ConnectionGuard, HttpToolsProtocol):
+    """One HTTP/1.1 connection parsed by httptools (llhttp, in C; several times h11's rate), as uvicorn's
+    `HttpToolsProtocol`, with the guards. The parser's callbacks say where the client is."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        rules: ConnectionRules,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._guard(rules)
+        self._client_is: Reading = "nothing"
+
+    def _reading(self) -> Reading | None:
+        return self._client_is
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._client_is = "head"
+
+    def on_headers_complete(self) -> None:
+        self._client_is = "body"
+        if self._refusing:
+            self._refuse_now()
+            return
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._client_is = "nothing"
+        super().on_message_complete()
+
+    def _refuse(self, data: bytes) -> None:
+        if not self.transport.is_closing():  # the parser calls on_headers_complete, which answers
+            HttpToolsProtocol.data_received(self, data)
+
+
+PROTOCOLS: dict[str, type[ConnectionGuard]] = {"httptools": GuardedHttpToolsProtocol, "h11": GuardedH11Protocol}
+"""The guarded protocols, by `--http` name."""

@@ -13,9 +13,8 @@ from typing import Any
 import uvicorn
 
 from .app import create_app
-from .config import ServeConfig
-from .http_protocol import ConnectionRules, GuardedH11Protocol
-from .middleware import REPLICA_HEADER
+from .config import REPLICA_HEADER, ServeConfig
+from .http_protocol import PROTOCOLS, ConnectionRules
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -123,7 +122,10 @@ def run(config: ServeConfig) -> int:
             host=config.host,
             port=config.port,
             log_level=config.log_level,
-            http=functools.partial(GuardedH11Protocol, rules=connection_rules(config)),
+            access_log=config.access_log,
+            headers=[(REPLICA_HEADER, config.replica)],  # on every answer, the protocol's own 400s too
+            server_header=False,
+            http=functools.partial(PROTOCOLS[config.http], rules=connection_rules(config)),
             timeout_keep_alive=config.keep_alive_s,  # uvicorn's own timer; the protocol's is the same
             timeout_graceful_shutdown=int(config.request_timeout_s) + 5,
         ),

@@ -3,20 +3,27 @@
 Decoding runs in two steps so a request's cost is known before any of it is paid: `open_images` reads
 only the headers (format and size: the per-image limit applies to the size as stored; JPEGs much larger
 than the task's input are set to decode at a reduced scale; the per-request limit applies to what will
-be decoded), then `decode` decodes one image.
+be decoded), then `decode` decodes one image with Pillow, or `decode_jpeg_on` a JPEG on the engine's
+device (`--jpeg-decode`).
 """
 
 from __future__ import annotations
 
 import io
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import ExifTags, Image, ImageOps
 from PIL.JpegImagePlugin import JpegImageFile
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from .errors import BadRequest, PayloadTooLarge, UnsupportedMedia
+
+# torchvision 0.29 warns on every decode that TorchCodec will take its image decoders over; until then it is ours
+warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision", DeprecationWarning)
 
 FORMATS = ("JPEG", "PNG", "WEBP")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -40,6 +47,7 @@ class OpenedImage:
     image: Image.Image
     what: str
     stored_size: tuple[int, int]  # (width, height) before any reduced-scale decode
+    data: bytes
 
     @property
     def pixels(self) -> int:
@@ -55,14 +63,18 @@ class Decoded:
     original_size: tuple[int, int]
 
 
-def open_images(images: list[bytes | np.ndarray], limits: ImageLimits, target: tuple[int, int]) -> list[OpenedImage | Decoded]:
+def open_images(
+    images: list[bytes | np.ndarray], limits: ImageLimits, target: tuple[int, int], reduce_jpegs: bool = True
+) -> list[OpenedImage | Decoded]:
     """Read every image's header (raw pixels are already decoded) and check the request's pixel budget.
 
-    `target` (height, width) is the task's input size: JPEGs at least twice as large decode at 1/2,
-    1/4 or 1/8 scale, never below it.
+    `target` (height, width) is the task's input size: with `reduce_jpegs`, JPEGs at least twice as
+    large decode at 1/2, 1/4 or 1/8 scale, never below it (a device decoder decodes them in full).
     """
     opened = [
-        _array_image(data, limits, f"image {i}") if isinstance(data, np.ndarray) else _open(data, limits, f"image {i}", target)
+        _array_image(data, limits, f"image {i}")
+        if isinstance(data, np.ndarray)
+        else _open(data, limits, f"image {i}", target if reduce_jpegs else None)
         for i, data in enumerate(images)
     ]
     total = sum(o.pixels if isinstance(o, OpenedImage) else math.prod(o.original_size) for o in opened)
@@ -96,7 +108,7 @@ def decode(opened: OpenedImage) -> Decoded:
         raise BadRequest(f"{what} could not be converted to RGB ({type(exc).__name__}: {exc})") from None
 
 
-def _open(data: bytes, limits: ImageLimits, what: str, target: tuple[int, int]) -> OpenedImage:
+def _open(data: bytes, limits: ImageLimits, what: str, target: tuple[int, int] | None) -> OpenedImage:
     if not data:
         raise BadRequest(f"{what} is empty")
     if len(data) > limits.max_bytes:
@@ -112,13 +124,13 @@ def _open(data: bytes, limits: ImageLimits, what: str, target: tuple[int, int]) 
     width, height = image.size
     if width * height > limits.max_pixels:
         raise PayloadTooLarge(f"{what} is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}")
-    if isinstance(image, JpegImageFile):  # MPO (phones' multi-picture JPEGs) too
+    if target is not None and isinstance(image, JpegImageFile):  # MPO (phones' multi-picture JPEGs) too
         side = max(target)  # either orientation: EXIF may turn the image after decoding
         try:
             image.draft(image.mode, (side, side))
         except Exception as exc:
             raise BadRequest(f"{what} has a corrupt JPEG header ({type(exc).__name__}: {exc})") from None
-    return OpenedImage(image, what, (width, height))
+    return OpenedImage(image, what, (width, height), data)
 
 
 def _array_image(pixels: np.ndarray, limits: ImageLimits, what: str) -> Decoded:
@@ -138,3 +150,37 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         grey = np.asarray(image, dtype=np.uint32) >> 8
         image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), mode="L")
     return image.convert("RGB")
+
+
+EXIF_TURNS = {
+    2: lambda x: x.flip(2),
+    3: lambda x: x.rot90(2, (1, 2)),
+    4: lambda x: x.flip(1),
+    5: lambda x: x.transpose(1, 2),
+    6: lambda x: x.rot90(-1, (1, 2)),
+    7: lambda x: x.transpose(1, 2).rot90(2, (1, 2)),
+    8: lambda x: x.rot90(1, (1, 2)),
+}
+"""EXIF orientation -> the turn that makes `(3, H, W)` pixels upright (what `ImageOps.exif_transpose` does)."""
+DEVICE_JPEG_MODES = ("RGB", "L")
+"""JPEG colour modes the device decoder takes; CMYK and the rest decode with Pillow."""
+
+
+def device_decodable(image: OpenedImage | Decoded) -> bool:
+    """Whether `image` is a plain JPEG (not MPO, not CMYK) that `decode_jpeg_on` can decode."""
+    return isinstance(image, OpenedImage) and image.image.format == "JPEG" and image.image.mode in DEVICE_JPEG_MODES
+
+
+def decode_jpeg_on(opened: OpenedImage, device: torch.device) -> torch.Tensor:
+    """Decode a JPEG on `device` (nvJPEG on CUDA, libjpeg on the CPU) to upright uint8 `(3, H, W)` pixels."""
+    try:
+        orientation = opened.image.getexif().get(ExifTags.Base.Orientation)
+    except Exception:  # a broken EXIF block should not lose the image: keep it as stored
+        orientation = None
+    encoded = torch.frombuffer(bytearray(opened.data), dtype=torch.uint8)
+    try:
+        pixels = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    except Exception as exc:  # the decoder is untrusted code: whatever it raises is this image's fault
+        raise BadRequest(f"{opened.what} is corrupt or truncated and could not be decoded ({type(exc).__name__}: {exc})") from None
+    turn = EXIF_TURNS.get(orientation)
+    return pixels if turn is None else turn(pixels)

@@ -1,4 +1,4 @@
-"""ASGI middleware, outermost first: the replica header, error containment, and the guard on request bodies."""
+"""ASGI middleware, outermost first: error containment, and the guard on request bodies."""
 
 from __future__ import annotations
 
@@ -13,26 +13,6 @@ from .errors import BodyBudgetFull, ClientGone, PayloadTooLarge, RequestTimeout,
 from .http_errors import error_response
 
 log = logging.getLogger(__name__)
-REPLICA_HEADER = "X-Monaserve-Replica"
-
-
-class ReplicaHeader:
-    """Every HTTP response names the replica that made it (`X-Monaserve-Replica`)."""
-
-    def __init__(self, app: ASGIApp, replica: str) -> None:
-        self.app = app
-        self.header = (REPLICA_HEADER.lower().encode(), replica.encode())
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def send_tagged(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), self.header]}
-            await send(message)
-
-        await self.app(scope, receive, send_tagged)
 
 
 class ContainErrors:

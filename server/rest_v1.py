@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from monaserve.adapters.kinds import MIN_SCORE_RANGE, TOP_K_RANGE, Options
 
@@ -72,6 +73,17 @@ async def read_images(request: Request, max_images: int) -> list[bytes]:
     raise UnsupportedMedia(f"unsupported content type {content_type or '(none)'!r}: send multipart/form-data, application/json or an image")
 
 
+class InferQuery(BaseModel):
+    """The query parameters of a /v1 inference request, validated as one model (one pass, not one per parameter)."""
+
+    version: int | None = Field(default=None, ge=1, description="pin an adapter version")
+    top_k: int = Field(default=Options.top_k, ge=TOP_K_RANGE[0], le=TOP_K_RANGE[1], description="classify: labels per image")
+    min_score: float = Field(
+        default=Options.min_score, ge=MIN_SCORE_RANGE[0], le=MIN_SCORE_RANGE[1], description="detect: drop boxes scoring less"
+    )
+    rle: bool = Field(default=Options.rle, description="segment: add per-class RLE")
+
+
 def render(result: InferResult) -> bytes:
     """The JSON answer of a /v1 inference request, no larger than its budget allows."""
     kind, budget = result.kind, result.budget
@@ -105,21 +117,10 @@ class InferenceEndpoints:
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
 
-    async def infer(
-        self,
-        task: TaskName,
-        kind: Kind,
-        request: Request,
-        version: int | None = Query(default=None, ge=1, description="pin an adapter version"),
-        top_k: int = Query(default=Options.top_k, ge=TOP_K_RANGE[0], le=TOP_K_RANGE[1], description="classify: labels per image"),
-        min_score: float = Query(
-            default=Options.min_score, ge=MIN_SCORE_RANGE[0], le=MIN_SCORE_RANGE[1], description="detect: drop boxes scoring less"
-        ),
-        rle: bool = Query(default=Options.rle, description="segment: add per-class RLE"),
-    ) -> Response:
+    async def infer(self, task: TaskName, kind: Kind, request: Request, query: Annotated[InferQuery, Query()]) -> Response:
         with self.plane.counted(task, kind):
             images = await read_images(request, self.plane.config.max_images_per_request)
-            work = InferRequest(task, images, version, kind, Options(top_k, min_score, rle))
+            work = InferRequest(task, images, query.version, kind, Options(query.top_k, query.min_score, query.rle))
             body = await unless_client_leaves(request, self.plane.infer(work, render))
         return Response(body, media_type="application/json")
 

@@ -16,7 +16,7 @@ from monaserve.adapters import Backbone
 from monaserve.adapters.swin import resolve_device
 
 from .config import ServeConfig
-from .decoding import Decoder, large_image_lane
+from .decoding import Decoder, jpeg_device, large_image_lane
 from .engine import Engine
 from .engine_client import EngineClient, LocalEngine
 from .errors import NotReady
@@ -41,8 +41,12 @@ class Runtime:
         self.error: str | None = None
         self.decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
         self.large_image_lane = large_image_lane()
+        self.device = resolve_device(config.device)
         self.decoder = Decoder(
-            ImageLimits(config.max_image_bytes, config.max_image_pixels, config.max_request_pixels), self.decode_pool, self.large_image_lane
+            ImageLimits(config.max_image_bytes, config.max_image_pixels, config.max_request_pixels),
+            self.decode_pool,
+            self.large_image_lane,
+            jpeg_device(config.jpeg_decode, self.device),
         )
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="loader")
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="engine")
@@ -63,7 +67,7 @@ class Runtime:
         config = self.config
         try:
             started = time.monotonic()
-            device = resolve_device(config.device)
+            device = self.device
             backbone = await asyncio.to_thread(Backbone.load, config.backbone, config.weights, config.seed)
             self.engine = await asyncio.to_thread(Engine, backbone, config.gpu_slots, device)
             await asyncio.get_running_loop().run_in_executor(self.worker, self.engine.warmup)

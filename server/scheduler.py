@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from monaserve.adapters.transforms import stack_images
+
 from .errors import Overloaded
 from .metrics import Metrics
 
@@ -125,7 +127,8 @@ class Scheduler:
             while len(queue) < self.max_batch and not self._closing and (remaining := deadline - time.monotonic()) > 0:
                 self._wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), remaining)
+                    async with asyncio.timeout(remaining):  # no task per wait, as wait_for would make
+                        await self._wake.wait()
                 except TimeoutError:
                     break
             items = [queue.popleft() for _ in range(min(len(queue), self.max_batch))]
@@ -168,7 +171,7 @@ class Scheduler:
     def _forward(self, items: list[_Item]) -> list[torch.Tensor]:
         """On the engine thread: the batch's own time is measured here, without executor or loop waits."""
         started = time.perf_counter()
-        images = torch.stack([item.image for item in items])
+        images = stack_images([item.image for item in items])
         outputs = self.run_batch(images, [item.job.slot for item in items])
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         return outputs

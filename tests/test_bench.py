@@ -33,10 +33,12 @@ def run_bench(script: str, tmp_path: Path, *args: str) -> dict:
 @pytest.mark.process
 def test_frontend_bench(tmp_path):
     require_tool("wrk")
-    result = run_bench("frontend_bench.py", tmp_path, "--duration", "1", "--connections", "4", "--cases", "png-32")
-    assert result["health_floor"]["requests_per_s"] > 0
+    args = ("--duration", "1", "--connections", "4", "--cases", "png-32", "--baseline", "HEAD")
+    result = run_bench("frontend_bench.py", tmp_path, *args)
+    assert result["health_floor"]["requests_per_s"] > 0 and result["baseline_health_floor"]["requests_per_s"] > 0
     assert [(c["case"], c["protocol"]) for c in result["cases"]] == [("png-32", "v1"), ("png-32", "v2")]
-    assert all(c["requests_per_s"] > 0 and c["non_2xx"] == 0 and c["p99_ms"] >= c["p50_ms"] for c in result["cases"])
+    for measured in [*result["cases"], *(c["baseline"] for c in result["cases"])]:  # this tree's server, and HEAD's
+        assert measured["requests_per_s"] > 0 and measured["non_2xx"] == 0 and measured["p99_ms"] >= measured["p50_ms"]
 
 
 @pytest.mark.process

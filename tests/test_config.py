@@ -74,3 +74,9 @@ def test_the_client_commands_start_without_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_a_device_torch_does_not_know_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="--device 'gpu0' is not a device: give auto, cpu, cuda or cuda:N"):
+        ServeConfig(device="gpu0").check()
+    ServeConfig(device="cuda:1").check()  # a device name, whether or not this machine has it

@@ -1,4 +1,5 @@
-"""Decoding in two steps: headers first (the request's pixel budget), reduced-scale JPEGs, and the large-image lane."""
+"""Decoding in two steps: headers first (the request's pixel budget), reduced-scale JPEGs, the large-image lane, and
+JPEGs decoded on the engine's device giving Pillow's tensor."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from monaserve.adapters import InputSpec
 from monaserve.server.decoding import LARGE_IMAGE_PIXELS, Decoder
-from monaserve.server.errors import PayloadTooLarge
-from monaserve.server.images import ImageLimits, OpenedImage, decode, open_images
+from monaserve.server.errors import BadRequest, PayloadTooLarge
+from monaserve.server.images import ImageLimits, OpenedImage, decode, device_decodable, open_images
 
 
 def flat(width: int, height: int, fmt: str, orientation: int | None = None) -> bytes:
@@ -86,3 +88,77 @@ def test_multi_picture_jpegs_decode_at_reduced_scale_too():
     first.save(buffer, format="MPO", save_all=True, append_images=[second])
     (opened,) = open_images([buffer.getvalue()], ImageLimits(), (224, 224))
     assert opened.image.format == "MPO" and opened.image.size == (500, 375)
+
+
+def photo_jpeg(width: int, height: int, orientation: int | None = None, mode: str = "RGB") -> bytes:
+    """A JPEG with gradients and stripes (edges where decoders and filters could differ)."""
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // (width - 1), y * 255 // (height - 1), ((x // 9 + y // 13) % 2) * 200], -1).astype(np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    options = {"quality": 95}
+    if orientation is not None:
+        exif = image.getexif()
+        exif[0x0112] = orientation
+        options["exif"] = exif
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", **options)
+    return buffer.getvalue()
+
+
+def prepare_both_ways(data: bytes, spec: InputSpec, device: str):
+    """The same image prepared by Pillow on the CPU, and by the device path (decode_jpeg on `device`, resize there)."""
+    pool, lane = ThreadPoolExecutor(2), ThreadPoolExecutor(1)
+    try:
+        (pillow,) = asyncio.run(Decoder(ImageLimits(), pool, lane).prepare([data], spec))
+        (on_device,) = asyncio.run(Decoder(ImageLimits(), pool, lane, torch.device(device)).prepare([data], spec))
+    finally:
+        pool.shutdown()
+        lane.shutdown()
+    return pillow, on_device
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs a GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("orientation", [None, 2, 3, 4, 5, 6, 7, 8])
+def test_the_device_jpeg_path_gives_pillows_tensor_within_rounding(orientation, device):
+    """Below twice the input size both paths decode in full: the pixels agree to resize rounding, the
+    geometry exactly, whatever the EXIF orientation."""
+    spec = InputSpec(size=(224, 224), resize="letterbox")
+    pillow, on_device = prepare_both_ways(photo_jpeg(400, 300, orientation), spec, device)
+    assert on_device.tensor.device.type == device
+    assert (on_device.original_size, on_device.scale, on_device.offset) == (pillow.original_size, pillow.scale, pillow.offset)
+    difference = (on_device.tensor.cpu().int() - pillow.tensor.int()).abs()
+    assert difference.max() <= 3 and difference.float().mean() < 0.1, (difference.max(), difference.float().mean())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_large_jpeg_decoded_in_full_on_the_device_is_close_to_pillows_reduced_scale_decode(device):
+    """Pillow decodes a 2400x1800 JPEG at 1/8 scale (its DCT does the first downscale); the device
+    decodes it in full and resizes with antialiasing: the same picture, to within a few levels."""
+    pillow, on_device = prepare_both_ways(photo_jpeg(2400, 1800), InputSpec(size=(224, 224)), device)
+    assert on_device.original_size == pillow.original_size == (1800, 2400)
+    difference = (on_device.tensor.cpu().int() - pillow.tensor.int()).abs().float()
+    assert difference.mean() < 3, difference.mean()
+
+
+def test_jpegs_the_device_decoder_does_not_take_decode_with_pillow():
+    """CMYK JPEGs, PNGs and raw pixels take the Pillow path even with a device decoder."""
+    spec = InputSpec(size=(64, 64))
+    for data in (photo_jpeg(200, 100, mode="CMYK"), flat(200, 100, "PNG"), np.zeros((100, 200, 3), np.uint8)):
+        (opened,) = open_images([data], ImageLimits(), spec.size, reduce_jpegs=False)
+        assert not device_decodable(opened)
+    pillow, on_device = prepare_both_ways(photo_jpeg(200, 100, mode="CMYK"), spec, "cpu")
+    assert torch.equal(pillow.tensor, on_device.tensor)
+
+
+def test_a_corrupt_jpeg_on_the_device_path_is_a_400_naming_the_image():
+    data = photo_jpeg(400, 300)
+    truncated = data[: len(data) // 2]
+    pool, lane = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+    decoder = Decoder(ImageLimits(), pool, lane, torch.device("cpu"))
+    with pytest.raises(BadRequest, match="image 0 is corrupt or truncated"):
+        asyncio.run(decoder.prepare([truncated], InputSpec(size=(64, 64))))
+    pool.shutdown()
+    lane.shutdown()

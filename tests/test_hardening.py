@@ -74,6 +74,17 @@ def server(tmp_path_factory, tiny_weights, shared_backbone):
         yield server
 
 
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def guarded(request, server, tmp_path_factory, tiny_weights, shared_backbone):
+    """A server with the connection guards of STRICT, once per HTTP parser: the module's own server for
+    the default (httptools), a server started with `--http h11` for the other."""
+    if request.param == "httptools":
+        yield server
+        return
+    with serve_tasks(tmp_path_factory, tiny_weights, shared_backbone, TASKS, *STRICT, "--http", "h11", input_size=64) as h11_server:
+        yield h11_server
+
+
 @pytest.fixture
 def http(server):
     with httpx.Client(base_url=server.url, timeout=60) as client:
@@ -320,17 +331,17 @@ def test_a_body_that_slows_to_a_trickle_after_a_fast_start_gets_a_408(server):
 # ---- slow and half-open clients time out --------------------------------------------------------------
 
 
-def test_headers_that_never_finish_are_cut_off(server):
-    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+def test_headers_that_never_finish_are_cut_off(guarded):
+    with socket.create_connection(("127.0.0.1", guarded.port)) as sock:
         sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: test\r\n")
         answer = closes_within(sock, 10)
     assert answer is not None and answer.startswith(b"HTTP/1.1 408") and b"header_timeout" in answer
-    with socket.create_connection(("127.0.0.1", server.port)) as idle:  # nothing sent at all: closed too
+    with socket.create_connection(("127.0.0.1", guarded.port)) as idle:  # nothing sent at all: closed too
         assert closes_within(idle, 10) == b""
 
 
-def test_headers_sent_a_byte_at_a_time_are_cut_off(server):
-    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+def test_headers_sent_a_byte_at_a_time_are_cut_off(guarded):
+    with socket.create_connection(("127.0.0.1", guarded.port)) as sock:
         started = time.monotonic()
         try:
             for byte in b"GET /health/live HTTP/1.1\r\nX-Slow: " + b"a" * 100:
@@ -364,37 +375,37 @@ def test_a_body_sent_a_byte_at_a_time_gets_a_408_and_the_connection_closes(serve
     assert metric(http, "monaserve_requests_total", task="cls", status="408") >= 1
 
 
-def test_an_answered_body_that_never_ends_is_cut_off(server):
+def test_an_answered_body_that_never_ends_is_cut_off(guarded):
     """An upload without a token is answered 401 before its body is read; the rest must then arrive
     within --body-timeout-s, or the connection closes."""
-    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+    with socket.create_connection(("127.0.0.1", guarded.port)) as sock:
         sock.sendall(b"PUT /v1/adapters/cls HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n\r\n" + b"\0" * 100)
         status, _, _ = read_response(sock)
         assert status == 401
         assert closes_within(sock, 10) == b""
 
 
-def test_an_answered_body_then_an_idle_connection_closes_after_the_keep_alive(server):
+def test_an_answered_body_then_an_idle_connection_closes_after_the_keep_alive(guarded):
     """A body answered early (405) and then sent in full leaves a kept-alive connection with nothing on
     it: it closes after --keep-alive-s (3 s here) like any other."""
-    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+    with socket.create_connection(("127.0.0.1", guarded.port)) as sock:
         sock.sendall(b"POST /health/live HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\n\r\n")
         assert read_response(sock)[0] == 405
         sock.sendall(b"0123456789")
         assert closes_within(sock, 10) == b""
 
 
-def test_at_the_connection_cap_an_idle_connection_makes_room(server):
+def test_at_the_connection_cap_an_idle_connection_makes_room(guarded):
     """30 kept-alive connections with no request on them: a 31st connection's request is served, and
     the connection idle the longest is the one closed."""
     idle = []
     try:
         for _ in range(30):
-            sock = socket.create_connection(("127.0.0.1", server.port))
+            sock = socket.create_connection(("127.0.0.1", guarded.port))
             sock.sendall(raw_request("GET", "/health/live"))
             assert read_response(sock)[0] == 200
             idle.append(sock)
-        with socket.create_connection(("127.0.0.1", server.port)) as extra:
+        with socket.create_connection(("127.0.0.1", guarded.port)) as extra:
             extra.sendall(raw_request("GET", "/health/live"))
             assert read_response(extra)[0] == 200
         assert closes_within(idle[0], 5) == b""
@@ -403,11 +414,11 @@ def test_at_the_connection_cap_an_idle_connection_makes_room(server):
             sock.close()
 
 
-def test_past_the_connection_cap_requests_get_503_and_capacity_returns(server):
-    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(30)]
+def test_past_the_connection_cap_requests_get_503_and_capacity_returns(guarded):
+    idle = [socket.create_connection(("127.0.0.1", guarded.port)) for _ in range(30)]
     try:
         time.sleep(0.2)
-        with socket.create_connection(("127.0.0.1", server.port)) as extra:
+        with socket.create_connection(("127.0.0.1", guarded.port)) as extra:
             extra.sendall(raw_request("GET", "/health/live"))
             status, headers, body = read_response(extra)
         assert status == 503 and headers["retry-after"] == "1" and json.loads(body)["error"] == "too_many_connections"
@@ -415,7 +426,7 @@ def test_past_the_connection_cap_requests_get_503_and_capacity_returns(server):
         for sock in idle:
             sock.close()
     time.sleep(0.3)
-    assert httpx.get(server.url + "/health/live").status_code == 200
+    assert httpx.get(guarded.url + "/health/live").status_code == 200
 
 
 # ---- small things ----------------------------------------------------------------------------------

@@ -74,6 +74,21 @@ def test_classify_multipart_matches_the_engine(server, packages, local_engine):
         assert torch.allclose(torch.tensor([scores[i] for i in range(6)]), expected, atol=1e-4)
 
 
+def test_jpegs_decoded_on_the_engines_device_answer_as_pillows(tmp_path_factory, tiny_weights, packages, local_engine):
+    """--jpeg-decode device (the GPU path, here on the CPU engine): a JPEG and a PNG in one request are
+    answered as the Pillow path answers them."""
+    images = [image_bytes(4, size=(300, 200)), image_bytes(5, size=(90, 200), fmt="PNG")]
+    store = store_of(tmp_path_factory, packages.values())
+    with InProcessServer(tiny_weights, store, jpeg_decode="device") as server, server.client(token=None) as client:
+        assert server.runtime.decoder.jpeg_device == torch.device("cpu")
+        response = client.post("/v1/tasks/cars/classify?top_k=6", files=[("image", ("a.jpg", images[0])), ("image", ("b.png", images[1]))])
+    assert response.status_code == 200, response.text
+    for data, result in zip(images, response.json()["results"]):
+        expected = expected_probabilities(local_engine, packages, "cars", data)
+        scores = {item["index"]: item["score"] for item in result["top"]}
+        assert torch.allclose(torch.tensor([scores[i] for i in range(6)]), expected, atol=1e-3)
+
+
 def test_json_base64_and_raw_bodies(server):
     data = image_bytes(3)
     with server.client(token=None) as client:

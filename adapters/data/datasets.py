@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..transforms import InputSpec, preprocess
+from ..transforms import InputSpec, preprocess, stack_images
 
 if TYPE_CHECKING:
     from ..kinds import TaskKind
@@ -131,7 +131,7 @@ class TaskDataset(Dataset):
 
 def collate(batch: list[tuple[torch.Tensor, object]]):
     """Stack images; stack class indices and masks; keep detection targets as a list."""
-    images = torch.stack([image for image, _ in batch])
+    images = stack_images([image for image, _ in batch])
     targets = [target for _, target in batch]
     if isinstance(targets[0], int):
         return images, torch.tensor(targets)

@@ -93,6 +93,9 @@ class TaskKind(ABC, Generic[Result]):
     outputs: ClassVar[tuple[OutputSpec, ...]]
     """The tensors an Open Inference Protocol answer holds, in order."""
     max_labels: ClassVar[int] = MAX_LABELS
+    cheap_postprocess: ClassVar[bool] = False
+    """True where post-processing and rendering do no image-sized work: the server then runs them on its
+    event loop, which costs less than the trip to a pool thread and back."""
 
     # ---- the model --------------------------------------------------------------------------
 

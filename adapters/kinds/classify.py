@@ -37,6 +37,7 @@ class ClassifyResult(BaseModel):
 @register_kind
 class Classify(TaskKind[ClassifyResult]):
     name = "classify"
+    cheap_postprocess = True
     head_config = ClassifyHeadConfig
     result_schema = ClassifyResult
     outputs = (OutputSpec("scores", "FP32", (-1, -1)), OutputSpec("labels", "BYTES", (-1, -1)), OutputSpec("indices", "INT64", (-1, -1)))

@@ -44,6 +44,7 @@ class DetectResult(BaseModel):
 @register_kind
 class Detect(TaskKind[DetectResult]):
     name = "detect"
+    cheap_postprocess = True
     head_config = DetectHeadConfig
     result_schema = DetectResult
     outputs = (
