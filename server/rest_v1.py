@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import Field, ValidationError
 
+from monaserve.adapters import TASK_NAME_PATTERN
 from monaserve.adapters.kinds import MIN_SCORE_RANGE, TOP_K_RANGE, Options
 
 from .catalog import TaskEntry
 from .dataplane import DataPlane, InferRequest, InferResult, check_image_count
 from .disconnect import unless_client_leaves
 from .errors import BadRequest, UnsupportedMedia
+from .params import RouteParams
 from .schemas import ERROR_STATUSES, RESPONSES, ErrorBody, ImagesRequest, InferResponse, Kind, TaskInfo, TaskName, Timings
 
 ERROR_RESPONSES = {status: {"model": ErrorBody} for status in ERROR_STATUSES}
@@ -73,9 +74,12 @@ async def read_images(request: Request, max_images: int) -> list[bytes]:
     raise UnsupportedMedia(f"unsupported content type {content_type or '(none)'!r}: send multipart/form-data, application/json or an image")
 
 
-class InferQuery(BaseModel):
-    """The query parameters of a /v1 inference request, validated as one model (one pass, not one per parameter)."""
+class InferParams(RouteParams):
+    """The path and query parameters of a /v1 inference request."""
 
+    path_fields = ("task", "kind")
+    task: str = Field(pattern=TASK_NAME_PATTERN, description="task name: 1-64 of a-z, 0-9, '_', '-'")
+    kind: Kind = Field(description="the task's kind")
     version: int | None = Field(default=None, ge=1, description="pin an adapter version")
     top_k: int = Field(default=Options.top_k, ge=TOP_K_RANGE[0], le=TOP_K_RANGE[1], description="classify: labels per image")
     min_score: float = Field(
@@ -117,10 +121,11 @@ class InferenceEndpoints:
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
 
-    async def infer(self, task: TaskName, kind: Kind, request: Request, query: Annotated[InferQuery, Query()]) -> Response:
-        with self.plane.counted(task, kind):
+    async def infer(self, request: Request) -> Response:
+        params = InferParams.read(request)
+        with self.plane.counted(params.task, params.kind):
             images = await read_images(request, self.plane.config.max_images_per_request)
-            work = InferRequest(task, images, query.version, kind, Options(query.top_k, query.min_score, query.rle))
+            work = InferRequest(params.task, images, params.version, params.kind, Options(params.top_k, params.min_score, params.rle))
             body = await unless_client_leaves(request, self.plane.infer(work, render))
         return Response(body, media_type="application/json")
 
@@ -141,7 +146,7 @@ def inference_router(plane: DataPlane, require_api) -> APIRouter:
         methods=["POST"],
         response_model=InferResponse,
         responses=ERROR_RESPONSES,
-        openapi_extra=IMAGE_BODY,
+        openapi_extra={**IMAGE_BODY, "parameters": InferParams.openapi_parameters()},
         summary="Run images through a task",
     )
     router.add_api_route("", endpoints.list_tasks, methods=["GET"], response_model=list[TaskInfo], summary="Tasks this server can run")
