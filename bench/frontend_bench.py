@@ -36,10 +36,12 @@ from monaserve.adapters.synthetic import random_package
 from monaserve.testing import ServerProcess, find_tool
 
 from common import print_table, write_result
+from serve_bench import engine_counters
 
 CONSTANT_ENGINE = Path(__file__).resolve().with_name("constant_engine.py")
 REPOSITORY = Path(__file__).resolve().parents[1]
 TASK = "frontend"
+SWIN_T = "swin_tiny_patch4_window7_224"
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 
 
@@ -100,10 +102,10 @@ def run_wrk(wrk: str, url: str, args: argparse.Namespace, script: Path | None = 
     }
 
 
-def task_files(folder: Path) -> tuple[Path, Path]:
-    """A random Swin-T's weights, and a store with one 1000-label classify task at 224 px."""
-    weights = folder / "swin_t.safetensors"
-    backbone = Backbone.load("swin_tiny_patch4_window7_224", "random", seed=0)
+def task_files(folder: Path, backbone_name: str = SWIN_T) -> tuple[Path, Path]:
+    """A random backbone's weights, and a store with one 1000-label classify task at 224 px."""
+    weights = folder / "backbone.safetensors"
+    backbone = Backbone.load(backbone_name, "random", seed=0)
     save_file(backbone.model.state_dict(), weights)
     store = folder / "store"
     package = random_package(backbone, TASK, seed=0, num_labels=1000, input=InputSpec(size=(224, 224)))
@@ -111,16 +113,21 @@ def task_files(folder: Path) -> tuple[Path, Path]:
     return weights, store
 
 
-def constant_server(folder: Path, server_args: list[str], weights: Path | None = None, store: Path | None = None) -> ServerProcess:
+def constant_server(
+    folder: Path, server_args: list[str], weights: Path | None = None, store: Path | None = None, constant: bool = True
+) -> ServerProcess:
     """`monaserve serve` (enter it to start) over `task_files` (made in `folder` unless given), with the
-    engine's forward a constant."""
+    engine's forward a constant (or, with `constant=False`, the real engine)."""
     folder.mkdir(parents=True, exist_ok=True)
     if weights is None or store is None:
         weights, store = task_files(folder)
-    return ServerProcess(weights, store, *server_args, log=folder / "server.log", launcher=[sys.executable, str(CONSTANT_ENGINE)])
+    launcher = [sys.executable, str(CONSTANT_ENGINE)] if constant else None
+    return ServerProcess(weights, store, *server_args, log=folder / "server.log", launcher=launcher)
 
 
-def baseline_server(folder: Path, revision: str, server_args: list[str], weights: Path, store: Path) -> ServerProcess:
+def baseline_server(
+    folder: Path, revision: str, server_args: list[str], weights: Path, store: Path, constant: bool = True
+) -> ServerProcess:
     """The same server from this repository's code at `revision` (`git archive`, imported ahead of the
     installed package; the same interpreter and packages), to measure against in the same run."""
     tree, path = folder / "tree", folder / "path"
@@ -129,7 +136,7 @@ def baseline_server(folder: Path, revision: str, server_args: list[str], weights
     archive = subprocess.run(["git", "-C", str(REPOSITORY), "archive", revision], capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
     (path / "monaserve").symlink_to(tree)
-    launcher = [sys.executable, str(tree / "bench" / "constant_engine.py")]
+    launcher = [sys.executable, str(tree / "bench" / "constant_engine.py")] if constant else None
     return ServerProcess(weights, store, *server_args, log=folder / "server.log", launcher=launcher, env={"PYTHONPATH": str(path)})
 
 
@@ -143,20 +150,30 @@ def request_for(server: ServerProcess, folder: Path, case: str, protocol: str) -
 
 
 def measure(wrk: str, server: ServerProcess, folder: Path, case: str, protocol: str, args: argparse.Namespace) -> dict:
-    """One answer checked, then wrk's figures for one image on one protocol."""
+    """One answer checked, then wrk's figures for one image on one protocol; with the real engine, also
+    the engine's own images/s over the run (images per second of batch time, from /metrics) and the
+    served rate as a fraction of it."""
     url, script, content_type = request_for(server, folder, case, protocol)
     with server.client(token=None) as client:
-        sample = client.post(
-            url.removeprefix(server.url), content=script.with_suffix(".body").read_bytes(), headers={"content-type": content_type}
-        )
-        sample.raise_for_status()
-    return run_wrk(wrk, url, args, script)
+        body = script.with_suffix(".body").read_bytes()
+        client.post(url.removeprefix(server.url), content=body, headers={"content-type": content_type}).raise_for_status()
+        before = engine_counters(client)
+        measured = run_wrk(wrk, url, args, script)
+        if args.engine == "real":
+            after = engine_counters(client)
+            images, seconds, batches = (after[k] - before[k] for k in ("images", "seconds", "batches"))
+            engine_rate = images / seconds
+            measured |= {"engine_images_per_s": round(engine_rate, 1), "mean_batch": round(images / batches, 1)}
+            measured["end_to_end_fraction"] = round(measured["requests_per_s"] / engine_rate, 3)
+    return measured
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="the server's --device (its engine answers a constant either way)")
     parser.add_argument("--label", default="now", help="names the result file: frontend-<label>-<cpu>.json")
+    parser.add_argument("--engine", choices=["constant", "real"], default="constant", help="the engine's forward: a constant, or the model")
+    parser.add_argument("--backbone", default=SWIN_T, help="the random backbone the server runs (matters with --engine real)")
     parser.add_argument("--baseline", help="a git revision of this repository to run side by side, case by case (e.g. 3c01a4d)")
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections")
@@ -175,10 +192,11 @@ def main() -> int:
     server_args = ["--device", args.device, *args.server_args.split()]
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
         folder = Path(tmp)
-        weights, store = task_files(folder)
-        servers = {"now": constant_server(folder / "now", server_args, weights, store)}
+        weights, store = task_files(folder, args.backbone)
+        constant = args.engine == "constant"
+        servers = {"now": constant_server(folder / "now", server_args, weights, store, constant)}
         if args.baseline:
-            servers["baseline"] = baseline_server(folder / "baseline", args.baseline, server_args, weights, store)
+            servers["baseline"] = baseline_server(folder / "baseline", args.baseline, server_args, weights, store, constant)
         for server in servers.values():
             running.enter_context(server)
         floors = {name: run_wrk(wrk, server.url + "/health/live", args) for name, server in servers.items()}
@@ -201,16 +219,22 @@ def main() -> int:
                 if "baseline" in measured:
                     before = measured["baseline"]["requests_per_s"]
                     row += [before, f"{now['requests_per_s'] / before:.2f}x"]
+                if not constant:
+                    row += [now["engine_images_per_s"], now["mean_batch"], now["end_to_end_fraction"]]
                 rows.append([*row, now["non_2xx"] + sum(m["non_2xx"] for m in measured.values() if m is not now)])
     for name, floor in floors.items():
         print(f"health floor of {name} (GET /health/live, same run): {floor['requests_per_s']} req/s, p50 {floor['p50_ms']} ms")
     headers = ["image", "protocol", "req/s", "p50 ms", "p99 ms", "x floor"]
-    print_table([*headers, *(["baseline req/s", "vs baseline"] if args.baseline else []), "non-2xx"], rows)
+    headers += ["baseline req/s", "vs baseline"] if args.baseline else []
+    headers += [] if args.engine == "constant" else ["engine images/s", "mean batch", "served / engine"]
+    print_table([*headers, "non-2xx"], rows)
     settings = {
         "duration_s": args.duration,
         "connections": args.connections,
         "wrk_threads": args.threads,
         "server_args": args.server_args,
+        "engine": args.engine,
+        "backbone": args.backbone,
         "cpus": os.cpu_count(),
         "baseline": args.baseline,
     }

@@ -42,6 +42,15 @@ def test_frontend_bench(tmp_path):
 
 
 @pytest.mark.process
+def test_frontend_bench_with_the_real_engine_reports_the_engines_own_rate(tmp_path):
+    require_tool("wrk")
+    args = ("--engine", "real", "--duration", "2", "--connections", "2", "--cases", "png-32", "--protocols", "v1")
+    (case,) = run_bench("frontend_bench.py", tmp_path, *args)["cases"]
+    assert case["requests_per_s"] > 0 and case["engine_images_per_s"] > 0 and case["mean_batch"] >= 1
+    assert case["end_to_end_fraction"] == pytest.approx(case["requests_per_s"] / case["engine_images_per_s"], rel=0.01)
+
+
+@pytest.mark.process
 def test_engine_bench(tmp_path):
     result = run_bench("engine_bench.py", tmp_path, "--batch", "2", "--tasks", "2", "--rounds", "1", "--no-compile")
     variants = {v["variant"]: v for v in result["variants"]}
