@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import threading
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -28,6 +29,10 @@ from .images import Decoded, ImageLimits, OpenedImage, decode, decode_jpeg_on, d
 log = logging.getLogger(__name__)
 LARGE_IMAGE_PIXELS = 4_000_000
 """Images decoding to more pixels than this (after any reduced-scale JPEG decode) use the large lane."""
+SMALL_IMAGE_BYTES = 64 * 2**10
+SMALL_IMAGE_PIXELS = 128 * 128
+"""A request of one image no larger than these (encoded, and decoded) is prepared on the event loop:
+that costs less than the trip to a pool thread and back (a 32-px PNG: 1.47x the requests/s, 2 cores)."""
 LARGE_LANE_NICENESS = 10
 """How much lower the large lane's CPU priority is (Linux nice; threads have their own)."""
 
@@ -37,6 +42,10 @@ def _lower_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LARGE_LANE_NICENESS)
     except (AttributeError, OSError) as exc:  # not Linux, or not permitted: the lane still serialises
         log.info("large-image lane keeps normal priority: %s", exc)
+
+
+def _small_body(image: bytes | np.ndarray) -> bool:
+    return (len(image) if isinstance(image, bytes) else image.nbytes) <= SMALL_IMAGE_BYTES
 
 
 def jpeg_device(choice: str, engine_device: torch.device) -> torch.device | None:
@@ -66,11 +75,17 @@ class Decoder:
 
     async def prepare(self, images: list[bytes | np.ndarray], spec: InputSpec) -> list[Prepared]:
         """Headers first (the request's pixel budget is checked before anything is decoded), then every
-        image on its lane, in parallel; a request of one small image is prepared in the same trip to the pool."""
+        image on its lane, in parallel. A request of one image takes one trip to the pool, or none if the
+        image is small."""
         loop = asyncio.get_running_loop()
-        opened = await loop.run_in_executor(self.pool, self._open, images, spec)
-        if len(opened) == 1 and isinstance(opened[0], Prepared):
-            return opened
+        if len(images) == 1 and _small_body(images[0]):  # a small body holds little header to parse: read it here
+            opened = self._open(images, spec)
+            if self._is_small(opened[0]):
+                return [self._prepare(opened[0], spec)]
+        else:
+            opened = await loop.run_in_executor(self.pool, self._open_and_prepare_one, images, spec)
+            if isinstance(opened[0], Prepared):
+                return opened
         futures = [loop.run_in_executor(self.large_lane if self._is_large(o) else self.pool, self._prepare, o, spec) for o in opened]
         try:
             return list(await asyncio.gather(*futures))
@@ -79,9 +94,12 @@ class Decoder:
                 future.cancel()
             raise
 
-    def _open(self, images: list[bytes | np.ndarray], spec: InputSpec) -> list[OpenedImage | Decoded] | list[Prepared]:
-        """Every image's header (the budget check), and a lone image that is not large prepared at once."""
-        opened = open_images(images, self.limits, spec.size, reduce_jpegs=self.jpeg_device is None)
+    def _open(self, images: list[bytes | np.ndarray], spec: InputSpec) -> list[OpenedImage | Decoded]:
+        return open_images(images, self.limits, spec.size, reduce_jpegs=self.jpeg_device is None)
+
+    def _open_and_prepare_one(self, images: list[bytes | np.ndarray], spec: InputSpec) -> list[OpenedImage | Decoded] | list[Prepared]:
+        """In a pool thread: every image's header, and a lone image that is not large prepared in the same trip."""
+        opened = self._open(images, spec)
         if len(opened) == 1 and not self._is_large(opened[0]):
             return [self._prepare(opened[0], spec)]
         return opened
@@ -94,6 +112,11 @@ class Decoder:
 
     def _on_device(self, image: OpenedImage | Decoded) -> bool:
         return self.jpeg_device is not None and device_decodable(image)
+
+    def _is_small(self, image: OpenedImage | Decoded) -> bool:
+        """Cheaper to prepare than a trip to the pool (a device decode never is: it waits on the GPU)."""
+        pixels = image.pixels if isinstance(image, OpenedImage) else math.prod(image.original_size)
+        return pixels <= SMALL_IMAGE_PIXELS and not self._on_device(image)
 
     def _is_large(self, image: OpenedImage | Decoded) -> bool:
         """A large decode for the CPU (a GPU decode is not one)."""

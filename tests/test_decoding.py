@@ -54,12 +54,15 @@ def test_the_request_pixel_budget_is_checked_on_headers_before_anything_decodes(
 
 
 class RecordingPool(ThreadPoolExecutor):
+    """Counts the images prepared in it (`ran`) and every trip to it (`trips`)."""
+
     def __init__(self) -> None:
         super().__init__(1)
-        self.ran = 0
+        self.ran = self.trips = 0
 
     def submit(self, fn, *args, **kwargs):
         self.ran += fn.__name__ == "_prepare"
+        self.trips += 1
         return super().submit(fn, *args, **kwargs)
 
 
@@ -71,6 +74,24 @@ def test_large_decodes_take_their_own_lane():
     prepared = asyncio.run(decoder.prepare(images, InputSpec(size=(224, 224))))
     assert [p.original_size for p in prepared] == [(side, side), (200, 300), (5000, 8000)]
     assert (lane.ran, pool.ran) == (1, 2)
+    pool.shutdown()
+    lane.shutdown()
+
+
+def test_one_small_image_is_prepared_without_the_pool_and_one_larger_in_one_trip():
+    """The trip to a pool thread and back costs more than preparing a thumbnail: a request of one small
+    image is prepared on the event loop; one larger image (its header read and its pixels prepared)
+    takes one trip; several images take a trip each after the headers'."""
+    pool, lane = RecordingPool(), RecordingPool()
+    decoder, spec = Decoder(ImageLimits(), pool, lane), InputSpec(size=(224, 224))
+    assert asyncio.run(decoder.prepare([flat(32, 32, "PNG")], spec))[0].tensor.shape == (3, 224, 224)
+    assert pool.trips == 0
+    noisy = np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)  # > 64 KiB as a PNG
+    buffer = io.BytesIO()
+    Image.fromarray(noisy).save(buffer, format="PNG")
+    for data, trips in ((flat(512, 512, "JPEG"), 1), (buffer.getvalue(), 2), ([flat(32, 32, "PNG")] * 2, 5)):
+        asyncio.run(decoder.prepare(data if isinstance(data, list) else [data], spec))
+        assert pool.trips == trips, data if isinstance(data, list) else len(data)
     pool.shutdown()
     lane.shutdown()
 
