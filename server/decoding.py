@@ -29,10 +29,12 @@ from .images import Decoded, ImageLimits, OpenedImage, decode, decode_jpeg_on, d
 log = logging.getLogger(__name__)
 LARGE_IMAGE_PIXELS = 4_000_000
 """Images decoding to more pixels than this (after any reduced-scale JPEG decode) use the large lane."""
-SMALL_IMAGE_BYTES = 64 * 2**10
+SMALL_BODY_BYTES = 64 * 2**10
+"""Parsing a body (an image's header, an inference request's JSON) this small costs less than the trip
+to a pool thread and back: it is done on the event loop."""
 SMALL_IMAGE_PIXELS = 128 * 128
-"""A request of one image no larger than these (encoded, and decoded) is prepared on the event loop:
-that costs less than the trip to a pool thread and back (a 32-px PNG: 1.47x the requests/s, 2 cores)."""
+"""A request of one small-bodied image decoding to no more pixels than this is prepared on the event
+loop too (a 32-px PNG: 1.47x the requests/s, 2 cores)."""
 LARGE_LANE_NICENESS = 10
 """How much lower the large lane's CPU priority is (Linux nice; threads have their own)."""
 
@@ -45,7 +47,7 @@ def _lower_priority() -> None:
 
 
 def _small_body(image: bytes | np.ndarray) -> bool:
-    return (len(image) if isinstance(image, bytes) else image.nbytes) <= SMALL_IMAGE_BYTES
+    return (len(image) if isinstance(image, bytes) else image.nbytes) <= SMALL_BODY_BYTES
 
 
 def jpeg_device(choice: str, engine_device: torch.device) -> torch.device | None:
