@@ -31,7 +31,7 @@ class ServeConfig(BackboneOptions):
     port: int = option(8000, "port to listen on")
     replica_id: str | None = option(None, "this replica's name in responses and metrics (default: host:port)")
     log_level: Literal["debug", "info", "warning", "error"] = option("info", "log level")
-    access_log: bool = option(True, "log one line per request (--no-access-log: leave it to the load balancer)")
+    access_log: bool = option(True, "log one line per request (off: leave it to the load balancer, for speed)")
     http: Literal["httptools", "h11"] = option("httptools", "HTTP/1.1 parser: httptools (C) or h11 (pure Python)")
     # the store and the demo
     store: str = option("var/adapters", "adapter store: a directory, or an fsspec URL such as s3://bucket/prefix")
