@@ -113,7 +113,7 @@ def task_files(folder: Path, backbone_name: str = SWIN_T) -> tuple[Path, Path]:
     return weights, store
 
 
-def constant_server(
+def bench_server(
     folder: Path, server_args: list[str], weights: Path | None = None, store: Path | None = None, constant: bool = True
 ) -> ServerProcess:
     """`monaserve serve` (enter it to start) over `task_files` (made in `folder` unless given), with the
@@ -136,6 +136,10 @@ def baseline_server(
     archive = subprocess.run(["git", "-C", str(REPOSITORY), "archive", revision], capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
     (path / "monaserve").symlink_to(tree)
+    where = [sys.executable, "-c", "import monaserve.server.cli as cli; print(cli.__file__)"]
+    imported = subprocess.run(where, env={**os.environ, "PYTHONPATH": str(path)}, capture_output=True, text=True, check=True)
+    if not Path(imported.stdout.strip()).resolve().is_relative_to(tree.resolve()):
+        raise SystemExit(f"the baseline would not run {revision}'s code: monaserve imports from {imported.stdout.strip()}")
     launcher = [sys.executable, str(tree / "bench" / "constant_engine.py")] if constant else None
     return ServerProcess(weights, store, *server_args, log=folder / "server.log", launcher=launcher, env={"PYTHONPATH": str(path)})
 
@@ -162,9 +166,12 @@ def measure(wrk: str, server: ServerProcess, folder: Path, case: str, protocol: 
         if args.engine == "real":
             after = engine_counters(client)
             images, seconds, batches = (after[k] - before[k] for k in ("images", "seconds", "batches"))
-            engine_rate = images / seconds
-            measured |= {"engine_images_per_s": round(engine_rate, 1), "mean_batch": round(images / batches, 1)}
-            measured["end_to_end_fraction"] = round(measured["requests_per_s"] / engine_rate, 3)
+            if batches:
+                engine_rate = images / seconds
+                measured |= {"engine_images_per_s": round(engine_rate, 1), "mean_batch": round(images / batches, 1)}
+                measured["end_to_end_fraction"] = round(measured["requests_per_s"] / engine_rate, 3)
+            else:  # no batch ran: every request failed, as non_2xx says
+                measured |= {"engine_images_per_s": None, "mean_batch": None, "end_to_end_fraction": None}
     return measured
 
 
@@ -194,7 +201,7 @@ def main() -> int:
         folder = Path(tmp)
         weights, store = task_files(folder, args.backbone)
         constant = args.engine == "constant"
-        servers = {"now": constant_server(folder / "now", server_args, weights, store, constant)}
+        servers = {"now": bench_server(folder / "now", server_args, weights, store, constant)}
         if args.baseline:
             servers["baseline"] = baseline_server(folder / "baseline", args.baseline, server_args, weights, store, constant)
         for server in servers.values():

@@ -32,7 +32,7 @@ import torch
 from monaserve.testing import find_tool, free_port
 
 from common import print_table, write_result
-from frontend_bench import CASES, TASK, constant_server, oip_body, request_script, run_wrk
+from frontend_bench import CASES, TASK, bench_server, oip_body, request_script, run_wrk
 
 KSERVE_PEER = Path(__file__).resolve().with_name("kserve_peer.py")
 
@@ -65,24 +65,34 @@ class KServePeer:
         self.process.wait(10)
 
 
-def requests_for(case: str, folder: Path, ours: str, peer: str) -> list[tuple[str, tuple[str, Path], tuple[str, Path]]]:
-    """(pair name, (our url, wrk script), (the peer's url, wrk script)) for one image."""
+Target = tuple[str, Path, str]
+"""A request to load one server with: (url, wrk script, content type)."""
+
+
+def requests_for(case: str, folder: Path, ours: str, peer: str) -> list[tuple[str, Target, Target]]:
+    """(pair name, our request, the peer's) for one image."""
     data, content_type = CASES[case]()
-    v2 = request_script(folder, f"{case}-v2", oip_body(data), "application/json")
+    json_type = "application/json"
+    v2 = request_script(folder, f"{case}-v2", oip_body(data), json_type)
     v1_ours = request_script(folder, f"{case}-v1-ours", data, content_type)
     v1_peer_body = json.dumps({"instances": [{"b64": base64.b64encode(data).decode()}]}).encode()
-    v1_peer = request_script(folder, f"{case}-v1-peer", v1_peer_body, "application/json")
+    v1_peer = request_script(folder, f"{case}-v1-peer", v1_peer_body, json_type)
     return [
-        ("v2 JSON, same body", (f"{ours}/v2/models/{TASK}/infer", v2), (f"{peer}/v2/models/{TASK}/infer", v2)),
-        ("v1, each its simplest", (f"{ours}/v1/tasks/{TASK}/classify", v1_ours), (f"{peer}/v1/models/{TASK}:predict", v1_peer)),
+        ("v2 JSON, same body", (f"{ours}/v2/models/{TASK}/infer", v2, json_type), (f"{peer}/v2/models/{TASK}/infer", v2, json_type)),
+        (
+            "v1, each its simplest",
+            (f"{ours}/v1/tasks/{TASK}/classify", v1_ours, content_type),
+            (f"{peer}/v1/models/{TASK}:predict", v1_peer, json_type),
+        ),
     ]
 
 
-def check_answers(url: str, script: Path) -> None:
-    """One request before the load: a 200."""
-    content_type = "application/json" if "v2" in script.name or "peer" in script.name else "image/jpeg"
-    response = httpx.post(url, content=script.with_suffix(".body").read_bytes(), headers={"content-type": content_type}, timeout=60)
-    response.raise_for_status()
+def measure(wrk: str, target: Target, args: argparse.Namespace) -> dict:
+    """One answer checked (a 200), then wrk's figures."""
+    url, script, content_type = target
+    body = script.with_suffix(".body").read_bytes()
+    httpx.post(url, content=body, headers={"content-type": content_type}, timeout=60).raise_for_status()
+    return run_wrk(wrk, url, args, script)
 
 
 def parse_args() -> argparse.Namespace:
@@ -105,20 +115,18 @@ def main() -> int:
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        ours = constant_server(folder, ["--device", "cpu", *args.server_args.split()])
+        ours = bench_server(folder, ["--device", "cpu", *args.server_args.split()])
         with ours, KServePeer(args.kserve_python, folder / "kserve.log") as peer:
             for case in args.cases.split(","):
-                for pair, (our_url, our_script), (peer_url, peer_script) in requests_for(case, folder, ours.url, peer.url):
-                    check_answers(our_url, our_script)
-                    check_answers(peer_url, peer_script)
-                    measured_ours = run_wrk(wrk, our_url, args, our_script)
-                    measured_peer = run_wrk(wrk, peer_url, args, peer_script)
+                for pair, our_request, peer_request in requests_for(case, folder, ours.url, peer.url):
+                    measured_ours, measured_peer = measure(wrk, our_request, args), measure(wrk, peer_request, args)
                     ratio = measured_ours["requests_per_s"] / measured_peer["requests_per_s"]
                     result = {"case": case, "pair": pair, "monaserve": measured_ours, "kserve": measured_peer, "ratio": round(ratio, 2)}
                     results.append(result)
                     rows.append([case, pair, measured_ours["requests_per_s"], measured_peer["requests_per_s"], f"{ratio:.2f}x"])
     print_table(["image", "request", "monaserve req/s", "KServe req/s", "ratio"], rows)
-    peer_version = subprocess.run([args.kserve_python, "-c", "import kserve; print(kserve.__version__)"], capture_output=True, text=True)
+    version = "from importlib.metadata import version; print(version('kserve'))"
+    peer_version = subprocess.run([args.kserve_python, "-c", version], capture_output=True, text=True, check=True)
     settings = {"duration_s": args.duration, "connections": args.connections, "wrk_threads": args.threads, "server_args": args.server_args}
     settings |= {"cpus": os.cpu_count(), "kserve": peer_version.stdout.strip()}
     path = write_result(f"peer-{args.label}", torch.device("cpu"), {"settings": settings, "cases": results})

@@ -49,8 +49,8 @@ def _lifespan(runtime: Runtime):
 
 def _add_middlewares(app: FastAPI, config: ServeConfig) -> None:
     """The middleware stack, added innermost first: CORS (when asked for), the body guard, and outermost
-    error containment. (The replica header is uvicorn's default header: every answer has it, a
-    contained error's and the HTTP parser's own too.)"""
+    error containment. (The replica header is a default header of uvicorn's, so a contained error has it
+    too; the connection guards add it to their own answers.)"""
     origins = [o.strip() for o in config.cors_origins.split(",") if o.strip()]
     if origins:  # off by default: browsers then refuse cross-origin calls
         app.add_middleware(

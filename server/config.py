@@ -83,7 +83,10 @@ class ServeConfig(BackboneOptions):
         return self.replica_id or f"{socket.gethostname()}:{self.port}"
 
     def check(self) -> None:
-        """Refuse settings that cannot be meant: a device torch does not know, empty tokens, and limits that are not positive."""
+        """Refuse settings that cannot be meant: a replica name no header can carry, a device torch does not know,
+        empty tokens, and limits that are not positive."""
+        if not (self.replica.isascii() and self.replica.isprintable()):
+            raise ValueError(f"--replica-id {self.replica!r} must be printable ASCII: it is sent as a response header")
         try:
             resolve_device(self.device)
         except RuntimeError:

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 MiB = 2**20
+INLINE_RESULT_ENTRIES = 64
+"""Results this small (labels, boxes) are post-processed and rendered on the event loop: well under a
+millisecond, less than the trip to a pool thread and back."""
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,8 @@ class DataPlane:
             results = [kind.postprocess(p, run.manifest.labels, q, options) for p, q in zip(run.predictions, prepared)]
             return render(InferResult(request.task, kind, run.version, results, options, timings, budget))
 
-        if kind.cheap_postprocess:
+        entries = kind.result_entries(run.predictions, options)
+        if entries is not None and entries <= INLINE_RESULT_ENTRIES:
             return finish()
         return await asyncio.get_running_loop().run_in_executor(self.runtime.decode_pool, finish)
 

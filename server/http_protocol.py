@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import h11
+import httptools
 from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -222,18 +223,27 @@ class GuardedHttpToolsProtocol(ConnectionGuard, HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._client_is = "body"
-        if self._refusing:
+        if self._refusing:  # answered here; the app never sees the request
             self._refuse_now()
             return
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        if not self._refusing:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
         self._client_is = "nothing"
-        super().on_message_complete()
+        if not self._refusing:
+            super().on_message_complete()
 
     def _refuse(self, data: bytes) -> None:
-        if not self.transport.is_closing():  # the parser calls on_headers_complete, which answers
-            HttpToolsProtocol.data_received(self, data)
+        if self.transport.is_closing():
+            return
+        try:  # the parser calls on_headers_complete, which answers and closes
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            self.transport.close()
 
 
 PROTOCOLS: dict[str, type[ConnectionGuard]] = {"httptools": GuardedHttpToolsProtocol, "h11": GuardedH11Protocol}

@@ -123,7 +123,7 @@ def run(config: ServeConfig) -> int:
             port=config.port,
             log_level=config.log_level,
             access_log=config.access_log,
-            headers=[(REPLICA_HEADER, config.replica)],  # on every answer, the protocol's own 400s too
+            headers=[(REPLICA_HEADER, config.replica)],  # on every answer the app makes, and httptools' own 400s
             server_header=False,
             http=functools.partial(PROTOCOLS[config.http], rules=connection_rules(config)),
             timeout_keep_alive=config.keep_alive_s,  # uvicorn's own timer; the protocol's is the same

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image, ImageOps, PngImagePlugin
 from PIL.JpegImagePlugin import JpegImageFile
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .errors import BadRequest, PayloadTooLarge, UnsupportedMedia
+from .errors import BadRequest, Overloaded, PayloadTooLarge, UnsupportedMedia
 
+PngImagePlugin.MAX_TEXT_MEMORY = 2**20  # Pillow's 64 MB: a 64 KiB PNG of compressed text chunks inflates for 50 ms
 # torchvision 0.29 warns on every decode that TorchCodec will take its image decoders over; until then it is ours
 warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision", DeprecationWarning)
 
@@ -64,17 +65,17 @@ class Decoded:
 
 
 def open_images(
-    images: list[bytes | np.ndarray], limits: ImageLimits, target: tuple[int, int], reduce_jpegs: bool = True
+    images: list[bytes | np.ndarray], limits: ImageLimits, target: tuple[int, int], device_jpegs: bool = False
 ) -> list[OpenedImage | Decoded]:
     """Read every image's header (raw pixels are already decoded) and check the request's pixel budget.
 
-    `target` (height, width) is the task's input size: with `reduce_jpegs`, JPEGs at least twice as
-    large decode at 1/2, 1/4 or 1/8 scale, never below it (a device decoder decodes them in full).
+    `target` (height, width) is the task's input size: JPEGs at least twice as large decode at 1/2, 1/4
+    or 1/8 scale, never below it, except (with `device_jpegs`) those a device decodes, in full.
     """
     opened = [
         _array_image(data, limits, f"image {i}")
         if isinstance(data, np.ndarray)
-        else _open(data, limits, f"image {i}", target if reduce_jpegs else None)
+        else _open(data, limits, f"image {i}", target, device_jpegs)
         for i, data in enumerate(images)
     ]
     total = sum(o.pixels if isinstance(o, OpenedImage) else math.prod(o.original_size) for o in opened)
@@ -108,7 +109,7 @@ def decode(opened: OpenedImage) -> Decoded:
         raise BadRequest(f"{what} could not be converted to RGB ({type(exc).__name__}: {exc})") from None
 
 
-def _open(data: bytes, limits: ImageLimits, what: str, target: tuple[int, int] | None) -> OpenedImage:
+def _open(data: bytes, limits: ImageLimits, what: str, target: tuple[int, int], device_jpegs: bool) -> OpenedImage:
     if not data:
         raise BadRequest(f"{what} is empty")
     if len(data) > limits.max_bytes:
@@ -124,7 +125,7 @@ def _open(data: bytes, limits: ImageLimits, what: str, target: tuple[int, int] |
     width, height = image.size
     if width * height > limits.max_pixels:
         raise PayloadTooLarge(f"{what} is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}")
-    if target is not None and isinstance(image, JpegImageFile):  # MPO (phones' multi-picture JPEGs) too
+    if isinstance(image, JpegImageFile) and not (device_jpegs and _plain_jpeg(image)):  # MPO (phones' multi-picture JPEGs) too
         side = max(target)  # either orientation: EXIF may turn the image after decoding
         try:
             image.draft(image.mode, (side, side))
@@ -168,11 +169,17 @@ DEVICE_JPEG_MODES = ("RGB", "L")
 
 def device_decodable(image: OpenedImage | Decoded) -> bool:
     """Whether `image` is a plain JPEG (not MPO, not CMYK) that `decode_jpeg_on` can decode."""
-    return isinstance(image, OpenedImage) and image.image.format == "JPEG" and image.image.mode in DEVICE_JPEG_MODES
+    return isinstance(image, OpenedImage) and _plain_jpeg(image.image)
 
 
-def decode_jpeg_on(opened: OpenedImage, device: torch.device) -> torch.Tensor:
-    """Decode a JPEG on `device` (nvJPEG on CUDA, libjpeg on the CPU) to upright uint8 `(3, H, W)` pixels."""
+def _plain_jpeg(image: Image.Image) -> bool:
+    return image.format == "JPEG" and image.mode in DEVICE_JPEG_MODES
+
+
+def decode_jpeg_on(opened: OpenedImage, device: torch.device) -> torch.Tensor | None:
+    """Decode a JPEG on `device` (nvJPEG on CUDA, libjpeg on the CPU) to upright uint8 `(3, H, W)` pixels;
+    None where that decoder cannot (a variant nvJPEG lacks, a corrupt file): Pillow then decodes it, and
+    judges it. A device out of memory is a 503 to retry, not the image's fault."""
     try:
         orientation = opened.image.getexif().get(ExifTags.Base.Orientation)
     except Exception:  # a broken EXIF block should not lose the image: keep it as stored
@@ -180,7 +187,9 @@ def decode_jpeg_on(opened: OpenedImage, device: torch.device) -> torch.Tensor:
     encoded = torch.frombuffer(bytearray(opened.data), dtype=torch.uint8)
     try:
         pixels = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
-    except Exception as exc:  # the decoder is untrusted code: whatever it raises is this image's fault
-        raise BadRequest(f"{opened.what} is corrupt or truncated and could not be decoded ({type(exc).__name__}: {exc})") from None
+    except torch.OutOfMemoryError:
+        raise Overloaded(f"the device ran out of memory decoding {opened.what}; retry shortly", retry_after_s=1) from None
+    except Exception:  # the decoder is untrusted code: whatever it raises, Pillow has the last word
+        return None
     turn = EXIF_TURNS.get(orientation)
     return pixels if turn is None else turn(pixels)

@@ -38,6 +38,8 @@ class RouteParams(BaseModel):
     def openapi_parameters(cls) -> list[dict]:
         """The parameters as an OpenAPI operation lists them."""
         schema = cls.model_json_schema()
+        if "$defs" in schema:  # a parameter's schema must stand alone in the operation
+            raise TypeError(f"{cls.__name__}: route parameters must be plain types, not models or enums")
         required = set(schema.get("required", ()))
         return [
             {

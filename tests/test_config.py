@@ -76,6 +76,11 @@ def test_the_client_commands_start_without_torch():
     assert result.stdout.strip() == "False", result.stderr
 
 
+def test_a_replica_name_no_header_can_carry_is_refused():
+    with pytest.raises(ValueError, match="must be printable ASCII"):
+        ServeConfig(replica_id="réplica-1").check()
+
+
 def test_a_device_torch_does_not_know_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="--device 'gpu0' is not a device: give auto, cpu, cuda or cuda:N"):
         ServeConfig(device="gpu0").check()

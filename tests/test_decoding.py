@@ -168,10 +168,39 @@ def test_jpegs_the_device_decoder_does_not_take_decode_with_pillow():
     """CMYK JPEGs, PNGs and raw pixels take the Pillow path even with a device decoder."""
     spec = InputSpec(size=(64, 64))
     for data in (photo_jpeg(200, 100, mode="CMYK"), flat(200, 100, "PNG"), np.zeros((100, 200, 3), np.uint8)):
-        (opened,) = open_images([data], ImageLimits(), spec.size, reduce_jpegs=False)
+        (opened,) = open_images([data], ImageLimits(), spec.size, device_jpegs=True)
         assert not device_decodable(opened)
     pillow, on_device = prepare_both_ways(photo_jpeg(200, 100, mode="CMYK"), spec, "cpu")
     assert torch.equal(pillow.tensor, on_device.tensor)
+
+
+def test_jpegs_pillow_decodes_keep_their_reduced_scale_beside_a_device_decoder():
+    """With a device decoder, plain JPEGs are opened to decode in full (the request budget counts them so),
+    and JPEGs it does not take (CMYK here) still decode at reduced scale."""
+    plain, cmyk = photo_jpeg(2400, 1800), photo_jpeg(2400, 1800, mode="CMYK")
+    opened = open_images([plain, cmyk], ImageLimits(), (224, 224), device_jpegs=True)
+    assert [o.image.size for o in opened] == [(2400, 1800), (300, 225)]
+
+
+def test_a_jpeg_the_device_decoder_refuses_is_decoded_by_pillow_and_a_full_device_is_a_503(monkeypatch):
+    from monaserve.server import images
+    from monaserve.server.errors import Overloaded
+
+    data, spec = photo_jpeg(400, 300), InputSpec(size=(224, 224))
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("unsupported JPEG variant")
+
+    monkeypatch.setattr(images, "decode_jpeg", refuse)
+    pillow, on_device = prepare_both_ways(data, spec, "cpu")
+    assert torch.equal(pillow.tensor, on_device.tensor)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(images, "decode_jpeg", out_of_memory)
+    with pytest.raises(Overloaded, match="out of memory decoding image 0; retry"):
+        prepare_both_ways(data, spec, "cpu")
 
 
 def test_a_corrupt_jpeg_on_the_device_path_is_a_400_naming_the_image():

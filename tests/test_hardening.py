@@ -415,6 +415,8 @@ def test_at_the_connection_cap_an_idle_connection_makes_room(guarded):
 
 
 def test_past_the_connection_cap_requests_get_503_and_capacity_returns(guarded):
+    """Refused requests, with a body or asking for an upgrade, get the 503 and leave nothing in the log."""
+    logged = len(guarded.log())
     idle = [socket.create_connection(("127.0.0.1", guarded.port)) for _ in range(30)]
     try:
         time.sleep(0.2)
@@ -422,6 +424,13 @@ def test_past_the_connection_cap_requests_get_503_and_capacity_returns(guarded):
             extra.sendall(raw_request("GET", "/health/live"))
             status, headers, body = read_response(extra)
         assert status == 503 and headers["retry-after"] == "1" and json.loads(body)["error"] == "too_many_connections"
+        upgrade = b"GET /health/live HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        for request in (raw_request("POST", "/v1/tasks/cls/classify", b"x" * 1000), upgrade):
+            with socket.create_connection(("127.0.0.1", guarded.port)) as extra:
+                extra.sendall(request)
+                assert read_response(extra)[0] == 503
+        time.sleep(0.2)
+        assert guarded.log()[logged:].strip() == "", guarded.log()[logged:]
     finally:
         for sock in idle:
             sock.close()

@@ -93,9 +93,6 @@ class TaskKind(ABC, Generic[Result]):
     outputs: ClassVar[tuple[OutputSpec, ...]]
     """The tensors an Open Inference Protocol answer holds, in order."""
     max_labels: ClassVar[int] = MAX_LABELS
-    cheap_postprocess: ClassVar[bool] = False
-    """True where post-processing and rendering do no image-sized work: the server then runs them on its
-    event loop, which costs less than the trip to a pool thread and back."""
 
     # ---- the model --------------------------------------------------------------------------
 
@@ -122,6 +119,12 @@ class TaskKind(ABC, Generic[Result]):
         """A fresh accumulator of this kind's evaluation."""
 
     # ---- serving ----------------------------------------------------------------------------
+
+    def result_entries(self, predictions: list, options: Options) -> int | None:
+        """How many entries (labels, boxes) the results of `predictions` will hold, which is what post-processing
+        and rendering them cost; None where the work is image-sized (masks). The server post-processes small
+        results on its event loop (cheaper than the trip to a pool thread and back), the rest in the pool."""
+        return None
 
     @abstractmethod
     def postprocess(self, prediction: Any, labels: list[str], prepared: Prepared, options: Options) -> Result:

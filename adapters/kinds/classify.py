@@ -37,7 +37,6 @@ class ClassifyResult(BaseModel):
 @register_kind
 class Classify(TaskKind[ClassifyResult]):
     name = "classify"
-    cheap_postprocess = True
     head_config = ClassifyHeadConfig
     result_schema = ClassifyResult
     outputs = (OutputSpec("scores", "FP32", (-1, -1)), OutputSpec("labels", "BYTES", (-1, -1)), OutputSpec("indices", "INT64", (-1, -1)))
@@ -53,6 +52,9 @@ class Classify(TaskKind[ClassifyResult]):
 
     def metric(self, num_classes: int) -> TopK:
         return TopK()
+
+    def result_entries(self, predictions: list[torch.Tensor], options: Options) -> int:
+        return sum(min(options.top_k, p.numel()) for p in predictions)
 
     def postprocess(self, probabilities: torch.Tensor, labels: list[str], prepared: Prepared, options: Options) -> ClassifyResult:
         """The best `options.top_k` labels, best first."""

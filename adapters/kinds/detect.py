@@ -44,7 +44,6 @@ class DetectResult(BaseModel):
 @register_kind
 class Detect(TaskKind[DetectResult]):
     name = "detect"
-    cheap_postprocess = True
     head_config = DetectHeadConfig
     result_schema = DetectResult
     outputs = (
@@ -79,6 +78,9 @@ class Detect(TaskKind[DetectResult]):
 
     def metric(self, num_classes: int) -> CocoMap:
         return CocoMap(num_classes)
+
+    def result_entries(self, predictions: list[dict[str, torch.Tensor]], options: Options) -> int:
+        return sum(len(p["scores"]) for p in predictions)
 
     def postprocess(self, output: dict[str, torch.Tensor], labels: list[str], prepared: Prepared, options: Options) -> DetectResult:
         """Boxes scoring at least `options.min_score`, mapped back to the original image (xyxy pixels), best first."""
