@@ -7,6 +7,9 @@ and the same run's framework floor: `GET /health/live` under the same load. Rati
 how much of the HTTP stack's rate the inference path keeps.
 
     python bench/frontend_bench.py --label before       # writes bench/results/frontend-before-<cpu>.json
+    python bench/frontend_bench.py --baseline 3c01a4d   # and that revision's server, case by case, in the same run
+    python bench/frontend_bench.py --replicas 2         # two servers at once: what two front-end processes could do
+    python bench/frontend_bench.py --engine real --device cuda --backbone swin_base_patch4_window7_224
 
 wrk comes from Debian's packages (apt-get install wrk). The load generator shares the machine's cores
 with the server, as it would with a load balancer on the same box; the table says how many there were.
@@ -24,6 +27,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -144,31 +148,50 @@ def baseline_server(
     return ServerProcess(weights, store, *server_args, log=folder / "server.log", launcher=launcher, env={"PYTHONPATH": str(path)})
 
 
-def request_for(server: ServerProcess, folder: Path, case: str, protocol: str) -> tuple[str, Path, str]:
-    """(url, wrk script, content type) of one image on one protocol."""
+def request_for(folder: Path, case: str, protocol: str) -> tuple[str, Path, str]:
+    """(path, wrk script, content type) of one image on one protocol."""
     data, content_type = CASES[case]()
     if protocol == "v1":
-        return f"{server.url}/v1/tasks/{TASK}/classify", request_script(folder, f"{case}-v1", data, content_type), content_type
-    script = request_script(folder, f"{case}-v2", oip_body(data), "application/json")
-    return f"{server.url}/v2/models/{TASK}/infer", script, "application/json"
+        return f"/v1/tasks/{TASK}/classify", request_script(folder, f"{case}-v1", data, content_type), content_type
+    return f"/v2/models/{TASK}/infer", request_script(folder, f"{case}-v2", oip_body(data), "application/json"), "application/json"
 
 
-def measure(wrk: str, server: ServerProcess, folder: Path, case: str, protocol: str, args: argparse.Namespace) -> dict:
-    """One answer checked, then wrk's figures for one image on one protocol; with the real engine, also
-    the engine's own images/s over the run (images per second of batch time, from /metrics) and the
-    served rate as a fraction of it."""
-    url, script, content_type = request_for(server, folder, case, protocol)
-    with server.client(token=None) as client:
-        body = script.with_suffix(".body").read_bytes()
-        client.post(url.removeprefix(server.url), content=body, headers={"content-type": content_type}).raise_for_status()
-        before = engine_counters(client)
-        measured = run_wrk(wrk, url, args, script)
+def run_wrk_on(wrk: str, urls: list[str], args: argparse.Namespace, script: Path | None = None) -> dict:
+    """wrk on every url at once, the connections shared out: requests/s and non-2xx summed, the worst p50/p99."""
+    if len(urls) == 1:
+        return run_wrk(wrk, urls[0], args, script)
+    share = argparse.Namespace(**{**vars(args), "connections": max(1, args.connections // len(urls)), "threads": 1})
+    with ThreadPoolExecutor(len(urls)) as pool:
+        runs = list(pool.map(lambda url: run_wrk(wrk, url, share, script), urls))
+    return {
+        "requests_per_s": round(sum(r["requests_per_s"] for r in runs), 1),
+        "p50_ms": max(r["p50_ms"] for r in runs),
+        "p99_ms": max(r["p99_ms"] for r in runs),
+        "non_2xx": sum(r["non_2xx"] for r in runs),
+        "socket_errors": "; ".join(r["socket_errors"] for r in runs if r["socket_errors"]),
+        "per_replica": [r["requests_per_s"] for r in runs],
+    }
+
+
+def measure(wrk: str, servers: list[ServerProcess], folder: Path, case: str, protocol: str, args: argparse.Namespace) -> dict:
+    """One answer checked per server, then wrk's figures for one image on one protocol; with the real
+    engine, also the engines' own images/s over the run (images per second of batch time, from
+    /metrics) and the served rate as a fraction of it."""
+    path, script, content_type = request_for(folder, case, protocol)
+    body = script.with_suffix(".body").read_bytes()
+    clients = [server.client(token=None) for server in servers]
+    with contextlib.ExitStack() as open_clients:
+        for client in clients:
+            open_clients.enter_context(client).post(path, content=body, headers={"content-type": content_type}).raise_for_status()
+        before = [engine_counters(client) for client in clients]
+        measured = run_wrk_on(wrk, [server.url + path for server in servers], args, script)
         if args.engine == "real":
-            after = engine_counters(client)
-            images, seconds, batches = (after[k] - before[k] for k in ("images", "seconds", "batches"))
-            if batches:
-                engine_rate = images / seconds
-                measured |= {"engine_images_per_s": round(engine_rate, 1), "mean_batch": round(images / batches, 1)}
+            after = [engine_counters(client) for client in clients]
+            runs = [{k: a[k] - b[k] for k in ("images", "seconds", "batches")} for a, b in zip(after, before)]
+            if all(run["batches"] for run in runs):
+                engine_rate = sum(run["images"] / run["seconds"] for run in runs)  # the engines run side by side
+                mean_batch = sum(run["images"] for run in runs) / sum(run["batches"] for run in runs)
+                measured |= {"engine_images_per_s": round(engine_rate, 1), "mean_batch": round(mean_batch, 1)}
                 measured["end_to_end_fraction"] = round(measured["requests_per_s"] / engine_rate, 3)
             else:  # no batch ran: every request failed, as non_2xx says
                 measured |= {"engine_images_per_s": None, "mean_batch": None, "end_to_end_fraction": None}
@@ -181,6 +204,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--label", default="now", help="names the result file: frontend-<label>-<cpu>.json")
     parser.add_argument("--engine", choices=["constant", "real"], default="constant", help="the engine's forward: a constant, or the model")
     parser.add_argument("--backbone", default=SWIN_T, help="the random backbone the server runs (matters with --engine real)")
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="independent servers, the load shared out: the ceiling for that many front-end processes"
+    )
     parser.add_argument("--baseline", help="a git revision of this repository to run side by side, case by case (e.g. 3c01a4d)")
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections")
@@ -201,16 +227,20 @@ def main() -> int:
         folder = Path(tmp)
         weights, store = task_files(folder, args.backbone)
         constant = args.engine == "constant"
-        servers = {"now": bench_server(folder / "now", server_args, weights, store, constant)}
+        servers = {"now": [bench_server(folder / f"now-{i}", server_args, weights, store, constant) for i in range(args.replicas)]}
         if args.baseline:
-            servers["baseline"] = baseline_server(folder / "baseline", args.baseline, server_args, weights, store, constant)
-        for server in servers.values():
+            baseline = [
+                baseline_server(folder / f"baseline-{i}", args.baseline, server_args, weights, store, constant)
+                for i in range(args.replicas)
+            ]
+            servers["baseline"] = baseline
+        for server in [s for side in servers.values() for s in side]:
             running.enter_context(server)
-        floors = {name: run_wrk(wrk, server.url + "/health/live", args) for name, server in servers.items()}
+        floors = {name: run_wrk_on(wrk, [s.url + "/health/live" for s in side], args) for name, side in servers.items()}
         rows, results = [], []
         for case in args.cases.split(","):
             for protocol in args.protocols.split(","):
-                measured = {name: measure(wrk, server, folder, case, protocol, args) for name, server in servers.items()}
+                measured = {name: measure(wrk, side, folder, case, protocol, args) for name, side in servers.items()}
                 now = measured["now"]
                 results.append(
                     {"case": case, "protocol": protocol, "bytes": len(CASES[case]()[0]), **now, "baseline": measured.get("baseline")}
@@ -241,6 +271,7 @@ def main() -> int:
         "wrk_threads": args.threads,
         "server_args": args.server_args,
         "engine": args.engine,
+        "replicas": args.replicas,
         "backbone": args.backbone,
         "cpus": os.cpu_count(),
         "baseline": args.baseline,

@@ -42,10 +42,11 @@ def test_frontend_bench(tmp_path):
 
 
 @pytest.mark.process
-def test_frontend_bench_with_the_real_engine_reports_the_engines_own_rate(tmp_path):
+def test_frontend_bench_with_the_real_engine_on_two_replicas_reports_the_engines_own_rate(tmp_path):
     require_tool("wrk")
-    args = ("--engine", "real", "--duration", "2", "--connections", "2", "--cases", "png-32", "--protocols", "v1")
+    args = ("--engine", "real", "--replicas", "2", "--duration", "2", "--connections", "4", "--cases", "png-32", "--protocols", "v1")
     (case,) = run_bench("frontend_bench.py", tmp_path, *args)["cases"]
+    assert len(case["per_replica"]) == 2 and case["requests_per_s"] == pytest.approx(sum(case["per_replica"]), abs=0.2)
     assert case["requests_per_s"] > 0 and case["engine_images_per_s"] > 0 and case["mean_batch"] >= 1
     assert case["end_to_end_fraction"] == pytest.approx(case["requests_per_s"] / case["engine_images_per_s"], rel=0.01)
 
