@@ -86,7 +86,7 @@ class Decoder:
                 return [self._prepare(opened[0], spec)]
         else:
             opened = await loop.run_in_executor(self.pool, self._open_and_prepare_one, images, spec)
-            if isinstance(opened[0], Prepared):
+            if len(opened) == 1 and isinstance(opened[0], Prepared):
                 return opened
         futures = [loop.run_in_executor(self.large_lane if self._is_large(o) else self.pool, self._prepare, o, spec) for o in opened]
         try:
