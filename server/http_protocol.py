@@ -57,7 +57,16 @@ class ConnectionGuard:
     connections: set
     cycle: Any
 
-    def _guard(self, rules: ConnectionRules) -> None:
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        rules: ConnectionRules,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)  # the parser's protocol, next in the MRO
         self.rules = rules
         self._timer: asyncio.TimerHandle | None = None
         self._armed: Phase | None = None
@@ -169,18 +178,6 @@ class ConnectionGuard:
 class GuardedH11Protocol(ConnectionGuard, H11Protocol):
     """One HTTP/1.1 connection parsed by h11 (pure Python), as uvicorn's `H11Protocol`, with the guards."""
 
-    def __init__(
-        self,
-        config: Config,
-        server_state: ServerState,
-        app_state: dict[str, Any],
-        _loop: asyncio.AbstractEventLoop | None = None,
-        *,
-        rules: ConnectionRules,
-    ) -> None:
-        super().__init__(config, server_state, app_state, _loop)
-        self._guard(rules)
-
     def _reading(self) -> Reading | None:
         if self.conn.their_state is h11.IDLE:
             return "head" if self.conn.trailing_data[0] else "nothing"
@@ -201,18 +198,7 @@ class GuardedHttpToolsProtocol(ConnectionGuard, HttpToolsProtocol):
     """One HTTP/1.1 connection parsed by httptools (llhttp, in C; several times h11's rate), as uvicorn's
     `HttpToolsProtocol`, with the guards. The parser's callbacks say where the client is."""
 
-    def __init__(
-        self,
-        config: Config,
-        server_state: ServerState,
-        app_state: dict[str, Any],
-        _loop: asyncio.AbstractEventLoop | None = None,
-        *,
-        rules: ConnectionRules,
-    ) -> None:
-        super().__init__(config, server_state, app_state, _loop)
-        self._guard(rules)
-        self._client_is: Reading = "nothing"
+    _client_is: Reading = "nothing"
 
     def _reading(self) -> Reading | None:
         return self._client_is
