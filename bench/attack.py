@@ -46,13 +46,12 @@ import httpx
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
-from monaserve.adapters import Backbone, InputSpec
+from monaserve.adapters import InputSpec
 from monaserve.adapters.synthetic import random_package
 from monaserve.testing import FAULTS, TOKEN, Nginx, ServerProcess, find_tool, free_port, image_bytes
 
-from common import percentile, print_table, write_result
+from common import percentile, print_table, random_backbone_file, write_result
 
 NGINX_CONF = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "nginx.conf"
 JPEG = {"content-type": "image/jpeg"}
@@ -115,9 +114,8 @@ class Lab:
     def __init__(self, device: str) -> None:
         self.device = device
         self.dir = Path(tempfile.mkdtemp(prefix="monaserve-attack-"))
-        backbone = Backbone.load("swin_tiny_patch4_window7_224", "random")
         self.weights = self.dir / "backbone.safetensors"
-        save_file(backbone.model.state_dict(), self.weights)
+        backbone = random_backbone_file("swin_tiny_patch4_window7_224", self.weights)
         self.store = self.dir / "store"
         for i, (name, kind) in enumerate(self.TASKS.items()):
             package = random_package(backbone, name, seed=i + 1, kind=kind, num_labels=4, input=InputSpec(size=(64, 64)))

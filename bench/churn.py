@@ -36,13 +36,12 @@ from pathlib import Path
 import httpx
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from safetensors.torch import save_file
 
 from monaserve.adapters import Backbone, InputSpec
 from monaserve.adapters.synthetic import random_package
 from monaserve.testing import TOKEN, ServerProcess, image_bytes
 
-from common import percentile, print_table, write_result
+from common import percentile, print_table, random_backbone_file, write_result
 
 IMAGES = [image_bytes(seed, size=(40 + 8 * seed, 36)) for seed in range(4)]
 LABELS = 4
@@ -310,9 +309,8 @@ def memory_report(samples: list[dict], warmup: float) -> dict:
 
 
 def make_server(args, workdir: Path) -> tuple[ServerProcess, Backbone, dict[str, History]]:
-    backbone = Backbone.load(args.backbone, "random")
     weights = workdir / "backbone.safetensors"
-    save_file(backbone.model.state_dict(), weights)
+    backbone = random_backbone_file(args.backbone, weights)
     history = {}
     for index in range(args.tasks):
         name, kind = f"churn-{index:02d}", task_kind(index)

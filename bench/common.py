@@ -12,9 +12,19 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+
+from monaserve.adapters import Backbone
 
 RESULTS = Path(os.environ.get("MONASERVE_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
 """Where results go: bench/results, or $MONASERVE_BENCH_RESULTS (the tests' smoke runs)."""
+
+
+def random_backbone_file(name: str, path: Path) -> Backbone:
+    """A randomly initialised backbone `name` (seed 0), its weights saved to `path` for a server's `--weights`."""
+    backbone = Backbone.load(name, "random")
+    save_file(backbone.model.state_dict(), path)
+    return backbone
 
 
 def device_name(device: torch.device) -> str:

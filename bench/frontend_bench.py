@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import io
 import json
 import os
@@ -33,13 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
-from monaserve.adapters import Backbone, InputSpec
+from monaserve.adapters import InputSpec
 from monaserve.adapters.synthetic import random_package
 from monaserve.testing import ServerProcess, find_tool
 
-from common import print_table, write_result
+from common import print_table, random_backbone_file, write_result
 from serve_bench import engine_counters
 
 CONSTANT_ENGINE = Path(__file__).resolve().with_name("constant_engine.py")
@@ -63,6 +63,12 @@ CASES = {
     "jpeg-512": lambda: (image(512, 512, "JPEG"), "image/jpeg"),
     "jpeg-4000x3000": lambda: (image(4000, 3000, "JPEG"), "image/jpeg"),
 }
+
+
+@functools.cache
+def case_image(case: str) -> tuple[bytes, str]:
+    """One case's image and content type, made once (the 4000x3000 JPEG takes a while to encode)."""
+    return CASES[case]()
 
 
 def request_script(folder: Path, name: str, body: bytes, content_type: str) -> Path:
@@ -109,8 +115,7 @@ def run_wrk(wrk: str, url: str, args: argparse.Namespace, script: Path | None = 
 def task_files(folder: Path, backbone_name: str = SWIN_T) -> tuple[Path, Path]:
     """A random backbone's weights, and a store with one 1000-label classify task at 224 px."""
     weights = folder / "backbone.safetensors"
-    backbone = Backbone.load(backbone_name, "random", seed=0)
-    save_file(backbone.model.state_dict(), weights)
+    backbone = random_backbone_file(backbone_name, weights)
     store = folder / "store"
     package = random_package(backbone, TASK, seed=0, num_labels=1000, input=InputSpec(size=(224, 224)))
     package.save(store / TASK / "1.safetensors")
@@ -150,7 +155,7 @@ def baseline_server(
 
 def request_for(folder: Path, case: str, protocol: str) -> tuple[str, Path, str]:
     """(path, wrk script, content type) of one image on one protocol."""
-    data, content_type = CASES[case]()
+    data, content_type = case_image(case)
     if protocol == "v1":
         return f"/v1/tasks/{TASK}/classify", request_script(folder, f"{case}-v1", data, content_type), content_type
     return f"/v2/models/{TASK}/infer", request_script(folder, f"{case}-v2", oip_body(data), "application/json"), "application/json"
@@ -243,7 +248,7 @@ def main() -> int:
                 measured = {name: measure(wrk, side, folder, case, protocol, args) for name, side in servers.items()}
                 now = measured["now"]
                 results.append(
-                    {"case": case, "protocol": protocol, "bytes": len(CASES[case]()[0]), **now, "baseline": measured.get("baseline")}
+                    {"case": case, "protocol": protocol, "bytes": len(case_image(case)[0]), **now, "baseline": measured.get("baseline")}
                 )
                 row = [
                     case,

@@ -32,7 +32,7 @@ import torch
 from monaserve.testing import find_tool, free_port
 
 from common import print_table, write_result
-from frontend_bench import CASES, TASK, bench_server, oip_body, request_script, run_wrk
+from frontend_bench import CASES, TASK, bench_server, case_image, oip_body, request_script, run_wrk
 
 KSERVE_PEER = Path(__file__).resolve().with_name("kserve_peer.py")
 
@@ -71,7 +71,7 @@ Target = tuple[str, Path, str]
 
 def requests_for(case: str, folder: Path, ours: str, peer: str) -> list[tuple[str, Target, Target]]:
     """(pair name, our request, the peer's) for one image."""
-    data, content_type = CASES[case]()
+    data, content_type = case_image(case)
     json_type = "application/json"
     v2 = request_script(folder, f"{case}-v2", oip_body(data), json_type)
     v1_ours = request_script(folder, f"{case}-v1-ours", data, content_type)

@@ -27,14 +27,13 @@ from pathlib import Path
 import httpx
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from safetensors.torch import save_file
 
 from monaserve.adapters import Backbone
 from monaserve.adapters.synthetic import random_package
 from monaserve.server.store import AdapterStore
 from monaserve.testing import TOKEN, ServerProcess, image_bytes
 
-from common import percentile, print_table, write_result
+from common import percentile, print_table, random_backbone_file, write_result
 
 JPEG = {"content-type": "image/jpeg"}
 
@@ -147,9 +146,8 @@ def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
     workdir = Path(tempfile.mkdtemp(prefix="monaserve-bench-"))
-    backbone = Backbone.load(args.backbone, "random")
     weights = workdir / "backbone.safetensors"
-    save_file(backbone.model.state_dict(), weights)
+    backbone = random_backbone_file(args.backbone, weights)
     store = AdapterStore(workdir / "store")
     names = [f"bench-{i}" for i in range(max(args.tasks))]
     for i, name in enumerate(names):

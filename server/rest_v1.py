@@ -21,7 +21,7 @@ from .dataplane import DataPlane, InferRequest, InferResult, check_image_count
 from .disconnect import unless_client_leaves
 from .errors import BadRequest, UnsupportedMedia
 from .params import RouteParams
-from .schemas import ERROR_STATUSES, RESPONSES, ErrorBody, ImagesRequest, InferResponse, Kind, TaskInfo, TaskName, Timings
+from .schemas import ERROR_STATUSES, RESPONSES, TASK_NAME_HELP, ErrorBody, ImagesRequest, InferResponse, Kind, TaskInfo, TaskName, Timings
 
 ERROR_RESPONSES = {status: {"model": ErrorBody} for status in ERROR_STATUSES}
 IMAGE_BODY = {
@@ -78,7 +78,7 @@ class InferParams(RouteParams):
     """The path and query parameters of a /v1 inference request."""
 
     path_fields = ("task", "kind")
-    task: str = Field(pattern=TASK_NAME_PATTERN, description="task name: 1-64 of a-z, 0-9, '_', '-'")
+    task: str = Field(pattern=TASK_NAME_PATTERN, description=TASK_NAME_HELP)
     kind: Kind = Field(description="the task's kind")
     version: int | None = Field(default=None, ge=1, description="pin an adapter version")
     top_k: int = Field(default=Options.top_k, ge=TOP_K_RANGE[0], le=TOP_K_RANGE[1], description="classify: labels per image")

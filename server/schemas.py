@@ -11,7 +11,8 @@ from pydantic import BaseModel, Field, create_model
 from monaserve.adapters import KINDS, TASK_NAME_PATTERN, TaskKind
 
 Kind = Literal[tuple(KINDS)]
-TaskName = Annotated[str, Path(pattern=TASK_NAME_PATTERN, description="task name: 1-64 of a-z, 0-9, '_', '-'")]
+TASK_NAME_HELP = "task name: 1-64 of a-z, 0-9, '_', '-'"
+TaskName = Annotated[str, Path(pattern=TASK_NAME_PATTERN, description=TASK_NAME_HELP)]
 VersionNumber = Annotated[str, Path(pattern=r"^[1-9][0-9]{0,9}$", description="adapter version, a positive integer")]
 
 
