@@ -8,6 +8,6 @@ from .nginx import Nginx, find_tool
 from .processes import MONASERVE, TOKEN, ServerProcess, free_port, image_bytes
 
 FAULTS = [sys.executable, "-m", "monaserve.testing.faults"]
-"""The command prefix that runs a server with functions patched to raise (see `faults.py`)."""
+"""The command prefix that runs a server with functions patched to raise or to wait (see `faults.py`)."""
 
 __all__ = ["FAULTS", "MONASERVE", "TOKEN", "Nginx", "ServerProcess", "find_tool", "free_port", "image_bytes"]

@@ -1,36 +1,70 @@
-"""Runs `monaserve` with one function patched to raise, so tests can make a real server fail inside a request.
+"""Runs `monaserve` with functions patched to raise or to wait, so tests can make a real server fail or
+stall inside a request at a point of their choosing.
 
-    python -m monaserve.testing.faults monaserve.adapters.kinds.segment:Segment.to_json[,module:function...]  /path/to/monaserve serve ...
+    python -m monaserve.testing.faults TARGET[,TARGET...]  /path/to/monaserve serve ...
 
-Each patched function raises `RuntimeError("injected fault")` on every call. This lives with the test
-tools, never in the server: production code has no switch that makes it fail.
+A TARGET `module:function` (or `module:Class.method`) raises `RuntimeError("injected fault")` on every
+call. A TARGET `module:function@GATE` runs as usual, except that while the file GATE exists each call
+first creates `GATE.held` (so a test knows the call has arrived) and waits for GATE to be removed.
+This lives with the test tools, never in the server: production code has no switch that makes it fail.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HOLD_POLL_S = 0.01
 
 
-def patch_to_raise(target: str) -> None:
-    """Replace `module:function` (or `module:Class.method`) with one that raises."""
-    module_name, _, attribute = target.partition(":")
+def injected_fault(original: Callable[..., Any]) -> Callable[..., Any]:
+    """A stand-in for `original` that raises on every call."""
+
+    @functools.wraps(original)
+    def fault(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected fault")
+
+    return fault
+
+
+def held_at(gate: Path) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A wrapper for `original` that, while `gate` exists, marks `gate.held` and waits before calling it."""
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def held(*args: Any, **kwargs: Any) -> Any:
+            if gate.exists():
+                gate.with_name(gate.name + ".held").touch()
+                while gate.exists():
+                    time.sleep(HOLD_POLL_S)
+            return original(*args, **kwargs)
+
+        return held
+
+    return wrap
+
+
+def patch(target: str) -> None:
+    """Replace `module:function` with a raising stand-in, or wrap `module:function@GATE` in a hold."""
+    location, _, gate = target.partition("@")
+    module_name, _, attribute = location.partition(":")
     owner = importlib.import_module(module_name)
     *parents, name = attribute.split(".")
     for parent in parents:
         owner = getattr(owner, parent)
-    getattr(owner, name)  # fail loudly at start-up if the target moved
-
-    def injected_fault(*args, **kwargs):
-        raise RuntimeError("injected fault")
-
-    setattr(owner, name, injected_fault)
+    original = getattr(owner, name)  # fail loudly at start-up if the target moved
+    setattr(owner, name, held_at(Path(gate))(original) if gate else injected_fault(original))
 
 
 def main() -> int:
     targets, _console_script, *argv = sys.argv[1:]
     for target in targets.split(","):
-        patch_to_raise(target)
+        patch(target)
     from monaserve.server.cli import main as monaserve_main
 
     return monaserve_main(argv)

@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 import zlib
+from collections.abc import Callable
 
 import httpx
 import numpy as np
@@ -64,13 +65,18 @@ def empty_iccp_png() -> bytes:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_weights, shared_backbone):
-    """A server whose segment post-processing raises on /v1 and /v2 (patched in its process by the tests' launcher),
-    with tight limits and timeouts so each guard can be reached quickly."""
-    launcher = [
-        *FAULT_LAUNCHER,
-        "monaserve.adapters.kinds.segment:Segment.to_json,monaserve.adapters.transforms:Prepared.class_map_to_original",
+    """A server whose segment post-processing raises on /v1 and /v2 and whose engine holds its batches while
+    `server.engine_gate` exists (both patched in its process by the tests' launcher), with tight limits and
+    timeouts so each guard can be reached quickly."""
+    gate = tmp_path_factory.mktemp("gate") / "engine"
+    faults = [
+        "monaserve.adapters.kinds.segment:Segment.to_json",
+        "monaserve.adapters.transforms:Prepared.class_map_to_original",
+        f"monaserve.server.scheduler:Scheduler._forward@{gate}",
     ]
+    launcher = [*FAULT_LAUNCHER, ",".join(faults)]
     with serve_tasks(tmp_path_factory, tiny_weights, shared_backbone, TASKS, *STRICT, input_size=64, launcher=launcher) as server:
+        server.engine_gate = gate
         yield server
 
 
@@ -140,6 +146,15 @@ def metric(http: httpx.Client, name: str, **labels: str) -> float:
         for sample in family.samples
         if sample.name == name and labels.items() <= sample.labels.items()
     )
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 20) -> None:
+    """Poll `condition` until it holds; fail naming `what` was awaited if it does not within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
 
 
 # ---- every failure is a well-formed answer on a connection that stays usable -------------------------
@@ -240,24 +255,27 @@ def test_a_client_that_leaves_mid_body_is_a_499_in_one_log_line(server, http):
 
 
 def test_work_for_a_client_that_left_never_reaches_the_engine(server, http):
-    """A request queued behind a long batch whose client leaves: its images are dropped, counted, and the
-    request is a 499; the long batch is served."""
+    """A request queued behind a batch the engine holds, whose client leaves: its image is dropped, counted,
+    and the request is a 499; the held batch is served once the engine goes on."""
     dropped = metric(http, "monaserve_dropped_images_total")
-    busy = [("image", (f"{i}.jpg", image_bytes(10 + i))) for i in range(16)]
+    gate, held = server.engine_gate, server.engine_gate.with_name(server.engine_gate.name + ".held")
+    gate.touch()
     answers = []
-    blocker = threading.Thread(target=lambda: answers.append(httpx.post(f"{server.url}/v1/tasks/cls/classify", files=busy, timeout=60)))
-    blocker.start()
-    time.sleep(0.3)  # the 16 images are in the engine's queue or running
-    with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        sock.sendall(raw_request("POST", "/v1/tasks/cls/classify", image_bytes(30)))
-        time.sleep(0.3)  # decoded and queued behind the batch
+    try:
+        busy = [("image", (f"{i}.jpg", image_bytes(10 + i))) for i in range(4)]
+        blocker = threading.Thread(target=lambda: answers.append(httpx.post(f"{server.url}/v1/tasks/cls/classify", files=busy, timeout=60)))
+        blocker.start()
+        wait_until(held.exists, "the engine to hold the first batch")
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(raw_request("POST", "/v1/tasks/cls/classify", image_bytes(30)))
+            wait_until(lambda: metric(http, "monaserve_queue_depth") == 1, "the second request to queue behind it")
+        wait_until(lambda: "the client left before its answer" in server.log(), "the server to see the client leave")
+    finally:
+        gate.unlink()
     blocker.join()
     assert answers[0].status_code == 200
-    deadline = time.monotonic() + 10
-    while metric(http, "monaserve_dropped_images_total") == dropped and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert metric(http, "monaserve_dropped_images_total") >= dropped + 1
-    assert "the client left before its answer" in server.log()
+    wait_until(lambda: metric(http, "monaserve_dropped_images_total") == dropped + 1, "the queued image to be dropped")
+    assert metric(http, "monaserve_queue_depth") == 0
 
 
 # ---- work per request is bounded ----------------------------------------------------------------------
