@@ -10,6 +10,7 @@ shape (classify probabilities over its labels, no boxes, an all-background class
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -30,11 +31,20 @@ def constant_run(self, images: torch.Tensor, slots) -> list:
     return outputs
 
 
-def main() -> int:
-    from monaserve.server.cli import main as monaserve_main
+def install() -> None:
+    """Replace `Engine.run` in this process (under `--workers`, also in the engine process, as it starts)."""
     from monaserve.server.engine import Engine
 
     Engine.run = constant_run
+
+
+def main() -> int:
+    from monaserve.server.cli import main as monaserve_main
+    from monaserve.testing.faults import run_in_children
+
+    install()
+    here = str(Path(__file__).resolve().parent)
+    run_in_children(f"import sys\n\nsys.path.insert(0, {here!r})\nfrom constant_engine import install\n\ninstall()\n")
     _console_script, *argv = sys.argv[1:]
     return monaserve_main(argv)
 

@@ -9,6 +9,7 @@ how much of the HTTP stack's rate the inference path keeps.
     python bench/frontend_bench.py --label before       # writes bench/results/frontend-before-<cpu>.json
     python bench/frontend_bench.py --baseline 3c01a4d   # and that revision's server, case by case, in the same run
     python bench/frontend_bench.py --replicas 2         # two servers at once: what two front-end processes could do
+    python bench/frontend_bench.py --server-args "--workers 2" --versus-args "--workers 1"   # two ways, side by side
     python bench/frontend_bench.py --engine real --device cuda --backbone swin_base_patch4_window7_224
 
 wrk comes from Debian's packages (apt-get install wrk). The load generator shares the machine's cores
@@ -213,6 +214,9 @@ def parse_args() -> argparse.Namespace:
         "--replicas", type=int, default=1, help="independent servers, the load shared out: the ceiling for that many front-end processes"
     )
     parser.add_argument("--baseline", help="a git revision of this repository to run side by side, case by case (e.g. 3c01a4d)")
+    parser.add_argument(
+        "--versus-args", help="instead of --baseline: this code with these `monaserve serve` flags as the baseline, e.g. '--workers 1'"
+    )
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
@@ -239,6 +243,9 @@ def main() -> int:
                 for i in range(args.replicas)
             ]
             servers["baseline"] = baseline
+        elif args.versus_args is not None:
+            versus = [*server_args, *args.versus_args.split()]  # later flags win
+            servers["baseline"] = [bench_server(folder / f"versus-{i}", versus, weights, store, constant) for i in range(args.replicas)]
         for server in [s for side in servers.values() for s in side]:
             running.enter_context(server)
         floors = {name: run_wrk_on(wrk, [s.url + "/health/live" for s in side], args) for name, side in servers.items()}
@@ -267,7 +274,7 @@ def main() -> int:
     for name, floor in floors.items():
         print(f"health floor of {name} (GET /health/live, same run): {floor['requests_per_s']} req/s, p50 {floor['p50_ms']} ms")
     headers = ["image", "protocol", "req/s", "p50 ms", "p99 ms", "x floor"]
-    headers += ["baseline req/s", "vs baseline"] if args.baseline else []
+    headers += ["baseline req/s", "vs baseline"] if "baseline" in floors else []
     headers += [] if args.engine == "constant" else ["engine images/s", "mean batch", "served / engine"]
     print_table([*headers, "non-2xx"], rows)
     settings = {
@@ -280,6 +287,7 @@ def main() -> int:
         "backbone": args.backbone,
         "cpus": os.cpu_count(),
         "baseline": args.baseline,
+        "versus_args": args.versus_args,
     }
     result = {"settings": settings, "health_floor": floors["now"], "baseline_health_floor": floors.get("baseline"), "cases": results}
     path = write_result(f"frontend-{args.label}", torch.device("cpu"), result)

@@ -3,8 +3,10 @@
 The request path, outermost first: `http_protocol.ConnectionGuard` (connection limits, timeouts) ->
 the middleware added here (error containment, body guard, CORS) -> a router
 (`rest_v1`, `admin_v1`, `oip`, `health`) that translates its protocol -> `dataplane.DataPlane` ->
-`decoding.Decoder` and `engine_client.LocalEngine` (registry lease, scheduler, engine) -> the kind's
-post-process -> back through the router's renderer.
+`decoding.Decoder` and the `engine_client.EngineClient`: `LocalEngine` (registry lease, scheduler,
+engine), or under `--workers` `remote_engine.RemoteEngine` (shared memory and a socket to the engine
+process, where a `LocalEngine` runs it) -> the kind's post-process -> back through the router's renderer.
+In a front-end process, admin calls leave the stack at `forward.ForwardToEngine` for the engine process.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.routing import APIRoute
 
 from monaserve.adapters.package import MAX_PACKAGE_BYTES
 
@@ -22,18 +25,19 @@ from .auth import admin_guard, api_guard
 from .budgets import BodyBudget
 from .config import REPLICA_HEADER, ServeConfig
 from .dataplane import DataPlane
+from .forward import ForwardToEngine
 from .health import health_router
 from .http_errors import install_error_handlers
 from .middleware import BodyGuard, BodyRules, ContainErrors
 from .oip import oip_router
 from .oip_codec import HEADER_LENGTH
 from .rest_v1 import inference_router
-from .runtime import Runtime
+from .runtime import AnyRuntime
 
 MiB = 2**20
 
 
-def _lifespan(runtime: Runtime):
+def _lifespan(runtime: AnyRuntime):
     """Start the runtime in the background (the app answers health probes while the backbone loads); drain on exit."""
 
     @asynccontextmanager
@@ -47,10 +51,14 @@ def _lifespan(runtime: Runtime):
     return lifespan
 
 
-def _add_middlewares(app: FastAPI, config: ServeConfig) -> None:
-    """The middleware stack, added innermost first: CORS (when asked for), the body guard, and outermost
-    error containment. (The replica header is a default header of uvicorn's, so a contained error has it
-    too; the connection guards add it to their own answers.)"""
+def _add_middlewares(app: FastAPI, runtime: AnyRuntime, admin_routes: list[APIRoute]) -> None:
+    """The middleware stack, added innermost first: in a front-end process the admin routes' way to the
+    engine process, CORS (when asked for), the body guard, and outermost error containment. (The replica
+    header is a default header of uvicorn's, so a contained error has it too; the connection guards add
+    it to their own answers.)"""
+    config = runtime.config
+    if runtime.admin_socket is not None:
+        app.add_middleware(ForwardToEngine, socket_path=runtime.admin_socket, routes=admin_routes, config=config)
     origins = [o.strip() for o in config.cors_origins.split(",") if o.strip()]
     if origins:  # off by default: browsers then refuse cross-origin calls
         app.add_middleware(
@@ -67,22 +75,32 @@ def _add_middlewares(app: FastAPI, config: ServeConfig) -> None:
         timeout_s=config.body_timeout_s,
         min_rate=config.body_min_rate,
     )
-    budget = BodyBudget(int(config.max_body_buffer_mb * MiB), "--max-body-buffer-mb")
-    upload_budget = BodyBudget(rules.upload_limit, "one package upload at a time")
+    budget = BodyBudget(int(config.max_body_buffer_mb * MiB), "--max-body-buffer-mb", runtime.new_tally())
+    upload_budget = BodyBudget(rules.upload_limit, "one package upload at a time", runtime.new_tally())
     app.add_middleware(BodyGuard, rules=rules, budget=budget, upload_budget=upload_budget)
     app.add_middleware(ContainErrors)
 
 
-def _register_routes(app: FastAPI, plane: DataPlane, config: ServeConfig) -> None:
-    """Every route, by protocol; tokens are checked by each router's dependencies."""
+def _register_routes(app: FastAPI, plane: DataPlane, config: ServeConfig) -> list[APIRoute]:
+    """Every route, by protocol; tokens are checked by each router's dependencies. Returns the admin routes."""
     require_api, require_admin = api_guard(config), admin_guard(config)
-    app.include_router(inference_router(plane, require_api))
-    app.include_router(admin_router(plane, require_admin))
-    app.include_router(oip_router(plane, require_api, require_admin))
-    app.include_router(health_router(plane.runtime))
+    routers = [
+        inference_router(plane, require_api),
+        admin_router(plane, require_admin),
+        oip_router(plane, require_api, require_admin),
+        health_router(plane.runtime),
+    ]
+    for router in routers:
+        app.include_router(router)
+    return [
+        route
+        for router in routers
+        for route in router.routes
+        if isinstance(route, APIRoute) and any(d.call is require_admin for d in route.dependant.dependencies)
+    ]
 
 
-def create_app(runtime: Runtime) -> FastAPI:
+def create_app(runtime: AnyRuntime) -> FastAPI:
     """The ASGI app over `runtime` (whose start-up runs in the app's lifespan)."""
     app = FastAPI(
         title="monaserve",
@@ -92,6 +110,6 @@ def create_app(runtime: Runtime) -> FastAPI:
         redirect_slashes=False,  # a redirect would echo the Host header back, before any auth
     )
     install_error_handlers(app)
-    _add_middlewares(app, runtime.config)
-    _register_routes(app, DataPlane(runtime), runtime.config)
+    admin_routes = _register_routes(app, DataPlane(runtime), runtime.config)
+    _add_middlewares(app, runtime, admin_routes)
     return app

@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 
 from .config import ServeConfig
 from .errors import Forbidden, Unauthorized
@@ -27,15 +28,28 @@ def check_bearer(credentials: HTTPAuthorizationCredentials | None, tokens: list[
         raise Forbidden(f"invalid token for {what}")
 
 
+def check_admin(config: ServeConfig, credentials: HTTPAuthorizationCredentials | None) -> None:
+    """The admin token, or --insecure-admin; without either the admin API is off."""
+    if config.admin_token is None:
+        if config.insecure_admin:
+            return
+        raise Forbidden("the admin API is off: start the server with --admin-token (or MONASERVE_ADMIN_TOKEN)")
+    check_bearer(credentials, [config.admin_token], "admin routes")
+
+
+def bearer_credentials(authorization: str | None) -> HTTPAuthorizationCredentials | None:
+    """An `Authorization` header's bearer token, read as `HTTPBearer` reads it (for code outside the routes)."""
+    scheme, token = get_authorization_scheme_param(authorization)
+    if not (authorization and scheme.lower() == "bearer" and token):
+        return None
+    return HTTPAuthorizationCredentials(scheme=scheme, credentials=token)
+
+
 def admin_guard(config: ServeConfig) -> Callable:
-    """The dependency of admin routes: the admin token, or --insecure-admin; without either the admin API is off."""
+    """The dependency of admin routes (`check_admin`)."""
 
     async def require_admin(credentials: Credentials) -> None:
-        if config.admin_token is None:
-            if config.insecure_admin:
-                return
-            raise Forbidden("the admin API is off: start the server with --admin-token (or MONASERVE_ADMIN_TOKEN)")
-        check_bearer(credentials, [config.admin_token], "admin routes")
+        check_admin(config, credentials)
 
     return require_admin
 

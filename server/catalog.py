@@ -11,9 +11,10 @@ are made by that holder, which knows of them already.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Protocol
 
 from monaserve.adapters import AdapterError, Manifest, validate_task_name
@@ -64,6 +65,25 @@ class TaskEntry:
         return ServingState(None if version == max(self.versions) else version, enabled=True)
 
 
+def entry_to_json(entry: TaskEntry) -> bytes:
+    """`entry` as JSON, for a process that mirrors this catalog (`front_end.CatalogMirror`)."""
+    versions = {
+        str(version): {"manifest": info.manifest.model_dump(mode="json"), "nbytes": info.nbytes, "signature": info.signature}
+        for version, info in entry.versions.items()
+    }
+    return json.dumps({"name": entry.name, "versions": versions, "state": asdict(entry.state)}).encode()
+
+
+def entry_from_json(data: bytes) -> TaskEntry:
+    """The entry `entry_to_json` wrote (manifests validated again: the other process is trusted, not its bytes)."""
+    raw = json.loads(data)
+    versions = {
+        int(version): VersionInfo(Manifest.model_validate(info["manifest"]), int(info["nbytes"]), str(info["signature"]))
+        for version, info in raw["versions"].items()
+    }
+    return TaskEntry(str(raw["name"]), versions, ServingState(**raw["state"]))
+
+
 @dataclass(frozen=True)
 class TaskVersion:
     """A task and one of its stored versions, resolved once for a request."""
@@ -89,6 +109,8 @@ class Change:
     dropped: list[int]
     before: tuple[int, bool] | None
     after: TaskEntry | None
+    material: bool
+    """Whether anything changed: versions came, went or were replaced, or the serving state moved."""
 
 
 class CatalogListener(Protocol):
@@ -103,18 +125,12 @@ class _TaskRead:
     state_signature: str | None
 
 
-class Catalog(Mapping[str, TaskEntry]):
-    """Task name -> `TaskEntry`, as the store last said (or as this replica's admin calls made it)."""
+class TaskLookup(Mapping[str, TaskEntry]):
+    """Task name -> `TaskEntry`, with the lookups a request makes; where a task it lacks is looked for is
+    the subclass's (`_miss`): the store (`Catalog`), or the engine process (`front_end.CatalogMirror`)."""
 
-    def __init__(self, store: AdapterStore, metrics: Metrics, listener: CatalogListener) -> None:
-        self.store = store
-        self.metrics = metrics
-        self.listener = listener
+    def __init__(self) -> None:
         self._entries: dict[str, TaskEntry] = {}
-        self._known: dict[Key, VersionInfo] = {}
-        self._broken: dict[Key, str] = {}  # stored files found unusable, by signature
-        self._states: dict[str, tuple[str, ServingState]] = {}  # serving state files read, by signature
-        self._generation: dict[str, int] = {}
 
     def __getitem__(self, task: str) -> TaskEntry:
         return self._entries[task]
@@ -125,28 +141,19 @@ class Catalog(Mapping[str, TaskEntry]):
     def __len__(self) -> int:
         return len(self._entries)
 
-    def versions_of(self, task: str) -> list[Key]:
-        """Every version of `task` this replica knows of, usable or not yet read."""
-        return [key for key in self._known if key[0] == task]
-
-    # ---- reading the store ------------------------------------------------------------------
-
-    async def refresh(self) -> None:
-        """Re-read the whole store."""
-        await asyncio.to_thread(self.store.remove_stale_temp_files)
-        tasks = await asyncio.to_thread(self.store.tasks)
-        for task in set(tasks) | self._entries.keys():
-            await self.reread(task)
+    async def _miss(self, task: str, version: int | None) -> TaskEntry | None:
+        """`task` looked for where the truth is, because it is not here (or lacks `version`)."""
+        raise NotImplementedError
 
     async def entry(self, task: str, version: int | None = None) -> TaskEntry:
-        """The entry for `task`, pulled from the store on a miss (also for a version it does not know)."""
+        """The entry for `task`, looked for on a miss (also for a version it does not know)."""
         try:
             validate_task_name(task)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         entry = self._entries.get(task)
         if entry is None or (version is not None and version not in entry.versions):
-            entry = await self.reread(task)
+            entry = await self._miss(task, version)
         if entry is None:
             raise UnknownTask(f"unknown task {task!r}")
         return entry
@@ -169,6 +176,36 @@ class Catalog(Mapping[str, TaskEntry]):
             )
         return await self.version(task, version)
 
+
+class Catalog(TaskLookup):
+    """Task name -> `TaskEntry`, as the store last said (or as this replica's admin calls made it)."""
+
+    def __init__(self, store: AdapterStore, metrics: Metrics, listener: CatalogListener) -> None:
+        super().__init__()
+        self.store = store
+        self.metrics = metrics
+        self.listener = listener
+        self._known: dict[Key, VersionInfo] = {}
+        self._broken: dict[Key, str] = {}  # stored files found unusable, by signature
+        self._states: dict[str, tuple[str, ServingState]] = {}  # serving state files read, by signature
+        self._generation: dict[str, int] = {}
+
+    def versions_of(self, task: str) -> list[Key]:
+        """Every version of `task` this replica knows of, usable or not yet read."""
+        return [key for key in self._known if key[0] == task]
+
+    # ---- reading the store ------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Re-read the whole store."""
+        await asyncio.to_thread(self.store.remove_stale_temp_files)
+        tasks = await asyncio.to_thread(self.store.tasks)
+        for task in set(tasks) | self._entries.keys():
+            await self.reread(task)
+
+    async def _miss(self, task: str, version: int | None) -> TaskEntry | None:
+        return await self.reread(task)
+
     async def reread(self, task: str) -> TaskEntry | None:
         """Read `task` from the store and merge it, unless an admin call changed it meanwhile."""
         generation = self._generation.get(task, 0)
@@ -185,6 +222,7 @@ class Catalog(Mapping[str, TaskEntry]):
             self._states[task] = (read.state_signature, read.state)
         entry = self._entries.get(task)
         before, dropped = None, []
+        known = None if entry is None else (set(entry.versions), entry.state)
         if entry is not None:  # versions purged or replaced in the store (by this or another replica)
             before = (entry.serving, entry.enabled)
             gone = [v for v in entry.versions if v not in infos]
@@ -198,7 +236,8 @@ class Catalog(Mapping[str, TaskEntry]):
             entry = self._entries[task] = TaskEntry(task, infos, read.state)
         else:
             entry.versions, entry.state = infos, read.state
-        self.listener.catalog_changed(Change(task, dropped, before, entry))
+        material = bool(dropped) or known != (None if entry is None else (set(entry.versions), entry.state))
+        self.listener.catalog_changed(Change(task, dropped, before, entry, material))
         return entry
 
     def _read_task(self, task: str) -> _TaskRead:

@@ -128,6 +128,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .store import AdapterStore
 
         ensure_demo(AdapterStore(config.store), config.backbone, config.weights, config.seed, config.demo_data)
+    if config.front_ends > 1:
+        from .workers import serve_workers
+
+        return serve_workers(config)
     return run(config)
 
 

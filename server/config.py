@@ -6,6 +6,8 @@ from these fields (`adapters.config_args`); the server's parts take their settin
 
 from __future__ import annotations
 
+import math
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,25 @@ MiB = 2**20
 
 REPLICA_HEADER = "X-Monaserve-Replica"
 """The header of every response naming the replica that made it (`ServeConfig.replica`)."""
+
+
+def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may use: those it may run on, fewer under a container's CPU quota (cgroup v2)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()
+    except (OSError, ValueError):
+        return cores
+    return cores if quota == "max" else max(1, min(cores, math.ceil(int(quota) / int(period))))
+
+
+def shared_memory_room(folder: Path = Path("/dev/shm")) -> int:
+    """Bytes free in the shared memory that front ends' arenas are made in (0 where there is none)."""
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return 0
+    return stat.f_bavail * stat.f_frsize
 
 
 @dataclass
@@ -33,6 +54,13 @@ class ServeConfig(BackboneOptions):
     log_level: Literal["debug", "info", "warning", "error"] = option("info", "log level")
     access_log: bool = option(True, "log one line per request (off: leave it to the load balancer, for speed)")
     http: Literal["httptools", "h11"] = option("httptools", "HTTP/1.1 parser: httptools (C) or h11 (pure Python)")
+    # processes
+    workers: int | None = option(
+        None,
+        "front-end processes that accept HTTP, decode and post-process, all feeding one engine process "
+        "(1: a single process; default: 1 up to 3 cores, else half the cores, at most 8)",
+    )
+    arena_mb: float = option(128.0, "shared memory (in /dev/shm) per front-end process for its images in flight, with --workers 2 or more")
     # the store and the demo
     store: str = option("var/adapters", "adapter store: a directory, or an fsspec URL such as s3://bucket/prefix")
     catalog_refresh_s: float = option(10.0, "re-read the store this often (0: only on a miss)")
@@ -78,6 +106,18 @@ class ServeConfig(BackboneOptions):
     drain_delay_s: float = option(0.0, "on SIGTERM, stay up this long with readiness false")
 
     @property
+    def front_ends(self) -> int:
+        """Front-end processes: --workers, else a share of the cores this process may run on, as many as
+        /dev/shm has arenas for; one where several cannot work (--jpeg-decode device, --port 0)."""
+        if self.workers is not None:
+            return self.workers
+        if self.jpeg_decode == "device" or self.port == 0:
+            return 1
+        share = max(1, min(8, usable_cores() // 2))
+        fit = shared_memory_room() // int(self.arena_mb * MiB)
+        return share if fit >= share else 1 if fit < 2 else fit
+
+    @property
     def replica(self) -> str:
         """This replica's name: --replica-id, else host:port."""
         return self.replica_id or f"{socket.gethostname()}:{self.port}"
@@ -109,9 +149,29 @@ class ServeConfig(BackboneOptions):
             "request_timeout_s",
             "keep_alive_s",
             "decode_threads",
+            "arena_mb",
         )
+        if self.front_ends < 1:
+            raise ValueError(f"--workers must be 1 or more, got {self.front_ends}")
+        if self.front_ends > 1:
+            self._check_front_ends()
         for name in limits:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.body_min_rate < 0:
             raise ValueError(f"--body-min-rate must be 0 (off) or positive, got {self.body_min_rate}")
+
+    def _check_front_ends(self) -> None:
+        """What several front ends need: a port of their own choosing, CPU decoding, /dev/shm for their arenas."""
+        count = self.front_ends
+        if self.jpeg_decode == "device":
+            raise ValueError("--jpeg-decode device needs --workers 1: front-end processes decode on the CPU, not on the engine's device")
+        if self.port == 0:
+            raise ValueError(f"--workers {count} needs a fixed --port: each front end binds the same one")
+        need, room = count * int(self.arena_mb * MiB), shared_memory_room()
+        if room < need:
+            raise ValueError(
+                f"--workers {count} needs {need >> 20} MiB of /dev/shm for its arenas ({count} x --arena-mb {self.arena_mb:g}), "
+                f"{room >> 20} MiB are free: give /dev/shm more room (docker run --shm-size 1g; in Kubernetes an emptyDir "
+                "with medium: Memory at /dev/shm) or lower --arena-mb or --workers"
+            )

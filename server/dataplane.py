@@ -21,12 +21,12 @@ import numpy as np
 from monaserve.adapters.kinds import Options, TaskKind, get_kind
 
 from .budgets import ResponseBudget
-from .catalog import TaskEntry, TaskVersion
+from .catalog import TaskEntry, TaskLookup, TaskVersion
 from .errors import PayloadTooLarge, Timeout, WrongKind, status_of
 from .registry import Registry
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
+    from .runtime import AnyRuntime
 
 T = TypeVar("T")
 MiB = 2**20
@@ -68,7 +68,7 @@ def check_image_count(count: int, limit: int) -> None:
 class DataPlane:
     """Inference, metadata and readiness over the runtime's registry, decoder and engine."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: AnyRuntime) -> None:
         self.runtime = runtime
         self.config = runtime.config
         self.metrics = runtime.metrics
@@ -81,19 +81,25 @@ class DataPlane:
 
     @property
     def registry(self) -> Registry:
-        """The registry, once start-up has made it (503 with Retry-After before)."""
+        """The registry, once start-up has made it (503 with Retry-After before); the engine process's only."""
         self.runtime.require_ready()
         return self.runtime.registry
+
+    @property
+    def catalog(self) -> TaskLookup:
+        """The tasks this process knows, once start-up has read them (503 with Retry-After before)."""
+        self.runtime.require_ready()
+        return self.runtime.catalog
 
     # ---- tasks -----------------------------------------------------------------------------
 
     async def task(self, name: str, version: int | None = None) -> TaskVersion:
         """`name` at `version` (default: the version it serves); 404 for an unknown task or version."""
-        return await self.registry.catalog.version(name, version)
+        return await self.catalog.version(name, version)
 
     def tasks(self) -> list[TaskEntry]:
         """Every task in the catalog, by name (kept fresh by the catalog refresh; no store read per call)."""
-        catalog = self.registry.catalog
+        catalog = self.catalog
         return [catalog[name] for name in sorted(catalog)]
 
     # ---- inference -------------------------------------------------------------------------
@@ -110,8 +116,8 @@ class DataPlane:
             status = status_of(exc)
             raise
         finally:
-            registry = self.runtime.registry
-            if registry is not None and task in registry.catalog:
+            catalog = self.runtime.catalog
+            if catalog is not None and task in catalog:
                 self.metrics.requests.labels(task, label, str(status)).inc()
 
     async def infer(
@@ -154,7 +160,7 @@ class DataPlane:
 
     async def _resolve(self, request: InferRequest) -> TaskVersion:
         """The version `request` gets: 404 if unknown, unloaded (pinned too) or the wrong kind."""
-        target = await self.registry.catalog.serving(request.task, request.version)
+        target = await self.catalog.serving(request.task, request.version)
         if request.kind is not None and target.manifest.kind != request.kind:
             kind = target.manifest.kind
             raise WrongKind(f"task {request.task!r} is a {kind} task; use /v1/tasks/{request.task}/{kind}")

@@ -94,6 +94,12 @@ class Overloaded(ServeError):
     status, code = 503, "overloaded"
 
 
+class EngineUnavailable(ServeError):
+    """The engine process (under `--workers`) stopped answering: a bad gateway, which a load balancer retries elsewhere."""
+
+    status, code = 502, "engine_unavailable"
+
+
 class BodyBudgetFull(Overloaded):
     """Request bodies held in memory at once would exceed --max-body-buffer-mb; the rest of the body is
     read and thrown away (within --body-timeout-s), so the connection stays usable."""

@@ -10,7 +10,7 @@ from importlib import resources
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from .runtime import Runtime
+from .runtime import AnyRuntime
 from .schemas import Health
 
 
@@ -29,7 +29,7 @@ def page_headers(page: bytes) -> dict[str, str]:
 class HealthEndpoints:
     """Liveness, readiness (with what the server is doing), Prometheus metrics and the playground."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: AnyRuntime) -> None:
         self.runtime = runtime
         self.page = (resources.files("monaserve.server") / "static" / "playground.html").read_bytes()
         self.page_headers = page_headers(self.page)
@@ -50,7 +50,7 @@ class HealthEndpoints:
         return Response(self.page, media_type="text/html; charset=utf-8", headers=self.page_headers)
 
 
-def health_router(runtime: Runtime) -> APIRouter:
+def health_router(runtime: AnyRuntime) -> APIRouter:
     """`/health/live`, `/health/ready`, `/metrics` and the playground at `/` (no token: probes and browsers call them)."""
     endpoints = HealthEndpoints(runtime)
     router = APIRouter()

@@ -6,8 +6,10 @@ import asyncio
 import functools
 import logging
 import resource
+import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -15,7 +17,7 @@ import uvicorn
 from .app import create_app
 from .config import REPLICA_HEADER, ServeConfig
 from .http_protocol import PROTOCOLS, ConnectionRules
-from .runtime import Runtime
+from .runtime import AnyRuntime, Runtime
 
 log = logging.getLogger(__name__)
 RESERVED_DESCRIPTORS = 128
@@ -55,7 +57,7 @@ class DrainingServer(uvicorn.Server):
     balancers notice first) and finishes in-flight requests, and the process exits 0. A second signal
     exits at once. (uvicorn's own handler would re-raise the signal after the drain.)"""
 
-    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+    def __init__(self, config: uvicorn.Config, runtime: AnyRuntime) -> None:
         super().__init__(config)
         self.runtime = runtime
         self._draining = False
@@ -108,19 +110,27 @@ def connection_rules(config: ServeConfig) -> ConnectionRules:
     )
 
 
-def run(config: ServeConfig) -> int:
-    """Serve until signalled; 0 after a clean drain, 1 if start-up failed."""
+RuntimeFactory = Callable[[Callable[[], None]], AnyRuntime]
+"""Makes a process's runtime, given what to call when it fails for good."""
+
+
+def run(
+    config: ServeConfig, make_runtime: RuntimeFactory | None = None, sockets: list[socket.socket] | None = None, uds: str | None = None
+) -> int:
+    """Serve until signalled; 0 after a clean drain, 1 if start-up failed. By default the app is this
+    process's `Runtime` on `config`'s host and port; under `--workers` a process gives its own runtime
+    and its listening `sockets` (a front end) or a private `uds` path (the engine process)."""
     server: DrainingServer | None = None
 
     def stop_after_failure() -> None:
         server.should_exit = True
 
-    runtime = Runtime(config, on_fatal=stop_after_failure)
+    runtime = (make_runtime or functools.partial(Runtime, config))(stop_after_failure)
+    where = {"uds": uds} if uds is not None else {"host": config.host, "port": config.port}
     server = DrainingServer(
         uvicorn.Config(
             create_app(runtime),
-            host=config.host,
-            port=config.port,
+            **where,
             log_level=config.log_level,
             access_log=config.access_log,
             headers=[(REPLICA_HEADER, config.replica)],  # on every answer the app makes, and httptools' own 400s
@@ -131,5 +141,5 @@ def run(config: ServeConfig) -> int:
         ),
         runtime,
     )
-    server.run()
+    server.run(sockets=sockets)
     return 1 if runtime.state == "failed" else 0

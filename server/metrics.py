@@ -1,7 +1,15 @@
-"""Prometheus metrics for one server; each server owns its registry so instances never share counters."""
+"""Prometheus metrics for one server; in one process each server owns its registry, so instances never
+share counters.
+
+Under `--workers N` every process of the server writes its metrics to files in `PROMETHEUS_MULTIPROC_DIR`
+(prometheus-client's multiprocess mode, chosen by that variable before the library is first imported)
+and any process's `/metrics` renders them all: counters and histograms summed, each gauge by the rule
+it declares (`multiprocess_mode`).
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from prometheus_client import (
@@ -12,6 +20,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     generate_latest,
+    multiprocess,
 )
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -23,8 +32,11 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
+        self.shared = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        if not self.shared:  # per-process figures; the multiprocess collector has no way to merge them
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+        self._device_memory: Callable[[], float] | None = None
         r = self.registry
         self.requests = Counter(
             "monaserve_requests", "Inference requests by task, kind and HTTP status.", ["task", "kind", "status"], registry=r
@@ -45,7 +57,7 @@ class Metrics:
             registry=r,
         )
         self.batch_tasks = Histogram("monaserve_batch_tasks", "Distinct adapter slots per engine batch.", buckets=BATCH_BUCKETS, registry=r)
-        self.queue_depth = Gauge("monaserve_queue_depth", "Images waiting for the engine.", registry=r)
+        self.queue_depth = Gauge("monaserve_queue_depth", "Images waiting for the engine.", registry=r, multiprocess_mode="livesum")
         self.dropped_images = Counter(
             "monaserve_dropped_images",
             "Queued images never run: their request timed out, failed or its client left first.",
@@ -61,19 +73,46 @@ class Metrics:
             "Adapter store failures: unusable files (each counted once) and failed catalog refreshes.",
             registry=r,
         )
-        self.slots_total = Gauge("monaserve_gpu_slots", "Adapter slots on the device.", registry=r)
-        self.slots_used = Gauge("monaserve_gpu_slots_used", "Adapter slots holding an adapter.", registry=r)
+        self.slots_total = Gauge("monaserve_gpu_slots", "Adapter slots on the device.", registry=r, multiprocess_mode="livesum")
+        self.slots_used = Gauge("monaserve_gpu_slots_used", "Adapter slots holding an adapter.", registry=r, multiprocess_mode="livesum")
         self.resident_bytes = Gauge(
-            "monaserve_gpu_adapter_bytes", "Bytes of adapters resident on the device (slots in use plus heads).", registry=r
+            "monaserve_gpu_adapter_bytes",
+            "Bytes of adapters resident on the device (slots in use plus heads).",
+            registry=r,
+            multiprocess_mode="livesum",
         )
-        self.budget_bytes = Gauge("monaserve_gpu_adapter_budget_bytes", "Device byte budget for adapters (0: no limit).", registry=r)
-        self.cpu_cache_bytes = Gauge("monaserve_cpu_cache_bytes", "Bytes of packages in the CPU cache.", registry=r)
-        self.device_memory = Gauge("monaserve_device_memory_bytes", "Device memory allocated by the engine (CUDA only).", registry=r)
-        self.replica = Gauge("monaserve_replica", "1, labelled with this replica's id.", ["replica"], registry=r)
-        self.ready = Gauge("monaserve_ready", "1 when the server is ready to serve.", registry=r)
+        self.budget_bytes = Gauge(
+            "monaserve_gpu_adapter_budget_bytes", "Device byte budget for adapters (0: no limit).", registry=r, multiprocess_mode="livesum"
+        )
+        self.cpu_cache_bytes = Gauge(
+            "monaserve_cpu_cache_bytes", "Bytes of packages in the CPU cache.", registry=r, multiprocess_mode="livesum"
+        )
+        self.device_memory = Gauge(
+            "monaserve_device_memory_bytes", "Device memory allocated by the engine (CUDA only).", registry=r, multiprocess_mode="livesum"
+        )
+        self.replica = Gauge(
+            "monaserve_replica", "1, labelled with this replica's id.", ["replica"], registry=r, multiprocess_mode="livemax"
+        )
+        self.ready = Gauge(
+            "monaserve_ready", "1 when the server is ready to serve (every process of it).", registry=r, multiprocess_mode="livemin"
+        )
 
     def track_device_memory(self, read: Callable[[], float]) -> None:
-        self.device_memory.set_function(read)
+        """Report `read()` as the device memory: at every scrape, and after every batch (what other processes show)."""
+        self._device_memory = read
+
+    def observe_batch(self, seconds: float) -> None:
+        """One engine batch took `seconds`; the device memory it left allocated is sampled with it."""
+        self.batch_seconds.observe(seconds)
+        if self._device_memory is not None:
+            self.device_memory.set(self._device_memory())
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The text exposition: this process's metrics, or under `--workers` every process's."""
+        if self._device_memory is not None:
+            self.device_memory.set(self._device_memory())
+        if not self.shared:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged)

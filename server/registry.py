@@ -8,6 +8,10 @@ its versions (`store.ServingState`), so every replica and every restart agrees.
 
 Weights loaded for a version whose stored file then left or changed must never serve: each version has
 an *epoch*, moved on whenever that happens, and a load that finishes in a later epoch retires at once.
+
+Under `--workers` the front-end processes mirror this catalog; `announce`, when set, sends them a task's
+change: awaited after every admin call that may have changed it (so they have it before the call
+answers), in the background for a change a store read brought.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import functools
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import replace
 from typing import Literal
@@ -25,7 +30,7 @@ from monaserve.adapters import AdapterError, AdapterPackage, Manifest, validate_
 
 from .catalog import Catalog, Change, TaskEntry, VersionInfo
 from .engine import Engine
-from .errors import BadRequest, UnknownTask, UnknownVersion, VersionExists
+from .errors import BadRequest, ServeError, UnknownTask, UnknownVersion, VersionExists
 from .loader import PackageLoader
 from .metrics import Metrics
 from .slots import Lease, SlotPool
@@ -34,6 +39,29 @@ from .store import AdapterStore
 log = logging.getLogger(__name__)
 Key = tuple[str, int]
 Location = Literal["gpu", "cpu", "store"]
+Announce = Callable[[str], Awaitable[None]]
+"""Send the server's other processes a task's new entry, and wait until they have taken it."""
+
+
+def announced(method):
+    """An admin call on `task` that is announced once done, unless it failed on a client's error (which changes nothing)."""
+
+    @functools.wraps(method)
+    async def call(self: Registry, task: str, *args, **kwargs):
+        changed = True
+        try:
+            return await method(self, task, *args, **kwargs)
+        except ServeError as exc:
+            changed = exc.status >= 500
+            raise
+        except AdapterError:  # a package that failed validation: nothing was stored
+            changed = False
+            raise
+        finally:
+            if changed and self.announce is not None:
+                await self.announce(task)
+
+    return call
 
 
 class Registry:
@@ -58,11 +86,15 @@ class Registry:
         self._admin_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._loading: dict[Key, asyncio.Task] = {}
         self._epochs: dict[Key, int] = {}
+        self.announce: Announce | None = None
+        self._announcing: set[asyncio.Future] = set()
 
     # ---- what is where ----------------------------------------------------------------------
 
     async def refresh(self) -> None:
+        """Re-read the store; under `--workers`, return once the other processes have what it changed."""
         await self.catalog.refresh()
+        await asyncio.gather(*self._announcing, return_exceptions=True)
 
     def location(self, key: Key) -> Location:
         if key in self.slots.residents:
@@ -77,6 +109,8 @@ class Registry:
         """Follow a store read: drop weights whose file left or changed, free an unloaded task's slots,
         and have a task in use here ready in the version it serves now."""
         task, before, after = change.task, change.before, change.after
+        if change.material:
+            self._announce_soon(task)
         in_use = before is not None and before[1] and (task, before[0]) in self.slots.residents
         self._forget(task, change.dropped)
         if after is None or before is None:
@@ -85,6 +119,13 @@ class Registry:
             self._stop_serving(task, retire=False)
         elif in_use and after.enabled and (after.serving != before[0] or (task, after.serving) not in self.slots.residents):
             self._preload((task, after.serving))
+
+    def _announce_soon(self, task: str) -> None:
+        """Announce a change that no admin call waits on (a store read's, a quarantine): in the background."""
+        if self.announce is not None:
+            announcing = asyncio.ensure_future(self.announce(task))
+            self._announcing.add(announcing)
+            announcing.add_done_callback(self._announcing.discard)
 
     def _forget(self, task: str, versions: list[int], why: str = "left or changed in the store") -> None:
         """Drop what this replica holds of versions whose stored file is gone or was replaced: slots
@@ -162,6 +203,7 @@ class Registry:
                 package = await self.loader.package(key)
             except AdapterError as exc:
                 self.catalog.quarantine(key, exc)
+                self._announce_soon(key[0])
                 raise UnknownVersion(f"task {key[0]!r} version {key[1]} is unusable in the store: {exc}") from None
             if self._epochs.get(key, 0) != epoch:  # its file left or changed while it was read: drop what was read
                 self.loader.drop([key])
@@ -175,6 +217,7 @@ class Registry:
 
     # ---- administration ---------------------------------------------------------------------
 
+    @announced
     async def upload(self, task: str, data: bytes) -> TaskEntry:
         """Validate fully, load into a slot, store atomically, then switch unpinned requests to it.
         Nothing is stored unless the package validated and loaded; a failure leaves the task as it was."""
@@ -210,6 +253,7 @@ class Registry:
         log.info("uploaded %s v%s (%d bytes); serving v%s", task, version, len(data), entry.serving)
         return entry
 
+    @announced
     async def load(self, task: str, version: int | None = None) -> TaskEntry:
         """Load a stored version (default: the newest) into a slot and serve it to unpinned requests, on
         every replica (the choice is recorded in the store)."""
@@ -226,6 +270,7 @@ class Registry:
             self.slots.keep((task, version))
             return await self.catalog.entry(task)
 
+    @announced
     async def unload(self, task: str, purge: bool = False) -> None:
         """Stop serving `task` on every replica: free its slots (at once, or when in-flight requests
         finish) and its cache; it stays unloaded, also across restarts, until it is loaded again.

@@ -3,51 +3,85 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from monaserve.adapters import Backbone
 from monaserve.adapters.swin import resolve_device
 
+from .budgets import Tally
+from .catalog import Catalog, TaskLookup
 from .config import ServeConfig
 from .decoding import Decoder, jpeg_device, large_image_lane
 from .engine import Engine
 from .engine_client import EngineClient, LocalEngine
-from .errors import NotReady
 from .images import ImageLimits
+from .lifecycle import Lifecycle, State
 from .metrics import Metrics
 from .registry import Registry
 from .scheduler import Scheduler
 from .store import AdapterStore
 
+if TYPE_CHECKING:
+    from .remote_engine import EngineService
+
 log = logging.getLogger(__name__)
 MiB = 2**20
 
 
-class Runtime:
-    """Owns the engine, registry and scheduler and the threads they run on."""
+class AnyRuntime(Protocol):
+    """What the app needs of a process's runtime: this module's `Runtime` (the engine in this process),
+    or a front-end process's (`front_end.FrontEndRuntime`, the engine in another)."""
 
-    def __init__(self, config: ServeConfig, on_fatal: Callable[[], None] = lambda: None) -> None:
-        self.config = config
-        self.on_fatal = on_fatal
-        self.metrics = Metrics()
-        self.state: Literal["loading", "ready", "draining", "failed"] = "loading"
-        self.error: str | None = None
+    config: ServeConfig
+    metrics: Metrics
+    state: State
+    error: str | None
+    decoder: Decoder
+    decode_pool: Executor
+    engine_client: EngineClient | None
+    registry: Registry | None
+    admin_socket: str | None
+    """Where admin calls go instead of this process (the engine process's private HTTP socket), or None."""
+
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def catalog(self) -> TaskLookup | None: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def begin_drain(self) -> None: ...
+    def require_ready(self) -> None: ...
+    def new_tally(self) -> Tally: ...
+
+
+def image_decoder(config: ServeConfig, device: torch.device, pool: Executor, large_lane: Executor) -> Decoder:
+    """The decoder `config` asks for, JPEGs decoded on `device` or with Pillow (`--jpeg-decode`)."""
+    limits = ImageLimits(config.max_image_bytes, config.max_image_pixels, config.max_request_pixels)
+    return Decoder(limits, pool, large_lane, jpeg_device(config.jpeg_decode, device))
+
+
+class Runtime(Lifecycle):
+    """Owns the engine, registry and scheduler and the threads they run on.
+
+    Under `--workers` this is the engine process's runtime: `peers` (its `EngineService`) opens to the
+    front-end processes once the runtime is ready, and hears of every admin change.
+    """
+
+    admin_socket = None  # admin calls are answered here
+
+    def __init__(self, config: ServeConfig, on_fatal: Callable[[], None] = lambda: None, peers: EngineService | None = None) -> None:
+        super().__init__(config, on_fatal)
+        self.peers = peers
         self.decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
         self.large_image_lane = large_image_lane()
         self.device = resolve_device(config.device)
-        self.decoder = Decoder(
-            ImageLimits(config.max_image_bytes, config.max_image_pixels, config.max_request_pixels),
-            self.decode_pool,
-            self.large_image_lane,
-            jpeg_device(config.jpeg_decode, self.device),
-        )
+        self.decoder = image_decoder(config, self.device, self.decode_pool, self.large_image_lane)
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="loader")
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="engine")
         self.engine: Engine | None = None
@@ -56,11 +90,10 @@ class Runtime:
         self.engine_client: EngineClient | None = None
         self._scheduler_task: asyncio.Task | None = None
         self._refresh_task: asyncio.Task | None = None
-        self.metrics.replica.labels(config.replica).set(1)
 
     @property
-    def ready(self) -> bool:
-        return self.state == "ready"
+    def catalog(self) -> Catalog | None:
+        return None if self.registry is None else self.registry.catalog
 
     async def start(self) -> None:
         """Load the backbone, warm it, read the store, preload; then turn ready. Failure is fatal."""
@@ -96,17 +129,16 @@ class Runtime:
             self._scheduler_task = asyncio.create_task(self.scheduler.run())
             self._scheduler_task.add_done_callback(self._scheduler_stopped)
             await self._preload()
+            if self.peers is not None:
+                self.registry.announce = self.peers.changed
+                await self.peers.start(self.engine_client, self.registry.catalog)
         except Exception as exc:
-            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
             log.exception("start-up failed")
-            self.on_fatal()
+            self.fail(f"{type(exc).__name__}: {exc}")
             return
         if config.catalog_refresh_s > 0:
-            self._refresh_task = asyncio.create_task(self._refresh_catalog())
-        gc.collect()
-        gc.freeze()  # what start-up built lives as long as the process: no collection walks it again
-        self.state = "ready"
-        self.metrics.ready.set(1)
+            self._refresh_task = asyncio.create_task(self._keep_fresh())
+        self.turn_ready()
         log.info(
             "ready: %s on %s (%s), %d slots, %d tasks in %s, %.1f s",
             backbone.name,
@@ -118,22 +150,21 @@ class Runtime:
             time.monotonic() - started,
         )
 
-    def _scheduler_stopped(self, task: asyncio.Task) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self.state, self.error = "failed", f"scheduler stopped: {task.exception()!r}"
-            self.metrics.ready.set(0)
-            log.error("the scheduler stopped", exc_info=task.exception())
-            self.on_fatal()
-
-    async def _refresh_catalog(self) -> None:
-        """Re-read the store every `catalog_refresh_s`: other replicas' uploads and purges show up here."""
+    async def _keep_fresh(self) -> None:
+        """Re-read the store every `catalog_refresh_s`: other replicas' uploads and purges show up here; a
+        store outage is logged and counted and never stops serving what is loaded."""
         while True:
             await asyncio.sleep(self.config.catalog_refresh_s)
             try:
                 await self.registry.refresh()
-            except Exception as exc:  # a store outage must not stop serving what is loaded
+            except Exception as exc:
                 self.metrics.store_errors.inc()
                 log.error("catalog refresh failed: %s", exc)
+
+    def _scheduler_stopped(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the scheduler stopped", exc_info=task.exception())
+            self.fail(f"scheduler stopped: {task.exception()!r}")
 
     async def _preload(self) -> None:
         wanted = self.config.preload.strip()
@@ -146,15 +177,11 @@ class Runtime:
             except Exception as exc:
                 log.error("preload of %r failed: %s", task, exc)
 
-    def begin_drain(self) -> None:
-        """Readiness goes false so load balancers stop sending; requests that still arrive are served."""
-        if self.state == "ready":
-            self.state = "draining"
-            self.metrics.ready.set(0)
-
     async def stop(self) -> None:
         """Finish what is queued, then stop the threads."""
         self.begin_drain()
+        if self.peers is not None:
+            await self.peers.stop()
         if self._refresh_task is not None:
             self._refresh_task.cancel()
         if self.scheduler is not None:
@@ -162,9 +189,3 @@ class Runtime:
             await asyncio.gather(self._scheduler_task, return_exceptions=True)  # a failure was logged already
         for pool in (self.decode_pool, self.large_image_lane, self.loader, self.worker):
             pool.shutdown(wait=True, cancel_futures=True)
-
-    def require_ready(self) -> None:
-        if self.state == "loading":
-            raise NotReady("the server is still loading its backbone", retry_after_s=5)
-        if self.state not in ("ready", "draining"):
-            raise NotReady(f"the server is {self.state}", retry_after_s=1)

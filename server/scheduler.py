@@ -173,5 +173,5 @@ class Scheduler:
         started = time.perf_counter()
         images = stack_images([item.image for item in items])
         outputs = self.run_batch(images, [item.job.slot for item in items])
-        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+        self.metrics.observe_batch(time.perf_counter() - started)
         return outputs

@@ -6,6 +6,8 @@ stall inside a request at a point of their choosing.
 A TARGET `module:function` (or `module:Class.method`) raises `RuntimeError("injected fault")` on every
 call. A TARGET `module:function@GATE` runs as usual, except that while the file GATE exists each call
 first creates `GATE.held` (so a test knows the call has arrived) and waits for GATE to be removed.
+The patches reach the server's child processes too (under `--workers`): each Python the server starts
+applies them as it starts, from a `sitecustomize` put first on its `PYTHONPATH`.
 This lives with the test tools, never in the server: production code has no switch that makes it fail.
 """
 
@@ -13,13 +15,17 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 HOLD_POLL_S = 0.01
+TARGETS_VARIABLE = "MONASERVE_TEST_FAULTS"
+"""Where the targets travel to the server's child processes."""
 
 
 def injected_fault(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -61,10 +67,27 @@ def patch(target: str) -> None:
     setattr(owner, name, held_at(Path(gate))(original) if gate else injected_fault(original))
 
 
+def patch_from_environment() -> None:
+    """Apply the targets a parent process left in `TARGETS_VARIABLE` (in a child, as it starts)."""
+    for target in filter(None, os.environ.get(TARGETS_VARIABLE, "").split(",")):
+        patch(target)
+
+
+def run_in_children(code: str) -> None:
+    """Make every Python started from here on (a server's child processes) run `code` as it starts: a
+    `sitecustomize` put first on their `PYTHONPATH`."""
+    folder = tempfile.mkdtemp(prefix="monaserve-children-")
+    with open(os.path.join(folder, "sitecustomize.py"), "w") as file:
+        file.write(code)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [folder, os.environ.get("PYTHONPATH")]))
+
+
 def main() -> int:
     targets, _console_script, *argv = sys.argv[1:]
     for target in targets.split(","):
         patch(target)
+    os.environ[TARGETS_VARIABLE] = targets
+    run_in_children("from monaserve.testing.faults import patch_from_environment\n\npatch_from_environment()\n")
     from monaserve.server.cli import main as monaserve_main
 
     return monaserve_main(argv)

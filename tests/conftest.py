@@ -1,8 +1,9 @@
-"""Shared fixtures: randomly initialised backbones saved to real files."""
+"""Shared fixtures: randomly initialised backbones saved to real files, and servers run both ways."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("process") is not None:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["1-process", "2-front-ends"])
+def front_ends(request: pytest.FixtureRequest) -> Iterator[int]:
+    """Every server a module starts runs as one process, then as an engine process and two front ends
+    (`MONASERVE_WORKERS`, which a `--workers` flag overrides): what holds for one must hold for both."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MONASERVE_WORKERS", str(request.param))
+        yield request.param
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import pytest
 from helpers import random_package
 from server_harness import TOKEN, ServerProcess, image_bytes
 
-pytestmark = pytest.mark.process
+pytestmark = [pytest.mark.process, pytest.mark.usefixtures("front_ends")]
 
 JPEG = {"content-type": "image/jpeg"}
 

@@ -64,7 +64,7 @@ def empty_iccp_png() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_weights, shared_backbone):
+def server(front_ends, tmp_path_factory, tiny_weights, shared_backbone):
     """A server whose segment post-processing raises on /v1 and /v2 and whose engine holds its batches while
     `server.engine_gate` exists (both patched in its process by the tests' launcher), with tight limits and
     timeouts so each guard can be reached quickly."""
@@ -81,14 +81,13 @@ def server(tmp_path_factory, tiny_weights, shared_backbone):
 
 
 @pytest.fixture(scope="module", params=["httptools", "h11"])
-def guarded(request, server, tmp_path_factory, tiny_weights, shared_backbone):
-    """A server with the connection guards of STRICT, once per HTTP parser: the module's own server for
-    the default (httptools), a server started with `--http h11` for the other."""
-    if request.param == "httptools":
-        yield server
-        return
-    with serve_tasks(tmp_path_factory, tiny_weights, shared_backbone, TASKS, *STRICT, "--http", "h11", input_size=64) as h11_server:
-        yield h11_server
+def guarded(request, tmp_path_factory, tiny_weights, shared_backbone):
+    """A single-process server with the connection guards of STRICT, once per HTTP parser. (Connections
+    are counted and timed per process: under --workers each front end applies the same rules to its own.)"""
+    with serve_tasks(
+        tmp_path_factory, tiny_weights, shared_backbone, TASKS, *STRICT, "--http", request.param, "--workers", "1", input_size=64
+    ) as guarded_server:
+        yield guarded_server
 
 
 @pytest.fixture
@@ -401,6 +400,17 @@ def test_an_answered_body_that_never_ends_is_cut_off(guarded):
         status, _, _ = read_response(sock)
         assert status == 401
         assert closes_within(sock, 10) == b""
+
+
+def test_an_admin_call_is_judged_before_its_body_by_whichever_process_takes_it(server, http):
+    """Under --workers a front end passes admin calls to the engine process, but checks the token first:
+    an upload without one is a 401 while most of its body is unsent; with one, the engine answers."""
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"PUT /v1/adapters/cls HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n\r\n" + b"\0" * 100)
+        status, _, body = read_response(sock)
+    assert status == 401 and json.loads(body)["error"] == "unauthorized"
+    listing = http.get("/v1/adapters", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert listing.status_code == 200 and listing.json()["device"]["slots"] > 0
 
 
 def test_an_answered_body_then_an_idle_connection_closes_after_the_keep_alive(guarded):

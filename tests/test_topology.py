@@ -20,7 +20,7 @@ from server_harness import TOKEN, ServerProcess, free_port, image_bytes
 
 REFRESH_S = 1.0
 JPEG = {"content-type": "image/jpeg"}
-pytestmark = [pytest.mark.process, pytest.mark.nginx]
+pytestmark = [pytest.mark.process, pytest.mark.nginx, pytest.mark.usefixtures("front_ends")]
 REPLICA = "x-monaserve-replica"
 
 
