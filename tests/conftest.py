@@ -13,12 +13,24 @@ from monaserve.adapters import Backbone, create_swin
 
 from helpers import TINY
 
+ALL_FRONT_ENDS = os.environ.get("MONASERVE_TEST_FRONT_ENDS") == "all"
+"""Whether every module that uses `front_ends` runs its servers both ways (8 minutes more on 2 cores), or
+only those marked `both_ways`."""
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test that starts processes of its own is slow: the fast tier (-m 'not slow') runs in this process."""
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that starts processes of its own is slow: the fast tier (-m 'not slow') runs in this process.
+    A two-front-end run of a module not marked `both_ways` is left out unless MONASERVE_TEST_FRONT_ENDS=all."""
+    kept, left_out = [], []
     for item in items:
         if item.get_closest_marker("process") is not None:
             item.add_marker(pytest.mark.slow)
+        params = getattr(item, "callspec", None)
+        two_ways = params is not None and params.params.get("front_ends") == 2
+        (left_out if two_ways and not ALL_FRONT_ENDS and item.get_closest_marker("both_ways") is None else kept).append(item)
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = kept
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["1-process", "2-front-ends"])

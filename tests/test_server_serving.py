@@ -17,7 +17,7 @@ from monaserve.adapters import InputSpec
 from helpers import random_package
 from server_harness import TOKEN, ServerProcess, image_bytes
 
-pytestmark = [pytest.mark.process, pytest.mark.usefixtures("front_ends")]
+pytestmark = [pytest.mark.process, pytest.mark.usefixtures("front_ends"), pytest.mark.both_ways]
 
 
 def make_store(root, backbone, names, labels=4):
