@@ -17,8 +17,8 @@ with the supervisor (Linux's parent-death signal), as a container's processes di
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import ServeConfig
@@ -60,11 +61,13 @@ def check_port_free(config: ServeConfig) -> None:
             raise ValueError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}; give another --port") from None
 
 
-def die_with_parent() -> None:
-    """In a child, before it runs: be killed when the supervisor dies (Linux; elsewhere a no-op)."""
-    libc_name = ctypes.util.find_library("c")
-    if sys.platform.startswith("linux") and libc_name:
-        ctypes.CDLL(libc_name, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def parent_death_signal() -> Callable[[], None] | None:
+    """What a child runs between fork and exec to be killed when the supervisor dies: Linux's prctl,
+    looked up here in the supervisor, so the child only calls it (None elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # this process's own libc: no library search
+    return functools.partial(prctl, PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class Child:
@@ -75,10 +78,11 @@ class Child:
         self.command = [sys.executable, "-m", "monaserve.server.workers", role, str(run.path), str(index), str(os.getpid())]
         self.env = env
         self.process: subprocess.Popen | None = None
+        self._die_with_parent = parent_death_signal()
 
     def start(self) -> None:
         # its own session: a terminal's Ctrl-C reaches the supervisor only, which stops the children in order
-        self.process = subprocess.Popen(self.command, env=self.env, start_new_session=True, preexec_fn=die_with_parent)
+        self.process = subprocess.Popen(self.command, env=self.env, start_new_session=True, preexec_fn=self._die_with_parent)
 
     def signal(self, sig: int) -> None:
         if self.process is not None and self.process.poll() is None:
