@@ -3,7 +3,6 @@ Unix socket and answered as it answered there: adapter slots, uploads and loads 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from urllib.parse import quote
 
@@ -16,10 +15,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .auth import bearer_credentials, check_admin
 from .config import REPLICA_HEADER, ServeConfig
 from .errors import ClientGone, ServeError
-from .http_errors import error_response
+from .http_errors import serve_error_response
 from .remote_engine import engine_gone
 
-log = logging.getLogger(__name__)
 FORWARD_TIMEOUT_S = 300.0
 """The longest an admin call may take in the engine process (an upload validates, loads and stores a package)."""
 NOT_FORWARDED = frozenset({"host", "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length"})
@@ -50,9 +48,7 @@ class ForwardToEngine:
         try:
             response = await self._forward(scope, receive)
         except ServeError as exc:  # the token's refusal, and the body guard's, raised as the body was read
-            if exc.status == 499:  # nobody will read the answer: one line in the log, as the app's own handler does
-                log.info("%s %s: %s", scope["method"], scope["path"], exc.message)
-            response = error_response(scope["path"], exc.status, exc.code, exc.message, exc.headers())
+            response = serve_error_response(scope["method"], scope["path"], exc)
         await response(scope, receive, send)
 
     def _is_admin_call(self, scope: Scope) -> bool:

@@ -26,14 +26,19 @@ def error_response(path: str, status: int, code: str, message: str, headers: dic
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def serve_error_response(method: str, path: str, exc: ServeError) -> JSONResponse:
+    """The answer to a `ServeError`, wherever it was raised; a 499 (nobody will read it) is one log line."""
+    if exc.status == 499:
+        log.info("%s %s: %s", method, path, exc.message)
+    return error_response(path, exc.status, exc.code, exc.message, exc.headers())
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error a route raises on purpose becomes its JSON answer (unexpected ones: `middleware.ContainErrors`)."""
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
-        if exc.status == 499:  # nobody will read the answer: one line in the log, no traceback
-            log.info("%s %s: %s", request.method, request.url.path, exc.message)
-        return error_response(request.url.path, exc.status, exc.code, exc.message, exc.headers())
+        return serve_error_response(request.method, request.url.path, exc)
 
     @app.exception_handler(AdapterError)
     async def adapter_error(request: Request, exc: AdapterError) -> JSONResponse:
