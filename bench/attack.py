@@ -34,7 +34,6 @@ import os
 import socket
 import struct
 import sys
-import tempfile
 import threading
 import time
 import zlib
@@ -51,7 +50,7 @@ from monaserve.adapters import InputSpec
 from monaserve.adapters.synthetic import random_package
 from monaserve.testing import FAULTS, TOKEN, Nginx, ServerProcess, find_tool, free_port, image_bytes
 
-from common import percentile, print_table, random_backbone_file, write_result
+from common import percentile, print_table, random_backbone_file, scratch_folder, write_result
 
 NGINX_CONF = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "nginx.conf"
 JPEG = {"content-type": "image/jpeg"}
@@ -113,7 +112,7 @@ class Lab:
 
     def __init__(self, device: str) -> None:
         self.device = device
-        self.dir = Path(tempfile.mkdtemp(prefix="monaserve-attack-"))
+        self.dir = scratch_folder("monaserve-attack-")
         self.weights = self.dir / "backbone.safetensors"
         backbone = random_backbone_file("swin_tiny_patch4_window7_224", self.weights)
         self.store = self.dir / "store"

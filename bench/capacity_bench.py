@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from monaserve.adapters.swin import block_dims
 from monaserve.adapters.synthetic import make_manifest, random_package
 from monaserve.server.engine import Engine, default_dtype
 
-from common import print_table, write_result
+from common import print_table, scratch_folder, write_result
 
 GIB = 2**30
 
@@ -146,7 +145,7 @@ def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
     dtype = default_dtype(device)
-    workdir = Path(tempfile.mkdtemp(prefix="monaserve-capacity-"))
+    workdir = scratch_folder("monaserve-capacity-")
     sizing = Backbone.load(args.backbone, "random")
 
     before = allocated(device)

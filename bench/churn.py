@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -41,7 +40,7 @@ from monaserve.adapters import Backbone, InputSpec
 from monaserve.adapters.synthetic import random_package
 from monaserve.testing import TOKEN, ServerProcess, image_bytes
 
-from common import percentile, print_table, random_backbone_file, write_result
+from common import percentile, print_table, random_backbone_file, scratch_folder, write_result
 
 IMAGES = [image_bytes(seed, size=(40 + 8 * seed, 36)) for seed in range(4)]
 LABELS = 4
@@ -345,7 +344,7 @@ def make_server(args, workdir: Path) -> tuple[ServerProcess, Backbone, dict[str,
 
 
 def run(args) -> dict:
-    workdir = Path(tempfile.mkdtemp(prefix="monaserve-churn-"))
+    workdir = scratch_folder("monaserve-churn-")
     server, backbone, history = make_server(args, workdir)
     answers: list[Answer] = []
     samples: list[dict] = []

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import json
 import os
 import platform
 import re
 import shlex
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +21,13 @@ from monaserve.adapters import Backbone
 
 RESULTS = Path(os.environ.get("MONASERVE_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
 """Where results go: bench/results, or $MONASERVE_BENCH_RESULTS (the tests' smoke runs)."""
+
+
+def scratch_folder(prefix: str) -> Path:
+    """A fresh temporary folder, removed when the benchmark exits (its backbone and store are hundreds of MB)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def random_backbone_file(name: str, path: Path) -> Backbone:

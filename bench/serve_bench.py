@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import torch
@@ -33,7 +31,7 @@ from monaserve.adapters.synthetic import random_package
 from monaserve.server.store import AdapterStore
 from monaserve.testing import TOKEN, ServerProcess, image_bytes
 
-from common import percentile, print_table, random_backbone_file, write_result
+from common import percentile, print_table, random_backbone_file, scratch_folder, write_result
 
 JPEG = {"content-type": "image/jpeg"}
 
@@ -145,7 +143,7 @@ def hot_loads(admin: httpx.Client, store: AdapterStore, backbone: Backbone, imag
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
-    workdir = Path(tempfile.mkdtemp(prefix="monaserve-bench-"))
+    workdir = scratch_folder("monaserve-bench-")
     weights = workdir / "backbone.safetensors"
     backbone = random_backbone_file(args.backbone, weights)
     store = AdapterStore(workdir / "store")

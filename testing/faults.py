@@ -13,9 +13,11 @@ This lives with the test tools, never in the server: production code has no swit
 
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -77,6 +79,7 @@ def run_in_children(code: str) -> None:
     """Make every Python started from here on (a server's child processes) run `code` as it starts: a
     `sitecustomize` put first on their `PYTHONPATH`."""
     folder = tempfile.mkdtemp(prefix="monaserve-children-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     with open(os.path.join(folder, "sitecustomize.py"), "w") as file:
         file.write(code)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [folder, os.environ.get("PYTHONPATH")]))

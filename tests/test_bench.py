@@ -16,11 +16,14 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def run_bench(script: str, tmp_path: Path, *args: str) -> dict:
-    env = {**os.environ, "MONASERVE_BENCH_RESULTS": str(tmp_path)}
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = {**os.environ, "MONASERVE_BENCH_RESULTS": str(tmp_path), "TMPDIR": str(scratch)}
     done = subprocess.run(
         [sys.executable, str(BENCH / script), "--device", "cpu", *args], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert not list(scratch.glob("monaserve-*")), "the benchmark left its work folders behind"
     (written,) = tmp_path.glob("*.json")
     result = json.loads(written.read_text())
     environment = result["environment"]
