@@ -4,7 +4,7 @@ Importable without FastAPI.
 """
 
 from .accounting import AdapterBudget, adapter_budget, mona_parameters, paper_eq6_parameters
-from .bank import DENSE_RUN_LIMIT, MonaBank, SlotRouting, SlotRun
+from .bank import MonaBank, SlotMapping
 from .compat import check_compatible, expected_shapes
 from .fingerprint import fingerprint_module
 from .heads import ClassifyHead, DetectHead, SegmentHead, head_tensors, load_head
@@ -24,7 +24,6 @@ from .swin import (
 from .task_model import MonaTaskModel
 
 __all__ = [
-    "DENSE_RUN_LIMIT",
     "FORMAT",
     "INNER_DIM",
     "KINDS",
@@ -50,8 +49,7 @@ __all__ = [
     "PackageFormatError",
     "SegmentHead",
     "SegmentHeadConfig",
-    "SlotRouting",
-    "SlotRun",
+    "SlotMapping",
     "TaskKind",
     "adapter_budget",
     "adapter_modules",

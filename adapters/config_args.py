@@ -41,7 +41,8 @@ def _value_type(hint: Any) -> tuple[Any, list | None]:
 
 def add_config_arguments(parser: argparse.ArgumentParser, config: type) -> None:
     """A flag (or positional argument) per field of the dataclass `config`, with its default and help.
-    A boolean is a switch (on by default: `--no-<name>` turns it off); `MONASERVE_<FLAG>` in the
+    A boolean is a switch (on by default: `--no-<name>` turns it off), an optional boolean a pair
+    (`--name`, `--no-name`; neither: its default decides); `MONASERVE_<FLAG>` in the
     environment replaces a flag's default (switches take 1/true/yes/on)."""
     hints = typing.get_type_hints(config)
     for field in dataclasses.fields(config):
@@ -59,6 +60,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type) -> None:
             parser.add_argument(flag, dest=field.name, action="store_false" if on else "store_true", default=on != switched, help=text)
             continue
         flag = "--" + field.name.replace("_", "-")
+        if hint == bool | None:  # a switch with a third state, "not given": the setting decides
+            env = env_value(flag)
+            default = field.default if env is None else is_true(env)
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
+            continue
         required, default = field.default is dataclasses.MISSING, field.default
         env = env_value(flag)
         if env is not None:

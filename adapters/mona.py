@@ -54,8 +54,7 @@ class Mona(nn.Module):
         self.dropout = nn.Dropout(p=dropout)
         self.project2 = nn.Linear(inner_dim, dim)
 
-    def forward(self, x: torch.Tensor, routing: object = None) -> torch.Tensor:
-        """Adapt `x`; `routing` is accepted for interface parity with `MonaBank` and ignored (one task)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x) * self.gamma + x * self.gammax
         h = self.project1(h).permute(0, 3, 1, 2)
         h = self.adapter_conv(h).permute(0, 2, 3, 1)

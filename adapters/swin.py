@@ -10,7 +10,6 @@ import torch
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from torch import nn
 
-from .bank import SlotRouting
 from .config_args import option
 from .fingerprint import fingerprint_module
 
@@ -137,17 +136,18 @@ class MonaSwinBlock(SwinTransformerBlock):
     """timm's Swin block with an adapter after the attention residual and after the MLP residual.
 
     Built by `inject_mona` from an existing block (its class is swapped), so timm's own submodules and
-    their state-dict names stay as they are. `routing` carries per-sample adapter slots to a `MonaBank`.
+    their state-dict names stay as they are, and so is the forward's signature: a `MonaBank` reads which
+    slot each sample uses from its `SlotMapping`, not from an argument.
     """
 
     mona1: nn.Module
     mona2: nn.Module
 
-    def forward(self, x: torch.Tensor, routing: SlotRouting | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path1(self._attn(self.norm1(x)))
-        x = self.mona1(x, routing)
+        x = self.mona1(x)
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return self.mona2(x, routing)
+        return self.mona2(x)
 
 
 def inject_mona(model: SwinTransformer, make_adapter: Callable[[int], nn.Module]) -> None:
@@ -172,18 +172,16 @@ def adapter_modules(model: SwinTransformer) -> dict[str, nn.Module]:
     }
 
 
-def forward_pyramid(model: SwinTransformer, images: torch.Tensor, routing: SlotRouting | None = None) -> list[torch.Tensor]:
+def forward_pyramid(model: SwinTransformer, images: torch.Tensor) -> list[torch.Tensor]:
     """Run the backbone and return each stage's NHWC output; the last is passed through the final norm.
 
-    This is timm's `forward_intermediates(norm=True)` with `routing` threaded into every (injected) block;
-    without `routing` it also runs a plain or single-task model.
+    This is timm's `forward_intermediates(norm=True)` through timm's own stages, less its permute to
+    NCHW (a copy of every level that the heads, which read NHWC, would undo).
     """
     x = model.patch_embed(images)
     features = []
     for stage in model.layers:
-        x = stage.downsample(x)
-        for block in stage.blocks:
-            x = block(x) if routing is None else block(x, routing)
+        x = stage(x)
         features.append(x)
     features[-1] = model.norm(features[-1])
     return features

@@ -29,7 +29,6 @@ from monaserve.adapters import (
     Manifest,
     Mona,
     MonaBank,
-    SlotRouting,
     build_head,
     create_swin,
     forward_pyramid,
@@ -150,7 +149,7 @@ def main() -> None:
 
     before = allocated(device)
     backbone = Backbone.load(args.backbone, "random")
-    engine = Engine(backbone, num_slots=args.slots, device=device, dtype=dtype)
+    engine = Engine(backbone, num_slots=args.slots, device=device, dtype=dtype, max_batch=args.batch)
     package = random_package(backbone, "task", seed=0, num_labels=args.labels)
     start = time.perf_counter()
     for slot in range(args.slots):
@@ -158,8 +157,8 @@ def main() -> None:
     fill_s = time.perf_counter() - start
     engine_bytes = allocated(device) - before
     workspace = measure_workspace(engine, args.batch) if device.type == "cuda" else args.workspace_gib * GIB
-    slots = SlotRouting.of(sorted(range(args.slots - args.batch, args.slots)) if args.slots >= args.batch else [0] * args.batch, device)
-    forward_pyramid(engine.model, torch.randn(args.batch, 3, 224, 224, device=device, dtype=dtype), slots)
+    engine.mapping.set(sorted(range(args.slots - args.batch, args.slots)) if args.slots >= args.batch else [0] * args.batch)
+    forward_pyramid(engine.model, torch.randn(args.batch, 3, 224, 224, device=device, dtype=dtype))
 
     element_size = torch.tensor([], dtype=torch.bfloat16).element_size()
     math = memory_math(sizing, args.labels, element_size, args.device_gib * GIB, workspace)

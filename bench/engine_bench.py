@@ -1,16 +1,19 @@
 """Engine throughput: the plain backbone against Mona-adapted and mixed-task forwards, side by side.
 
 Every variant runs the same random backbone weights in one process; rounds are interleaved (each round
-times every variant once) and each variant reports its median images/s and its ratio to the plain
-backbone. Variants:
+times every variant once) and each variant reports its median images/s, its ratio to the plain backbone
+of the same mode and, for mixed batches, its ratio to one task. Variants:
 
 - plain: the timm Swin with no adapters (the ceiling).
 - reference: the paper's Mona module, unfolded, one task (what training runs).
-- folded: one task through the engine's MonaBank (one dense run).
-- mixed-T: T tasks in one batch, sorted by slot as the engine does (dense runs up to the bank's
-  limit, gathered per-sample weights above it); mixed-T per-sample forces the gathered path.
+- folded: one task through the engine's batched forward (`Engine.features`).
+- mixed-T: T tasks in one batch, sorted by slot as the engine sorts it; the same graph as folded.
 - loop-T: T tasks as T sub-batches, one backbone pass each (how a server without per-sample adapter
   routing mixes tasks; the baseline that mixed-T must beat).
+
+With --compile, plain, folded and mixed-T also run compiled (the engine's own `compile`: fullgraph, one
+graph per shape, CUDA graphs on CUDA), and the run reports how many graphs compiled after warm-up:
+0 unless a task mix made the engine recompile.
 
     python bench/engine_bench.py                       # CPU: Swin-T, batch 8
     python bench/engine_bench.py --device cuda         # GPU: Swin-B, batch 64, bf16, also compiled
@@ -25,8 +28,9 @@ from collections.abc import Callable
 
 import torch
 
-from monaserve.adapters import Backbone, Mona, SlotRouting, forward_pyramid, inject_mona
+from monaserve.adapters import Backbone, Mona, forward_pyramid, inject_mona
 from monaserve.adapters.synthetic import random_package, randomize_
+from monaserve.server.compile import compile_forward
 from monaserve.server.engine import Engine, default_dtype
 
 from common import device_name, print_table, write_result
@@ -51,75 +55,73 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def graphs_compiled() -> int:
+    """Graphs torch.compile has made in this process so far."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 class Variants:
     """The models under test, built from one random backbone, and a forward per variant name."""
 
-    def __init__(self, name: str, device: torch.device, dtype: torch.dtype, batch: int, tasks: list[int]) -> None:
-        self.device, self.batch, self.tasks = device, batch, tasks
-        self.images = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
-        self.plain = Backbone.load(name, "random").model.to(device, dtype).eval()
-        reference = Backbone.load(name, "random")
+    def __init__(self, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.batch, self.tasks = device, args.batch, args.tasks
+        self.images = torch.randn(args.batch, 3, 224, 224, device=device, dtype=dtype)
+        self.plain = Backbone.load(args.backbone, "random").model.to(device, dtype).eval()
+        reference = Backbone.load(args.backbone, "random")
         inject_mona(reference.model, lambda dim: randomize_(Mona(dim), seed=dim).eval())
         self.reference = reference.model.to(device, dtype).eval()
-        backbone = Backbone.load(name, "random")
-        self.engine = Engine(backbone, num_slots=max(tasks), device=device, dtype=dtype)
-        for slot in range(max(tasks)):
-            self.engine.install(slot, random_package(backbone, f"task-{slot}", seed=slot))
+        modes = [False, True] if args.compile else [False]
+        self.engines = {compiled: self.engine(args, device, dtype, compiled) for compiled in modes}
         self.forwards: dict[str, Callable[[], object]] = {
             "plain": lambda: forward_pyramid(self.plain, self.images),
             "reference": lambda: forward_pyramid(self.reference, self.images),
-            "folded": self.mixed(1),
         }
-        for t in tasks:
-            self.forwards[f"mixed-{t}"] = self.mixed(t)
-            self.forwards[f"mixed-{t} per-sample"] = self.mixed(t, dense_run_limit=0)
-            self.forwards[f"loop-{t}"] = self.loop(t)
+        if args.compile:
+            plain = compile_forward(forward_pyramid, device, buckets=1)
+            self.forwards["plain compiled"] = lambda: plain(self.plain, self.images)
+        for compiled, engine in self.engines.items():
+            suffix = " compiled" if compiled else ""
+            for tasks in [1, *self.tasks]:
+                name = "folded" if tasks == 1 else f"mixed-{tasks}"
+                self.forwards[name + suffix] = self.mixed(engine, tasks)
+        for tasks in self.tasks:
+            self.forwards[f"loop-{tasks}"] = self.loop(tasks)
+
+    def engine(self, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, compiled: bool) -> Engine:
+        """An engine over its own copy of the backbone, with `max(tasks)` random tasks installed."""
+        backbone = Backbone.load(args.backbone, "random")
+        engine = Engine(backbone, num_slots=max(args.tasks), device=device, dtype=dtype, max_batch=args.batch, compile=compiled)
+        for slot in range(max(args.tasks)):
+            engine.install(slot, random_package(backbone, f"task-{slot}", seed=slot))
+        return engine
 
     def slots(self, tasks: int) -> list[int]:
         """`tasks` tasks spread evenly over the batch, sorted (the engine sorts every batch)."""
         return sorted(i % tasks for i in range(self.batch))
 
-    def set_dense_run_limit(self, limit: int) -> None:
-        for bank in self.engine.banks.values():
-            bank.dense_run_limit = limit
-
-    def mixed(self, tasks: int, dense_run_limit: int | None = None) -> Callable[[], object]:
-        routing = SlotRouting.of(self.slots(tasks), self.device)
-        default = next(iter(self.engine.banks.values())).dense_run_limit
-
-        def forward() -> object:
-            self.set_dense_run_limit(default if dense_run_limit is None else dense_run_limit)
-            try:
-                return forward_pyramid(self.engine.model, self.images, routing)
-            finally:
-                self.set_dense_run_limit(default)
-
-        return forward
+    def mixed(self, engine: Engine, tasks: int) -> Callable[[], object]:
+        slots = self.slots(tasks)
+        return lambda: engine.features(self.images, slots)
 
     def loop(self, tasks: int) -> Callable[[], object]:
-        runs = SlotRouting.of(self.slots(tasks)).runs
-        routings = [SlotRouting.of([run.slot] * (run.stop - run.start), self.device) for run in runs]
+        engine, slots = self.engines[False], torch.tensor(self.slots(tasks))
+        values, counts = torch.unique_consecutive(slots, return_counts=True)
+        runs = list(zip(values.tolist(), torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist(), counts.cumsum(0).tolist()))
 
         def forward() -> list:
-            return [forward_pyramid(self.engine.model, self.images[run.start : run.stop], routing) for run, routing in zip(runs, routings)]
+            return [engine.features(self.images[start:stop], [slot] * (stop - start)) for slot, start, stop in runs]
 
         return forward
 
-    def compiled(self) -> dict[str, Callable[[], object]]:
-        """The plain, folded and mixed forwards under `torch.compile` (graphs specialise per routing)."""
-        pyramid = torch.compile(forward_pyramid)
-        out = {"plain compiled": lambda: pyramid(self.plain, self.images)}
-        for tasks in [1, *self.tasks]:
-            routing = SlotRouting.of(self.slots(tasks), self.device)
-            name = "folded" if tasks == 1 else f"mixed-{tasks}"
-            out[f"{name} compiled"] = lambda r=routing: pyramid(self.engine.model, self.images, r)
-        return out
 
-
-def time_variants(forwards: dict[str, Callable[[], object]], device: torch.device, rounds: int) -> dict[str, float]:
-    """Median seconds per call of each forward, timing them round-robin after two warm-up rounds."""
+def time_variants(forwards: dict[str, Callable[[], object]], device: torch.device, rounds: int) -> tuple[dict[str, float], int]:
+    """Median seconds per call of each forward, timing them round-robin after two warm-up rounds; and the
+    graphs compiled after the warm-up rounds."""
     times: dict[str, list[float]] = {name: [] for name in forwards}
+    warm = 0
     for round_index in range(rounds + 2):
+        if round_index == 2:
+            warm = graphs_compiled()
         for name, forward in forwards.items():
             synchronize(device)
             start = time.perf_counter()
@@ -127,7 +129,7 @@ def time_variants(forwards: dict[str, Callable[[], object]], device: torch.devic
             synchronize(device)
             if round_index >= 2:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return {name: statistics.median(values) for name, values in times.items()}, graphs_compiled() - warm
 
 
 def synchronize(device: torch.device) -> None:
@@ -154,20 +156,30 @@ def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
     dtype = default_dtype(device)
-    variants = Variants(args.backbone, device, dtype, args.batch, args.tasks)
-    forwards = dict(variants.forwards)
-    if args.compile:
-        forwards |= variants.compiled()
+    variants = Variants(args, device, dtype)
+    forwards = variants.forwards
     print(f"{args.backbone}, batch {args.batch}, {dtype}, {device_name(device)}; {args.rounds} interleaved rounds")
-    seconds = time_variants(forwards, device, args.rounds)
+    seconds, recompiles = time_variants(forwards, device, args.rounds)
     rows, records = [], []
     for name, s in seconds.items():
-        baseline = seconds["plain compiled" if name.endswith("compiled") else "plain"]
-        ratio = baseline / s
-        rows.append([name, f"{args.batch / s:.1f}", f"{s * 1e3:.1f}", f"{ratio:.2f}x"])
-        records.append({"variant": name, "images_per_s": args.batch / s, "ms_per_batch": s * 1e3, "ratio_to_plain": ratio})
-    print_table(["variant", "images/s", "ms/batch", "vs plain"], rows)
-    result = {"backbone": args.backbone, "batch": args.batch, "dtype": str(dtype), "rounds": args.rounds, "variants": records}
+        compiled = name.endswith(" compiled")
+        ratio = seconds["plain compiled" if compiled else "plain"] / s
+        one_task = seconds["folded compiled" if compiled else "folded"] / s if name.startswith("mixed") else None
+        rows.append([name, f"{args.batch / s:.1f}", f"{s * 1e3:.1f}", f"{ratio:.2f}x", f"{one_task:.2f}x" if one_task else ""])
+        record = {"variant": name, "images_per_s": args.batch / s, "ms_per_batch": s * 1e3, "ratio_to_plain": ratio}
+        records.append(record | {"ratio_to_one_task": one_task})
+    print_table(["variant", "images/s", "ms/batch", "vs plain", "vs one task"], rows)
+    if args.compile:
+        print(f"\ngraphs compiled after warm-up (recompiles): {recompiles}")
+    result = {
+        "backbone": args.backbone,
+        "batch": args.batch,
+        "dtype": str(dtype),
+        "rounds": args.rounds,
+        "compiled": args.compile,
+        "recompiles_after_warmup": recompiles,
+        "variants": records,
+    }
     if args.profile:
         table = profile(forwards[args.profile], device)
         print(f"\nprofile of {args.profile}:\n{table}")

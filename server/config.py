@@ -71,8 +71,14 @@ class ServeConfig(BackboneOptions):
     gpu_slots: int = option(16, "adapter slots on the device")
     gpu_adapter_mb: float | None = option(None, "device memory budget for adapters (default: slots only)")
     cpu_cache_mb: float = option(1024.0, "CPU cache of loaded packages")
-    # batching
-    max_batch: int = option(32, "images per engine batch")
+    # batching and compiling
+    max_batch: int = option(32, "images per engine batch; batches are padded to a power of two below it, or to it")
+    compile: bool | None = option(
+        None,
+        "torch.compile the batched forward, one graph per batch size and input size, compiled before ready "
+        "(CUDA graphs on CUDA); default: on on CUDA, off on the CPU (minutes to compile, little gained)",
+    )
+    compile_cache: Path = option(Path("var/compile-cache"), "where compiled graphs are kept, so that a restart does not compile again")
     max_delay_ms: float = option(5.0, "longest wait for a batch to fill")
     max_queue: int = option(512, "images waiting before requests get 503")
     request_timeout_s: float = option(30.0, "per-request deadline (504 after it)")
@@ -116,6 +122,11 @@ class ServeConfig(BackboneOptions):
         share = max(1, min(8, usable_cores() // 2))
         fit = shared_memory_room() // int(self.arena_mb * MiB)
         return share if fit >= share else 1 if fit < 2 else fit
+
+    @property
+    def compiled(self) -> bool:
+        """--compile, else whether the engine runs on CUDA."""
+        return resolve_device(self.device).type == "cuda" if self.compile is None else self.compile
 
     @property
     def replica(self) -> str:

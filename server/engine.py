@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from monaserve.adapters import (
-    DENSE_RUN_LIMIT,
     INNER_DIM,
     AdapterPackage,
     Backbone,
     IncompatibleAdapterError,
     Manifest,
     MonaBank,
-    SlotRouting,
+    SlotMapping,
     adapter_modules,
     build_head,
     check_compatible,
@@ -27,6 +27,10 @@ from monaserve.adapters import (
 from monaserve.adapters.kinds import to_host
 from monaserve.adapters.transforms import normalize, spec_norm
 
+from .compile import batch_buckets, bucket_of, compile_forward
+
+log = logging.getLogger("monaserve.engine")
+
 
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA, float32 elsewhere."""
@@ -37,8 +41,10 @@ class Engine:
     """Runs one shared backbone for every task; each sample of a batch names its task by slot id.
 
     Frozen layers run once for the whole batch; every Mona position is a `MonaBank` that applies each
-    sample's own folded adapter; each task's head runs on its slice. The caller (the registry) decides
-    which package sits in which slot and must not overwrite a slot that an in-flight batch uses.
+    sample's own folded adapter, read from one `SlotMapping` set per batch; each task's head runs on its
+    slice. Batches are padded to a bucket (1, 2, 4, ..., `max_batch`), so the batched forward sees a few
+    shapes per input size and nothing else: with `compile`, one graph each. The caller (the registry)
+    decides which package sits in which slot and must not overwrite a slot that an in-flight batch uses.
     """
 
     def __init__(
@@ -48,7 +54,8 @@ class Engine:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         inner_dim: int = INNER_DIM,
-        dense_run_limit: int = DENSE_RUN_LIMIT,
+        max_batch: int = 64,
+        compile: bool = False,
     ) -> None:
         if num_slots < 1:
             raise ValueError("an engine needs at least one adapter slot")
@@ -56,13 +63,20 @@ class Engine:
         self.device = torch.device(device)
         self.dtype = dtype or default_dtype(self.device)
         self.inner_dim = inner_dim
-        inject_mona(backbone.model, lambda dim: MonaBank(dim, inner_dim, num_slots, dense_run_limit=dense_run_limit))
+        self.buckets = batch_buckets(max_batch)
+        self.mapping = SlotMapping(max_batch, self.device)
+        inject_mona(backbone.model, lambda dim: MonaBank(dim, inner_dim, num_slots, self.mapping))
         self.model = backbone.model.to(self.device, self.dtype).eval()
         self.banks: dict[str, MonaBank] = adapter_modules(self.model)
         self.heads: list[nn.Module | None] = [None] * num_slots
         self.manifests: list[Manifest | None] = [None] * num_slots
         self.means = torch.zeros(num_slots, 3, 1, 1, device=self.device)  # each slot's input normalisation
         self.stds = torch.ones(num_slots, 3, 1, 1, device=self.device)
+        self.compiled = compile
+        self._features: Callable[[torch.Tensor], list[torch.Tensor]] = (
+            compile_forward(self._batch_features, self.device, len(self.buckets)) if compile else self._batch_features
+        )
+        self._prepared: set[tuple[int, int]] = set()
 
     @property
     def num_slots(self) -> int:
@@ -107,10 +121,17 @@ class Engine:
         self.manifests[slot] = manifest
 
     @torch.inference_mode()
-    def warmup(self, batch_size: int = 1) -> None:
-        """Run the backbone once at its input size so first requests do not pay for lazy initialisation."""
-        images = torch.zeros(batch_size, 3, *self.backbone.input_size, device=self.device, dtype=self.dtype)
-        forward_pyramid(self.model, images, SlotRouting.of([0] * batch_size, self.device))
+    def prepare(self, size: tuple[int, int] | None = None) -> None:
+        """Run every bucket once at input `size` (default the backbone's), so that no request pays for lazy
+        initialisation or, compiled, for a compile; on the engine's own thread, as batches run."""
+        size = tuple(size or self.backbone.input_size)
+        if size in self._prepared:
+            return
+        for bucket in self.buckets if self.compiled else self.buckets[:1]:
+            if self.compiled:
+                log.info("compiling the batched forward for %d images of %dx%d", bucket, *size)
+            self.features(torch.zeros(bucket, 3, *size, dtype=torch.uint8, device=self.device), [0] * bucket)
+        self._prepared.add(size)
 
     def evict(self, slot: int) -> None:
         """Empty `slot`: its adapters become the identity and its head is dropped."""
@@ -130,29 +151,50 @@ class Engine:
         classify probabilities (float32), detect `{boxes, scores, labels}`, or segment class ids `(H, W)`.
         """
         slot_ids = torch.as_tensor(slots, dtype=torch.long)
-        if slot_ids.shape != (images.shape[0],):
-            raise ValueError(f"need one slot per image: {images.shape[0]} images, slots of shape {tuple(slot_ids.shape)}")
+        count = images.shape[0]
+        if slot_ids.shape != (count,):
+            raise ValueError(f"need one slot per image: {count} images, slots of shape {tuple(slot_ids.shape)}")
+        if count > self.buckets[-1]:
+            raise ValueError(f"a batch of {count} images; this engine runs at most {self.buckets[-1]}")
         for slot in slot_ids.unique().tolist():
             self._check_slot(slot)
             if self.heads[slot] is None:
                 raise LookupError(f"slot {slot} holds no adapter")
-        # Sort by slot so each task is one contiguous run: dense adapter ops and head inputs are slices.
+        # Sorted by slot, each task's samples are one contiguous run: its head's inputs are slices.
         order = torch.argsort(slot_ids, stable=True)
-        routing = SlotRouting.of(slot_ids[order], self.device)
-        order_on_device = order.to(self.device)
-        if images.dtype == torch.uint8:
-            on_device = slot_ids.to(self.device)[order_on_device]
-            images = normalize(images.to(self.device)[order_on_device], self.means[on_device], self.stds[on_device], self.dtype)
-        else:
-            images = images.to(self.device, self.dtype)[order_on_device]
-        features = forward_pyramid(self.model, images, routing)
-        outputs: list[HeadOutput | None] = [None] * len(slot_ids)
+        sorted_slots = slot_ids[order]
+        padding = bucket_of(count, self.buckets) - count  # padded with the last slot, so the batch stays sorted
+        images = images[order]
+        if padding:
+            images = torch.cat([images, images.new_zeros(padding, *images.shape[1:])])
+        features = self.features(images.to(self.device, non_blocking=True), torch.cat([sorted_slots, sorted_slots[-1:].expand(padding)]))
+        outputs: list[HeadOutput | None] = [None] * count
         positions = order.tolist()
-        for slot, start, stop in routing.runs:
+        values, counts = torch.unique_consecutive(sorted_slots, return_counts=True)
+        start = 0
+        for slot, run in zip(values.tolist(), counts.tolist()):
+            stop = start + run
             predictions = self.heads[slot].predict([level[start:stop] for level in features])
             for i, prediction in zip(positions[start:stop], predictions):
                 outputs[i] = to_host(prediction)
+            start = stop
         return outputs
+
+    def features(self, images: torch.Tensor, slots: Sequence[int] | torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's NHWC pyramid of a batch on the device whose size is a bucket, image i through slot
+        `slots[i]`: the mapping is set, then the batched forward runs (compiled, with `compile`)."""
+        self.mapping.set(slots)
+        return self._features(images)
+
+    def _batch_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's NHWC pyramid of a padded, routed batch on the device: the part every task shares,
+        and the part `compile` compiles (nothing in it depends on the task mix)."""
+        if images.dtype == torch.uint8:
+            slots = self.mapping.current(images.shape[0])
+            images = normalize(images, self.means[slots], self.stds[slots], self.dtype)
+        else:
+            images = images.to(self.dtype)
+        return forward_pyramid(self.model, images)
 
 
 HeadOutput = torch.Tensor | dict[str, torch.Tensor]

@@ -16,6 +16,7 @@ from monaserve.adapters.swin import resolve_device
 
 from .budgets import Tally
 from .catalog import Catalog, TaskLookup
+from .compile import use_compile_cache
 from .config import ServeConfig
 from .decoding import Decoder, jpeg_device, large_image_lane
 from .engine import Engine
@@ -102,8 +103,11 @@ class Runtime(Lifecycle):
             started = time.monotonic()
             device = self.device
             backbone = await asyncio.to_thread(Backbone.load, config.backbone, config.weights, config.seed)
-            self.engine = await asyncio.to_thread(Engine, backbone, config.gpu_slots, device)
-            await asyncio.get_running_loop().run_in_executor(self.worker, self.engine.warmup)
+            if config.compiled:
+                use_compile_cache(config.compile_cache)
+            self.engine = await asyncio.to_thread(
+                Engine, backbone, config.gpu_slots, device, max_batch=config.max_batch, compile=config.compiled
+            )
             if device.type == "cuda":
                 self.metrics.track_device_memory(lambda: torch.cuda.memory_allocated(device))
             budget = None if config.gpu_adapter_mb is None else int(config.gpu_adapter_mb * MiB)
@@ -129,6 +133,7 @@ class Runtime(Lifecycle):
             self._scheduler_task = asyncio.create_task(self.scheduler.run())
             self._scheduler_task.add_done_callback(self._scheduler_stopped)
             await self._preload()
+            await self._prepare_input_sizes()
             if self.peers is not None:
                 self.registry.announce = self.peers.changed
                 await self.peers.start(self.engine_client, self.registry.catalog)
@@ -176,6 +181,14 @@ class Runtime(Lifecycle):
                 await self.registry.load(task)
             except Exception as exc:
                 log.error("preload of %r failed: %s", task, exc)
+
+    async def _prepare_input_sizes(self) -> None:
+        """Warm (compiled: compile) every bucket at each input size the catalog's tasks use (an empty catalog:
+        the backbone's), on the engine's thread; a task uploaded later with a new size compiles at its first batch."""
+        catalog = self.registry.catalog
+        sizes = {tuple(catalog[task].manifest.input.size) for task in catalog} or {self.engine.backbone.input_size}
+        for size in sorted(sizes):
+            await asyncio.get_running_loop().run_in_executor(self.worker, self.engine.prepare, size)
 
     async def stop(self) -> None:
         """Finish what is queued, then stop the threads."""

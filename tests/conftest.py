@@ -43,6 +43,12 @@ def front_ends(request: pytest.FixtureRequest) -> Iterator[int]:
 
 
 @pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One compile cache for the session's compiled engines and servers: a graph compiles once."""
+    return tmp_path_factory.mktemp("compile-cache")
+
+
+@pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random Swin-T saved as safetensors: the offline stand-in for downloaded weights."""
     path = tmp_path_factory.mktemp("weights") / f"{TINY}.safetensors"

@@ -11,7 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from monaserve.adapters import Backbone, BackboneError, Mona, MonaBank, create_swin, fingerprint_module, inject_mona
+from monaserve.adapters import Backbone, BackboneError, Mona, MonaBank, SlotMapping, create_swin, fingerprint_module, inject_mona
 
 from helpers import TINY
 
@@ -65,7 +65,7 @@ def test_missing_weights_file_is_a_clear_error(tmp_path):
 def test_fingerprint_ignores_adapters_device_and_layout_but_not_values():
     model = create_swin(TINY, seed=3)
     before = fingerprint_module(model)
-    inject_mona(model, lambda dim: MonaBank(dim, 64, num_slots=2))
+    inject_mona(model, lambda dim: MonaBank(dim, 64, num_slots=2, mapping=SlotMapping(1)))
     assert fingerprint_module(model) == before  # banks are non-persistent buffers
     model.to(memory_format=torch.channels_last)
     assert not model.patch_embed.proj.weight.is_contiguous()
