@@ -45,6 +45,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 20 on CUDA, 8 on the CPU)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
     parser.add_argument("--profile", default=None, metavar="VARIANT", help="profile one variant and print its top ops")
+    parser.add_argument("--label", default="", help="names the result file: bench/results/engine-LABEL-<device>.json")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     args.backbone = args.backbone or ("swin_base_patch4_window7_224" if cuda else "swin_tiny_patch4_window7_224")
@@ -184,7 +185,8 @@ def main() -> None:
         table = profile(forwards[args.profile], device)
         print(f"\nprofile of {args.profile}:\n{table}")
         result["profile"] = {"variant": args.profile, "table": table}
-    print(f"\nwrote {write_result('engine', device, result)}")
+    kind = f"engine-{args.label}" if args.label else "engine"
+    print(f"\nwrote {write_result(kind, device, result)}")
 
 
 if __name__ == "__main__":
