@@ -42,8 +42,8 @@ class Engine:
 
     Frozen layers run once for the whole batch; every Mona position is a `MonaBank` that applies each
     sample's own folded adapter, read from one `SlotMapping` set per batch; each task's head runs on its
-    slice. Batches are padded to a bucket (1, 2, 4, ..., `max_batch`), so the batched forward sees a few
-    shapes per input size and nothing else: with `compile`, one graph each. The caller (the registry)
+    slice. With `compile`, batches are padded to a bucket (1, 2, 4, ..., `max_batch`), so the batched
+    forward sees a few shapes per input size and nothing else: one graph each. The caller (the registry)
     decides which package sits in which slot and must not overwrite a slot that an in-flight batch uses.
     """
 
@@ -163,7 +163,9 @@ class Engine:
         # Sorted by slot, each task's samples are one contiguous run: its head's inputs are slices.
         order = torch.argsort(slot_ids, stable=True)
         sorted_slots = slot_ids[order]
-        padding = bucket_of(count, self.buckets) - count  # padded with the last slot, so the batch stays sorted
+        # Compiled, a batch is padded to its bucket (with its last slot, so it stays sorted): a graph per bucket.
+        # Eager, padding would only add work.
+        padding = bucket_of(count, self.buckets) - count if self.compiled else 0
         images = images[order]
         if padding:
             images = torch.cat([images, images.new_zeros(padding, *images.shape[1:])])
