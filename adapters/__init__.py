@@ -4,7 +4,7 @@ Importable without FastAPI.
 """
 
 from .accounting import AdapterBudget, adapter_budget, mona_parameters, paper_eq6_parameters
-from .bank import MonaBank, SlotMapping
+from .bank import MonaBank, MonaKernel, SlotMapping
 from .compat import check_compatible, expected_shapes
 from .fingerprint import fingerprint_module
 from .heads import ClassifyHead, DetectHead, SegmentHead, head_tensors, load_head
@@ -49,6 +49,7 @@ __all__ = [
     "PackageFormatError",
     "SegmentHead",
     "SegmentHeadConfig",
+    "MonaKernel",
     "SlotMapping",
     "TaskKind",
     "adapter_budget",

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .mona import FOLDED_KERNEL, FoldedMona
+
+MonaKernel = Literal["torch", "triton"]
+"""How a bank computes: torch ops, or the fused Triton kernels."""
 
 
 def bmm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -58,6 +62,9 @@ class MonaBank(nn.Module):
     module's device and dtype but never enter the backbone's state dict. An empty slot is all zeros,
     which makes it the identity.
 
+    `kernel` "triton" runs the same function as two fused Triton kernels (`mona_kernel.fused_mona`; CUDA,
+    or the CPU interpreter in tests); "torch" runs it as torch ops.
+
     One path for every task mix, so that its graph is the same for every batch of a shape: each
     sample's weights are gathered by its slot id and the projections are batched matmuls. The
     LayerNorm is folded into the down projection: with mean mu and inverse deviation r of a token x,
@@ -65,10 +72,12 @@ class MonaBank(nn.Module):
     the normalised tokens are never written.
     """
 
-    def __init__(self, dim: int, inner_dim: int, num_slots: int, mapping: SlotMapping, eps: float = 1e-5) -> None:
+    def __init__(
+        self, dim: int, inner_dim: int, num_slots: int, mapping: SlotMapping, eps: float = 1e-5, kernel: MonaKernel = "torch"
+    ) -> None:
         super().__init__()
         self.dim, self.inner_dim, self.num_slots, self.eps = dim, inner_dim, num_slots, eps
-        self.mapping = mapping
+        self.mapping, self.kernel = mapping, kernel
         for name, shape in self.slot_shapes(dim, inner_dim).items():
             self.register_buffer(name, torch.zeros(num_slots, *shape), persistent=False)
 
@@ -116,6 +125,10 @@ class MonaBank(nn.Module):
         b, h, w, m = x.shape
         n, k = self.inner_dim, FOLDED_KERNEL
         slots = self.mapping.current(b)
+        if self.kernel == "triton":
+            from .mona_kernel import fused_mona
+
+            return fused_mona(x, slots, *(getattr(self, name) for name in self.slot_shapes(m, n)), self.eps)
         tokens = x.reshape(b, h * w, m)
         # In float32: the mean's correction cancels most of A @ x where |mu| >> 1 / r, as does E[x^2] - mu^2
         # (two plain sums, several times faster on the CPU than torch.var_mean's one-pass Welford).

@@ -13,7 +13,8 @@ of the same mode and, for mixed batches, its ratio to one task. Variants:
 
 With --compile, plain, folded and mixed-T also run compiled (the engine's own `compile`: fullgraph, one
 graph per shape, CUDA graphs on CUDA), and the run reports how many graphs compiled after warm-up:
-0 unless a task mix made the engine recompile.
+0 unless a task mix made the engine recompile. With --kernels torch,triton (the default on CUDA), folded
+and mixed-T also run on the fused Triton kernel (`... triton`), with their ratio to the torch path.
 
     python bench/engine_bench.py                       # CPU: Swin-T, batch 8
     python bench/engine_bench.py --device cuda         # GPU: Swin-B, batch 64, bf16, also compiled
@@ -45,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 20 on CUDA, 8 on the CPU)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
     parser.add_argument("--profile", default=None, metavar="VARIANT", help="profile one variant and print its top ops")
+    parser.add_argument("--kernels", default=None, help="Mona kernels to run, comma-separated (default torch,triton / torch)")
     parser.add_argument("--label", default="", help="names the result file: bench/results/engine-LABEL-<device>.json")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
@@ -53,6 +55,7 @@ def parse_args() -> argparse.Namespace:
     args.tasks = [int(t) for t in (args.tasks or ("8,64" if cuda else "2,8")).split(",")]
     args.rounds = args.rounds or (20 if cuda else 8)
     args.compile = cuda if args.compile is None else args.compile
+    args.kernels = (args.kernels or ("torch,triton" if cuda else "torch")).split(",")
     return args
 
 
@@ -71,8 +74,8 @@ class Variants:
         reference = Backbone.load(args.backbone, "random")
         inject_mona(reference.model, lambda dim: randomize_(Mona(dim), seed=dim).eval())
         self.reference = reference.model.to(device, dtype).eval()
-        modes = [False, True] if args.compile else [False]
-        self.engines = {compiled: self.engine(args, device, dtype, compiled) for compiled in modes}
+        modes = [(compiled, kernel) for kernel in args.kernels for compiled in ([False, True] if args.compile else [False])]
+        self.engines = {mode: self.engine(args, device, dtype, *mode) for mode in modes}
         self.forwards: dict[str, Callable[[], object]] = {
             "plain": lambda: forward_pyramid(self.plain, self.images),
             "reference": lambda: forward_pyramid(self.reference, self.images),
@@ -80,18 +83,20 @@ class Variants:
         if args.compile:
             plain = compile_forward(forward_pyramid, device, buckets=1)
             self.forwards["plain compiled"] = lambda: plain(self.plain, self.images)
-        for compiled, engine in self.engines.items():
-            suffix = " compiled" if compiled else ""
+        for (compiled, kernel), engine in self.engines.items():
+            suffix = (" triton" if kernel == "triton" else "") + (" compiled" if compiled else "")
             for tasks in [1, *self.tasks]:
                 name = "folded" if tasks == 1 else f"mixed-{tasks}"
                 self.forwards[name + suffix] = self.mixed(engine, tasks)
         for tasks in self.tasks:
             self.forwards[f"loop-{tasks}"] = self.loop(tasks)
 
-    def engine(self, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, compiled: bool) -> Engine:
+    def engine(self, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, compiled: bool, kernel: str) -> Engine:
         """An engine over its own copy of the backbone, with `max(tasks)` random tasks installed."""
         backbone = Backbone.load(args.backbone, "random")
-        engine = Engine(backbone, num_slots=max(args.tasks), device=device, dtype=dtype, max_batch=args.batch, compile=compiled)
+        engine = Engine(
+            backbone, num_slots=max(args.tasks), device=device, dtype=dtype, max_batch=args.batch, compile=compiled, mona_kernel=kernel
+        )
         for slot in range(max(args.tasks)):
             engine.install(slot, random_package(backbone, f"task-{slot}", seed=slot))
         return engine
@@ -105,7 +110,7 @@ class Variants:
         return lambda: engine.features(self.images, slots)
 
     def loop(self, tasks: int) -> Callable[[], object]:
-        engine, slots = self.engines[False], torch.tensor(self.slots(tasks))
+        engine, slots = self.engines[False, "torch"], torch.tensor(self.slots(tasks))
         values, counts = torch.unique_consecutive(slots, return_counts=True)
         runs = list(zip(values.tolist(), torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist(), counts.cumsum(0).tolist()))
 
@@ -165,11 +170,14 @@ def main() -> None:
     for name, s in seconds.items():
         compiled = name.endswith(" compiled")
         ratio = seconds["plain compiled" if compiled else "plain"] / s
-        one_task = seconds["folded compiled" if compiled else "folded"] / s if name.startswith("mixed") else None
-        rows.append([name, f"{args.batch / s:.1f}", f"{s * 1e3:.1f}", f"{ratio:.2f}x", f"{one_task:.2f}x" if one_task else ""])
+        mode = name.split(" ", 1)[1] if " " in name else ""
+        one_task = seconds[f"folded {mode}".strip()] / s if name.startswith("mixed") else None
+        torch_path = seconds[name.replace(" triton", "")] / s if " triton" in name else None
+        shown = [f"{r:.2f}x" if r else "" for r in (ratio, one_task, torch_path)]
+        rows.append([name, f"{args.batch / s:.1f}", f"{s * 1e3:.1f}", *shown])
         record = {"variant": name, "images_per_s": args.batch / s, "ms_per_batch": s * 1e3, "ratio_to_plain": ratio}
-        records.append(record | {"ratio_to_one_task": one_task})
-    print_table(["variant", "images/s", "ms/batch", "vs plain", "vs one task"], rows)
+        records.append(record | {"ratio_to_one_task": one_task, "ratio_to_torch_path": torch_path})
+    print_table(["variant", "images/s", "ms/batch", "vs plain", "vs one task", "vs torch path"], rows)
     if args.compile:
         print(f"\ngraphs compiled after warm-up (recompiles): {recompiles}")
     result = {

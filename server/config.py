@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from monaserve.adapters.bank import MonaKernel
 from monaserve.adapters.config_args import option
 from monaserve.adapters.swin import BackboneOptions, resolve_device
 
@@ -77,6 +78,9 @@ class ServeConfig(BackboneOptions):
         None,
         "torch.compile the batched forward, one graph per batch size and input size, compiled before ready "
         "(CUDA graphs on CUDA); default: on on CUDA, off on the CPU (minutes to compile, little gained)",
+    )
+    mona_kernel: MonaKernel = option(
+        "torch", "how the adapters compute: torch ops, or fused Triton kernels (CUDA; not the default until a GPU benchmark shows it wins)"
     )
     compile_cache: Path = option(Path("var/compile-cache"), "where compiled graphs are kept, so that a restart does not compile again")
     max_delay_ms: float = option(5.0, "longest wait for a batch to fill")
@@ -162,6 +166,8 @@ class ServeConfig(BackboneOptions):
             "decode_threads",
             "arena_mb",
         )
+        if self.mona_kernel == "triton" and resolve_device(self.device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("--mona-kernel triton needs --device cuda (elsewhere Triton only runs under TRITON_INTERPRET=1, for tests)")
         if self.front_ends < 1:
             raise ValueError(f"--workers must be 1 or more, got {self.front_ends}")
         if self.front_ends > 1:

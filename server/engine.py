@@ -15,6 +15,7 @@ from monaserve.adapters import (
     IncompatibleAdapterError,
     Manifest,
     MonaBank,
+    MonaKernel,
     SlotMapping,
     adapter_modules,
     build_head,
@@ -56,6 +57,7 @@ class Engine:
         inner_dim: int = INNER_DIM,
         max_batch: int = 64,
         compile: bool = False,
+        mona_kernel: MonaKernel = "torch",
     ) -> None:
         if num_slots < 1:
             raise ValueError("an engine needs at least one adapter slot")
@@ -65,7 +67,7 @@ class Engine:
         self.inner_dim = inner_dim
         self.buckets = batch_buckets(max_batch)
         self.mapping = SlotMapping(max_batch, self.device)
-        inject_mona(backbone.model, lambda dim: MonaBank(dim, inner_dim, num_slots, self.mapping))
+        inject_mona(backbone.model, lambda dim: MonaBank(dim, inner_dim, num_slots, self.mapping, kernel=mona_kernel))
         self.model = backbone.model.to(self.device, self.dtype).eval()
         self.banks: dict[str, MonaBank] = adapter_modules(self.model)
         self.heads: list[nn.Module | None] = [None] * num_slots

@@ -106,7 +106,13 @@ class Runtime(Lifecycle):
             if config.compiled:
                 use_compile_cache(config.compile_cache)
             self.engine = await asyncio.to_thread(
-                Engine, backbone, config.gpu_slots, device, max_batch=config.max_batch, compile=config.compiled
+                Engine,
+                backbone,
+                config.gpu_slots,
+                device,
+                max_batch=config.max_batch,
+                compile=config.compiled,
+                mona_kernel=config.mona_kernel,
             )
             if device.type == "cuda":
                 self.metrics.track_device_memory(lambda: torch.cuda.memory_allocated(device))

@@ -6,12 +6,15 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-import safetensors.torch
+if not Path("/dev/nvidiactl").exists():  # before torch imports Triton: its kernels run on the CPU interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from monaserve.adapters import Backbone, create_swin
+import pytest  # noqa: E402
+import safetensors.torch  # noqa: E402
 
-from helpers import TINY
+from monaserve.adapters import Backbone, create_swin  # noqa: E402
+
+from helpers import TINY  # noqa: E402
 
 ALL_FRONT_ENDS = os.environ.get("MONASERVE_TEST_FRONT_ENDS") == "all"
 """Whether every module that uses `front_ends` runs its servers both ways (8 minutes more on 2 cores), or

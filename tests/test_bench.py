@@ -58,9 +58,12 @@ def test_frontend_bench_with_the_real_engine_on_two_replicas_reports_the_engines
 def test_engine_bench(tmp_path):
     result = run_bench("engine_bench.py", tmp_path, "--batch", "2", "--tasks", "2", "--rounds", "1", "--no-compile")
     variants = {v["variant"]: v for v in result["variants"]}
-    assert set(variants) == {"plain", "reference", "folded", "mixed-2", "mixed-2 per-sample", "loop-2"}
-    assert variants["plain"]["ratio_to_plain"] == 1.0
+    assert set(variants) == {"plain", "reference", "folded", "mixed-2", "loop-2"}
+    assert variants["plain"]["ratio_to_plain"] == 1.0 and result["compiled"] is False
     assert all(v["images_per_s"] > 0 and v["ratio_to_plain"] > 0 for v in variants.values())
+    mixed = variants["mixed-2"]
+    assert mixed["ratio_to_one_task"] == pytest.approx(variants["folded"]["ms_per_batch"] / mixed["ms_per_batch"])
+    assert variants["folded"]["ratio_to_one_task"] is None
 
 
 @pytest.mark.process
