@@ -78,3 +78,20 @@ def test_an_engine_on_the_kernel_answers_as_the_torch_engine():
     images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     for got, want in zip(engines["triton"].run(images, [1, 0, 1]), engines["torch"].run(images, [1, 0, 1]), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a Triton op inside a compiled graph needs a GPU")
+def test_the_kernel_compiles_into_the_engines_graph():
+    """`compile` with `mona_kernel="triton"`: the kernels inside the CUDA-graphed forward, a mixed batch equal
+    to the eager torch engine in bf16."""
+    engines = {}
+    for kernel, compiled in (("torch", False), ("triton", True)):
+        backbone = Backbone.load(TINY, "random", depths=(1, 1, 1, 1))
+        engine = Engine(backbone, num_slots=2, device=DEVICE, max_batch=4, compile=compiled, mona_kernel=kernel)
+        for slot in range(2):
+            engine.install(slot, random_package(backbone, f"task-{slot}", seed=slot, input=InputSpec(size=(64, 64))))
+        engines[kernel] = engine
+    engines["triton"].prepare((64, 64))
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for got, want in zip(engines["triton"].run(images, [1, 0, 1]), engines["torch"].run(images, [1, 0, 1]), strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
