@@ -6,6 +6,7 @@ from these fields (`adapters.config_args`); the server's parts take their settin
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import socket
@@ -166,8 +167,8 @@ class ServeConfig(BackboneOptions):
             "decode_threads",
             "arena_mb",
         )
-        if self.mona_kernel == "triton" and resolve_device(self.device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("--mona-kernel triton needs --device cuda (elsewhere Triton only runs under TRITON_INTERPRET=1, for tests)")
+        if self.mona_kernel == "triton":
+            self._check_triton()
         if self.front_ends < 1:
             raise ValueError(f"--workers must be 1 or more, got {self.front_ends}")
         if self.front_ends > 1:
@@ -177,6 +178,13 @@ class ServeConfig(BackboneOptions):
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.body_min_rate < 0:
             raise ValueError(f"--body-min-rate must be 0 (off) or positive, got {self.body_min_rate}")
+
+    def _check_triton(self) -> None:
+        """`--mona-kernel triton` needs Triton, and a GPU (the CPU runs Triton only under its test interpreter)."""
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError("--mona-kernel triton needs Triton: install torch's CUDA build (it brings Triton) or use --mona-kernel torch")
+        if resolve_device(self.device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("--mona-kernel triton needs --device cuda (elsewhere Triton only runs under TRITON_INTERPRET=1, for tests)")
 
     def _check_front_ends(self) -> None:
         """What several front ends need: a port of their own choosing, CPU decoding, /dev/shm for their arenas."""

@@ -188,7 +188,7 @@ class Engine:
         """The backbone's NHWC pyramid of a batch on the device whose size is a bucket, image i through slot
         `slots[i]`: the mapping is set, then the batched forward runs (compiled, with `compile`)."""
         self.mapping.set(slots)
-        return self._features(images)
+        return self._features(images.contiguous())  # one layout: a compiled graph guards on strides too
 
     def _batch_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The backbone's NHWC pyramid of a padded, routed batch on the device: the part every task shares,

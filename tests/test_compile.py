@@ -24,7 +24,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 TOLERANCE = {"cpu": 1e-4, "cuda": 2e-2}  # CUDA runs bf16, where Inductor's fused kernels round differently
 
 
-def engine_with_tasks(compile: bool, device: str, max_batch: int = 4) -> Engine:
+def engine_with_tasks(compile: bool, device: str, max_batch: int = 2) -> Engine:
     """A reduced-depth Swin-T engine with TASKS random tasks of 64x64 inputs (same weights every call)."""
     backbone = Backbone.load(TINY, "random", depths=DEPTHS)
     engine = Engine(backbone, num_slots=TASKS + 1, device=device, max_batch=max_batch, compile=compile)
@@ -55,16 +55,18 @@ def test_buckets_are_powers_of_two_up_to_the_largest_batch():
 @pytest.mark.slow
 def test_twenty_task_mixes_at_one_bucket_compile_nothing_new_and_equal_eager(engines):
     """`fullgraph` compile, warmed by `prepare`; then 20 random mixes of tasks (and sizes within the bucket,
-    padded to it) run without one recompile, each output equal to the eager engine's."""
+    padded to it; half of them channels-last) run without one recompile, each output equal to the eager engine's."""
     compiled, eager, tolerance = engines
-    assert compiled.compiled and compiled.buckets == (1, 2, 4)
+    assert compiled.compiled and compiled.buckets == (1, 2)
     warm = graphs_compiled()
     assert warm >= len(compiled.buckets)
     generator = torch.Generator().manual_seed(0)
     for mix in range(20):
-        count = 4 if mix % 4 else 3  # one mix in four is padded from 3 to the bucket
+        count = 2 if mix % 4 else 1  # one mix in four is padded from 1 to the bucket
         slots = torch.randint(0, TASKS, (count,), generator=generator)
         images = torch.randint(0, 256, (count, 3, *SIZE), dtype=torch.uint8, generator=generator)
+        if mix % 2:  # as the server's decoders make them: HWC pixels seen as CHW
+            images = images.contiguous(memory_format=torch.channels_last)
         for got, want in zip(compiled.run(images, slots), eager.run(images, slots), strict=True):
             torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance / 10)
     assert graphs_compiled() == warm, "a task mix made the compiled engine compile again"
@@ -73,7 +75,7 @@ def test_twenty_task_mixes_at_one_bucket_compile_nothing_new_and_equal_eager(eng
 @pytest.mark.slow
 def test_the_compiled_pyramid_equals_eager_level_by_level(engines):
     compiled, eager, tolerance = engines
-    images = torch.randint(0, 256, (4, 3, *SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    slots = [0, 0, 1, 2]
+    images = torch.randint(0, 256, (2, 3, *SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    slots = [0, 2]
     for got, want in zip(compiled.features(images, slots), eager.features(images, slots), strict=True):
         torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)

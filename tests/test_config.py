@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import subprocess
 import sys
 
@@ -85,3 +86,22 @@ def test_a_device_torch_does_not_know_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="--device 'gpu0' is not a device: give auto, cpu, cuda or cuda:N"):
         ServeConfig(device="gpu0").check()
     ServeConfig(device="cuda:1").check()  # a device name, whether or not this machine has it
+
+
+def test_compile_is_a_three_way_switch_whose_default_follows_the_device(monkeypatch):
+    def parsed(*argv: str) -> ServeConfig:
+        return config_from_args(ServeConfig, build_parser(["serve"]).parse_args(["serve", *argv]))
+
+    assert parsed().compile is None and parsed("--compile").compile is True and parsed("--no-compile").compile is False
+    assert ServeConfig(device="cpu").compiled is False and ServeConfig(device="cuda").compiled is True
+    assert ServeConfig(device="cuda", compile=False).compiled is False and ServeConfig(device="cpu", compile=True).compiled
+    monkeypatch.setenv("MONASERVE_COMPILE", "0")
+    assert parsed().compile is False
+
+
+def test_the_triton_kernel_is_refused_off_a_gpu_with_the_way_out(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="--mona-kernel triton needs --device cuda"):
+        ServeConfig(device="cpu", mona_kernel="triton").check()
+    if importlib.util.find_spec("triton") is not None:  # torch's CUDA wheels bring it
+        ServeConfig(device="cuda", mona_kernel="triton").check()

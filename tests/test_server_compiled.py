@@ -48,7 +48,15 @@ def servers(tmp_path_factory, reduced, store, compile_cache):
     logs, cache = tmp_path_factory.mktemp("logs"), compile_cache
     env = {"MONASERVE_ADMIN_TOKEN": TOKEN}
     compiled = ServerProcess(
-        weights, store, *SERVE, "--compile", "--compile-cache", str(cache), env=env, log=logs / "compiled", launcher=LAUNCHER
+        weights,
+        store,
+        *SERVE,
+        "--compile",
+        "--compile-cache",
+        str(cache),
+        env=env | {"TORCH_LOGS": "recompiles"},  # torch logs each recompile, and why, to the server's log
+        log=logs / "compiled",
+        launcher=LAUNCHER,
     )
     eager = ServerProcess(weights, store, *SERVE, "--no-compile", env=env, log=logs / "eager", launcher=LAUNCHER)
     with compiled.wait_ready(timeout=900), eager.wait_ready(timeout=300):
@@ -103,3 +111,5 @@ def test_a_burst_of_mixed_tasks_answers_as_single_requests_do(servers):
         burst = list(pool.map(lambda item: answer(compiled, *item), work))
     for (task, image), got in zip(work, burst):
         assert_close(got, answer(eager, task, image))
+    after_ready = compiled.log().split(" ready: ", 1)[1]
+    assert "Recompiling" not in after_ready, "a request made the compiled server compile again"
