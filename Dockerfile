@@ -4,7 +4,7 @@
 #   docker build --build-arg TARGET=cpu -t monaserve:cpu .   # CPU only
 #
 # Weights and adapters live on volumes, never in the image: /models (backbone file or Hugging Face
-# cache) and /var/lib/monaserve/adapters (the adapter store; or set MONASERVE_STORE=s3://bucket/prefix).
+# cache, and compiled graphs) and /var/lib/monaserve/adapters (the adapter store; or set MONASERVE_STORE=s3://bucket/prefix).
 # Every `monaserve serve` flag has a MONASERVE_* environment twin.
 
 ARG TARGET=cuda
@@ -47,6 +47,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     MONASERVE_PORT=8000 \
     MONASERVE_WEIGHTS=hub \
     MONASERVE_STORE=/var/lib/monaserve/adapters \
+    MONASERVE_COMPILE_CACHE=/models/compile-cache \
     MONASERVE_DRAIN_DELAY_S=5
 VOLUME ["/var/lib/monaserve/adapters", "/models"]
 EXPOSE 8000

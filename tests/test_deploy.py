@@ -60,6 +60,7 @@ def test_runtime_stage_runs_unprivileged_with_healthcheck_port_volumes_and_env(d
     volumes = json.loads(runtime.all("VOLUME")[0])
     env = {k: v for args in runtime.all("ENV") for k, v in parse_env(args).items()}
     assert env["MONASERVE_STORE"] in volumes and "/models" in volumes and env["HF_HOME"].startswith("/models")
+    assert env["MONASERVE_COMPILE_CACHE"].startswith("/models/")  # written at start on a GPU, under a read-only root
     assert env["MONASERVE_HOST"] == "0.0.0.0"
     unknown = {k for k in env if k.startswith("MONASERVE_")} - serve_env_names()
     assert not unknown, f"ENV names no serve flag: {unknown}"
