@@ -68,8 +68,8 @@ class MonaBank(nn.Module):
     One path for every task mix, so that its graph is the same for every batch of a shape: each
     sample's weights are gathered by its slot id and the projections are batched matmuls. The
     LayerNorm is folded into the down projection: with mean mu and inverse deviation r of a token x,
-    A @ LN(x) + B @ x = r * (A @ x - mu * A @ 1) + B @ x, so one matmul against [A; B] reads x once and
-    the normalised tokens are never written.
+    A @ LN(x) + B @ x = r * (A @ x - mu * A @ 1) + B @ x, so one matmul against [A; B] takes the place
+    of the LayerNorm and two matmuls.
     """
 
     def __init__(
@@ -78,6 +78,10 @@ class MonaBank(nn.Module):
         super().__init__()
         self.dim, self.inner_dim, self.num_slots, self.eps = dim, inner_dim, num_slots, eps
         self.mapping, self.kernel = mapping, kernel
+        if kernel == "triton":  # imported here, not on the hot path: Triton is only needed where it runs
+            from .mona_kernel import fused_mona
+
+            self._fused = fused_mona
         for name, shape in self.slot_shapes(dim, inner_dim).items():
             self.register_buffer(name, torch.zeros(num_slots, *shape), persistent=False)
 
@@ -126,9 +130,7 @@ class MonaBank(nn.Module):
         n, k = self.inner_dim, FOLDED_KERNEL
         slots = self.mapping.current(b)
         if self.kernel == "triton":
-            from .mona_kernel import fused_mona
-
-            return fused_mona(x, slots, *(getattr(self, name) for name in self.slot_shapes(m, n)), self.eps)
+            return self._fused(x, slots, *(getattr(self, name) for name in self.slot_shapes(m, n)), self.eps)
         tokens = x.reshape(b, h * w, m)
         # In float32: the mean's correction cancels most of A @ x where |mu| >> 1 / r, as does E[x^2] - mu^2
         # (two plain sums, several times faster on the CPU than torch.var_mean's one-pass Welford).
