@@ -47,6 +47,15 @@ class InferRequest:
 
 
 @dataclass(frozen=True)
+class Asked:
+    """What a request asks, read once its task's kind is known: the options of its results, and a deadline
+    shorter than the server's (seconds; None: the server's)."""
+
+    options: Options
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
 class InferResult:
     """One request's typed results, all from one adapter version, and the budget its answer is rendered within."""
 
@@ -97,6 +106,10 @@ class DataPlane:
         """`name` at `version` (default: the version it serves); 404 for an unknown task or version."""
         return await self.catalog.version(name, version)
 
+    async def servable(self, name: str, version: int | None = None) -> TaskVersion:
+        """What a request for `name` (at `version`, or not) would run; 404 while it is unloaded, as inference is."""
+        return await self.catalog.serving(name, version)
+
     def tasks(self) -> list[TaskEntry]:
         """Every task in the catalog, by name (kept fresh by the catalog refresh; no store read per call)."""
         catalog = self.catalog
@@ -121,19 +134,23 @@ class DataPlane:
                 self.metrics.requests.labels(task, label, str(status)).inc()
 
     async def infer(
-        self, request: InferRequest, render: Callable[[InferResult], T], read_options: Callable[[TaskKind], Options] | None = None
+        self, request: InferRequest, render: Callable[[InferResult], T], read_asked: Callable[[TaskKind], Asked] | None = None
     ) -> T:
         """Run `request` within the request timeout, then post-process and `render` its results (the
-        protocol's answer) off the event loop. `read_options`, for a protocol that can read what is asked
-        only once it knows the task's kind, gives the options in place of `request.options` before any
-        work runs."""
+        protocol's answer) off the event loop. `read_asked`, for a protocol that can read what is asked
+        only once it knows the task's kind, gives the options (in place of `request.options`) and a
+        shorter deadline before any work runs."""
         check_image_count(len(request.images), self.config.max_images_per_request)
         timeout = self.config.request_timeout_s
         started = time.monotonic()
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout) as deadline:
                 target = await self._resolve(request)
-                options = request.options if read_options is None else read_options(target.kind)
+                asked = Asked(request.options) if read_asked is None else read_asked(target.kind)
+                options = asked.options
+                if asked.timeout_s is not None and asked.timeout_s < timeout:  # the client's deadline, from the same start
+                    deadline.reschedule(deadline.when() - (timeout - asked.timeout_s))
+                    timeout = asked.timeout_s
                 prepared = await self.runtime.decoder.prepare(request.images, target.manifest.input)
                 decoded = time.monotonic()
                 run = await self.runtime.engine_client.run(

@@ -2,19 +2,22 @@
 
 Inputs: `image` (BYTES, encoded files) or `pixels` (UINT8, `[N, H, W, 3]` or `[H, W, 3]`). Outputs are
 the kind's (`TaskKind.outputs`), all by default; request parameters `top_k` and `min_score` tune classify
-and detect; `binary_data_output` (or an output's `binary_data`) returns tensors with the binary extension.
+and detect, `timeout` (microseconds) shortens the deadline; `binary_data_output` (or an output's
+`binary_data`) returns tensors with the binary extension, and an output's `classification` (the
+classification extension) returns a classify model's scores as "score:index:label" strings.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from monaserve.adapters.kinds import MIN_SCORE_RANGE, TOP_K_RANGE, Options, ResultShapeError, TaskKind
+from monaserve.adapters.kinds import MIN_SCORE_RANGE, TOP_K_RANGE, Options, OutputTensor, ResultShapeError, TaskKind
 
-from .dataplane import InferResult
+from .dataplane import Asked, InferResult
 from .errors import BadRequest, ResponseTooLarge
 from .oip_codec import encode_response, encoded_size, is_integer, output_tensor, parameters_of, read_inputs, short_repr, split_body
 
@@ -46,24 +49,41 @@ def _images(inputs: dict) -> list[bytes | np.ndarray]:
     return images
 
 
+REQUEST_PARAMETERS = ("top_k", "min_score", "binary_data_output", "timeout", "priority")
+OUTPUT_PARAMETERS = ("binary_data", "classification")
+CLASSIFIED_OUTPUT = "scores"
+"""The output the classification extension applies to: a classify model's scores, best first."""
+US = 1e-6
+
+
+@dataclass(frozen=True)
+class AskedOutput:
+    """One output an answer holds: binary or inline, and as `classes` "score:index:label" strings (0: as itself)."""
+
+    name: str
+    binary: bool
+    classes: int = 0
+
+
 class OipAnswer:
     """What one request asks of its answer, read from its header once the task's kind is known (`read`,
     before any work runs), and the answer itself: the outputs asked for, inline or binary, each charged
-    to the answer's budget before it is encoded."""
+    to the answer's budget before it is encoded. `raw` answers every output as raw bytes (gRPC's
+    `raw_output_contents`), whatever the request says."""
 
-    def __init__(self, name: str, header: dict) -> None:
-        self.name, self.header = name, header
-        self.outputs: list[tuple[str, bool]] = []
+    def __init__(self, name: str, header: dict, raw: bool = False) -> None:
+        self.name, self.header, self.raw = name, header, raw
+        self.outputs: list[AskedOutput] = []
 
-    def read(self, kind: TaskKind) -> Options:
-        """The request's options, and the outputs to answer with: each a known output of `kind`, asked for
-        once (default: all); 400 naming what is wrong."""
+    def read(self, kind: TaskKind) -> Asked:
+        """The request's options and deadline, and the outputs to answer with: each a known output of
+        `kind`, asked for once (default: all); 400 naming what is wrong."""
         header = self.header
         parameters = parameters_of(header, "the request")
-        options = Options(
-            top_k=_parameter(parameters, "top_k", int, Options.top_k, *TOP_K_RANGE),
-            min_score=_parameter(parameters, "min_score", float, Options.min_score, *MIN_SCORE_RANGE),
-        )
+        _only_known(parameters, REQUEST_PARAMETERS, "the request")
+        if parameters.get("priority", 0) != 0:
+            raise BadRequest("parameter 'priority': every request has the same priority here; leave it out (or 0)")
+        timeout_us = _parameter(parameters, "timeout", int, 0, 0, 2**63)  # microseconds, as Triton's; 0: the server's
         binary_default = _flag(parameters, "binary_data_output", False, "the request")
         requested = header.get("outputs") or None  # absent, null or empty: every output
         if requested is not None and not isinstance(requested, list):
@@ -77,41 +97,85 @@ class OipAnswer:
             if output in seen:
                 raise BadRequest(f"output {output!r} is requested twice; ask for each output once")
             seen.add(output)
-            what = f"output {output!r}"
-            outputs.append((output, _flag(parameters_of(spec, what), "binary_data", binary_default, what)))
+            asked = _asked_output(kind, output, parameters_of(spec, f"output {output!r}"), binary_default)
+            outputs.append(replace(asked, binary=True) if self.raw else asked)
         if "id" in header and not isinstance(header["id"], str):
             raise BadRequest(f"'id' must be a string, got {type(header['id']).__name__}")
         self.outputs = outputs
-        return options
+        top_k = _parameter(parameters, "top_k", int, Options.top_k, *TOP_K_RANGE)
+        options = Options(
+            top_k=max([top_k] + [o.classes for o in outputs]),
+            min_score=_parameter(parameters, "min_score", float, Options.min_score, *MIN_SCORE_RANGE),
+        )
+        return Asked(options, timeout_us * US if timeout_us else None)
 
-    def __call__(self, result: InferResult) -> tuple[bytes, dict[str, str]]:
-        """The response body and its headers."""
+    def tensors(self, result: InferResult) -> list[tuple[dict, bytes]]:
+        """Each output asked for: its JSON entry, and its binary data when it is binary (else the data is
+        inline), each charged to the answer's budget before its values are built."""
         try:
             tensors = result.kind.output_tensors(result.results)
         except ResultShapeError as exc:
             raise BadRequest(str(exc)) from None
-        budget, entries, chunks = result.budget, [], []
-        for output, binary in self.outputs:
-            tensor = tensors[output]
+        budget, encoded = result.budget, []
+        for output in self.outputs:
+            tensor = tensors[output.name] if not output.classes else classification(tensors, output.classes)
             if tensor.datatype != "BYTES":  # a fixed size: refuse before the values exist
                 count = math.prod(tensor.shape)
-                if not binary and count > MAX_INLINE_VALUES:
+                if not output.binary and count > MAX_INLINE_VALUES:
                     raise ResponseTooLarge(
-                        f"the {output!r} output would hold {count} values; the limit as JSON numbers is "
+                        f"the {output.name!r} output would hold {count} values; the limit as JSON numbers is "
                         f"{MAX_INLINE_VALUES}: ask for it with binary_data (the binary tensor extension)"
                     )
-                budget.check(encoded_size(tensor.datatype, None, tensor.shape, binary), f"output {output!r}")
+                budget.check(encoded_size(tensor.datatype, None, tensor.shape, output.binary), f"output {output.name!r}")
             values = tensor.values()
-            budget.charge(encoded_size(tensor.datatype, values, tensor.shape, binary), f"output {output!r}")
-            entry, chunk = output_tensor(output, tensor.datatype, values, tensor.shape, binary)
-            entries.append(entry)
-            chunks.append(chunk)
-        response = {"model_name": self.name, "model_version": str(result.version), "outputs": entries}
+            budget.charge(encoded_size(tensor.datatype, values, tensor.shape, output.binary), f"output {output.name!r}")
+            encoded.append(output_tensor(output.name, tensor.datatype, values, tensor.shape, output.binary))
+        return encoded
+
+    def __call__(self, result: InferResult) -> tuple[bytes, dict[str, str]]:
+        """The REST response body and its headers."""
+        encoded = self.tensors(result)
+        response = {"model_name": self.name, "model_version": str(result.version), "outputs": [entry for entry, _ in encoded]}
         if "id" in self.header:
             response["id"] = self.header["id"]
-        body, headers = encode_response(response, b"".join(chunks))
-        budget.check_total(len(body))
+        body, headers = encode_response(response, b"".join(chunk for _, chunk in encoded))
+        result.budget.check_total(len(body))
         return body, headers
+
+
+def classification(tensors: dict[str, OutputTensor], classes: int) -> OutputTensor:
+    """The classification extension's form of the scores: the best `classes` of each image as
+    "score:index:label" strings, best first (`[N, classes]`, fewer where a model has fewer labels)."""
+    scores, labels, indices = (tensors[name] for name in ("scores", "labels", "indices"))
+    count, width = scores.shape
+    shown = min(classes, width)
+
+    def values() -> list[str]:
+        rows, flat_labels = zip(scores.values(), indices.values()), labels.values()
+        return [
+            f"{score:f}:{index}:{flat_labels[i * width + j]}"
+            for i, (row, row_indices) in enumerate(rows)
+            for j, (score, index) in enumerate(zip(row[:shown], row_indices[:shown]))
+        ]
+
+    return OutputTensor("BYTES", [count, shown], values)
+
+
+def _asked_output(kind: TaskKind, output: str, parameters: dict, binary_default: bool) -> AskedOutput:
+    what = f"output {output!r}"
+    _only_known(parameters, OUTPUT_PARAMETERS, what)
+    classes = 0
+    if parameters.get("classification", 0) != 0:
+        if kind.name != "classify" or output != CLASSIFIED_OUTPUT:
+            raise BadRequest(f"{what}: 'classification' applies to the {CLASSIFIED_OUTPUT!r} output of classify models")
+        classes = _parameter(parameters, "classification", int, 0, *TOP_K_RANGE)
+    return AskedOutput(output, _flag(parameters, "binary_data", binary_default, what), classes)
+
+
+def _only_known(parameters: dict, known: tuple[str, ...], what: str) -> None:
+    unknown = sorted(set(parameters) - set(known))
+    if unknown:
+        raise BadRequest(f"{what}: unknown parameter {short_repr(unknown[0])}; the parameters are {', '.join(known)}")
 
 
 def _parameter(parameters: dict, name: str, kind: type, default: Any, low: float, high: float) -> Any:

@@ -12,8 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from app_harness import app_with_tasks
-from server_harness import TOKEN, image_bytes
+from monaserve.adapters.synthetic import random_package
+
+from app_harness import InProcessServer
+from server_harness import TOKEN, image_bytes, store_of
 
 HEADER = "Inference-Header-Content-Length"
 OVERRUN = b'{"inputs":[{"name":"image","datatype":"BYTES","shape":[1],"parameters":{"binary_data_size":99}}]}'
@@ -21,9 +23,10 @@ OVERRUN = b'{"inputs":[{"name":"image","datatype":"BYTES","shape":[1],"parameter
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_weights, shared_backbone):
-    with app_with_tasks(
-        tmp_path_factory, tiny_weights, shared_backbone, {"pets": "classify", "boxes": "detect", "masks": "segment"}
-    ) as server:
+    """pets (classify, versions 1 and 2), boxes (detect) and masks (segment)."""
+    tasks = [("pets", "classify", 1), ("pets", "classify", 2), ("boxes", "detect", 1), ("masks", "segment", 1)]
+    packages = [random_package(shared_backbone, name, seed=len(name), kind=kind, num_labels=4, version=v) for name, kind, v in tasks]
+    with InProcessServer(tiny_weights, store_of(tmp_path_factory, packages), admin_token=TOKEN) as server:
         yield server
 
 
@@ -42,22 +45,33 @@ def tensor(response: dict, name: str) -> np.ndarray:
     return values.reshape(output["shape"])
 
 
-def test_server_metadata_and_health(http):
-    assert http.get("/v2").json() == {"name": "monaserve", "version": "0.1.0", "extensions": ["binary_tensor_data", "model_repository"]}
-    assert http.get("/v2/health/live").status_code == 200
-    assert http.get("/v2/health/ready").status_code == 200
-    assert http.get("/v2/models/pets/ready").status_code == 200
-    assert http.get("/v2/models/pets/versions/1/ready").status_code == 200
+def answer(response, status: int = 200) -> dict:
+    assert response.status_code == status, response.text
+    return response.json()
+
+
+def test_server_metadata_and_health_bodies_follow_the_protocol(http):
+    """The protocol's REST text: `{"live": bool}`, `{"ready": bool}`, `{"name", "ready"}` for a model."""
+    metadata = answer(http.get("/v2"))
+    assert metadata["name"] == "monaserve" and metadata["version"] == "0.1.0"
+    assert {"binary_tensor_data", "classification", "model_repository", "parameters"} <= set(metadata["extensions"])
+    assert answer(http.get("/v2/health/live")) == {"live": True}
+    assert answer(http.get("/v2/health/ready")) == {"ready": True}
+    assert answer(http.get("/v2/models/pets/ready")) == {"name": "pets", "ready": True}
+    assert answer(http.get("/v2/models/pets/versions/1/ready")) == {"name": "pets", "ready": True}
     missing = http.get("/v2/models/nope/ready")
     assert missing.status_code == 404 and list(missing.json()) == ["error"] and "nope" in missing.json()["error"]
 
 
-def test_model_metadata(http):
-    metadata = http.get("/v2/models/boxes").json()
+def test_model_metadata_declares_the_one_input_a_request_sends(http):
+    """Generic tools fill every declared input: only `image` is declared; `pixels` is named as its alternative."""
+    metadata = answer(http.get("/v2/models/boxes"))
     assert metadata["name"] == "boxes" and metadata["versions"] == ["1"] and metadata["platform"] == "monaserve"
-    assert {i["name"]: i["datatype"] for i in metadata["inputs"]} == {"image": "BYTES", "pixels": "UINT8"}
+    assert metadata["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
+    assert "pixels" in metadata["parameters"]["alternative_input"]
     assert [o["name"] for o in metadata["outputs"]] == ["boxes", "scores", "labels", "indices", "num_detections"]
-    assert http.get("/v2/models/boxes/versions/1").json() == metadata
+    assert answer(http.get("/v2/models/boxes/versions/1")) == metadata
+    assert answer(http.get("/v2/models/pets"))["versions"] == ["1", "2"]
     assert http.get("/v2/models/boxes/versions/7").status_code == 404
 
 
@@ -65,7 +79,7 @@ def test_classify_with_json_bytes_matches_the_v1_route(http):
     images = [image_bytes(1), image_bytes(2)]
     request = {"id": "r-1", "inputs": [bytes_input(*images)], "parameters": {"top_k": 3}}
     response = http.post("/v2/models/pets/infer", json=request).json()
-    assert (response["model_name"], response["model_version"], response["id"]) == ("pets", "1", "r-1")
+    assert (response["model_name"], response["model_version"], response["id"]) == ("pets", "2", "r-1")
     scores, labels = tensor(response, "scores"), tensor(response, "labels")
     assert scores.shape == (2, 3) and labels.shape == (2, 3) and tensor(response, "indices").shape == (2, 3)
     for i, image in enumerate(images):
@@ -171,20 +185,56 @@ def test_bad_requests_get_400_with_an_error(http, body, headers, complaint):
     assert complaint in response.json()["error"]
 
 
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def assert_states_agree(http) -> list[dict]:
+    """The index, model readiness, metadata and inference say the same of every version: READY ones
+    are ready and serve, the others are not and do not. Returns the index."""
+    index = answer(http.post("/v2/repository/index", headers=ADMIN))
+    image = bytes_input(image_bytes(0))
+    for model in index:
+        ready = model["state"] == "READY"
+        path = f"/v2/models/{model['name']}/versions/{model['version']}"
+        assert answer(http.get(path + "/ready"), 200 if ready else 400) == {"name": model["name"], "ready": ready}
+        assert http.get(path).status_code == (200 if ready else 404), model
+        assert http.post(path + "/infer", json={"inputs": [image]}).status_code == (200 if ready else 404), model
+    return index
+
+
 def test_repository_extension(server, http):
     assert http.post("/v2/repository/index").status_code == 401
-    admin = {"Authorization": f"Bearer {TOKEN}"}
-    index = http.post("/v2/repository/index", headers=admin).json()
-    assert {"name": "pets", "version": "1", "state": "READY", "reason": ""} in index
-    assert http.post("/v2/repository/models/pets/unload", headers=admin).status_code == 200
-    assert http.get("/v2/models/pets/ready").status_code == 400
-    assert [m["state"] for m in http.post("/v2/repository/index", headers=admin).json() if m["name"] == "pets"] == ["UNAVAILABLE"]
-    assert http.post("/v2/repository/index", headers=admin, json={"ready": True}).json() == [
-        m for m in http.post("/v2/repository/index", headers=admin).json() if m["state"] == "READY"
-    ]
-    assert http.post("/v2/repository/models/pets/load", headers=admin).status_code == 200
-    assert http.get("/v2/models/pets/ready").status_code == 200
-    assert http.post("/v2/repository/models/nope/load", headers=admin).status_code == 404
+    index = assert_states_agree(http)
+    assert [m for m in index if m["name"] == "pets"] == [
+        {"name": "pets", "version": v, "state": "READY", "reason": ""} for v in ("1", "2")
+    ], "a loaded task serves every stored version (pinned): each is READY"
+    unload = http.post("/v2/repository/models/pets/unload", headers=ADMIN, json={"parameters": {"unload_dependents": True}})
+    assert unload.status_code == 200
+    try:
+        index = assert_states_agree(http)
+        assert [(m["state"], m["reason"]) for m in index if m["name"] == "pets"] == [("UNAVAILABLE", "unloaded")] * 2
+        assert "unloaded" in answer(http.get("/v2/models/pets"), 404)["error"]
+        assert answer(http.post("/v2/repository/index", headers=ADMIN, json={"ready": True})) == [m for m in index if m["state"] == "READY"]
+    finally:
+        assert http.post("/v2/repository/models/pets/load", headers=ADMIN).status_code == 200
+    assert answer(http.get("/v2/models/pets/ready")) == {"name": "pets", "ready": True}
+    assert http.post("/v2/repository/models/nope/load", headers=ADMIN).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "action, parameters, complaint",
+    [
+        ("load", {"config": '{"max_batch_size": 8}'}, "configuration comes from its adapter package"),
+        ("load", {"file:1/model.safetensors": "AAAA"}, "uploaded as packages"),
+        ("load", {"unload_dependents": True}, "unknown load parameter"),
+        ("unload", {"unload_dependents": "yes"}, "true or false"),
+        ("unload", {"force": True}, "unknown unload parameter"),
+    ],
+)
+def test_repository_parameters_are_honoured_or_refused(http, action, parameters, complaint):
+    response = http.post(f"/v2/repository/models/pets/{action}", headers=ADMIN, json={"parameters": parameters})
+    assert complaint in answer(response, 400)["error"]
+    assert answer(http.get("/v2/models/pets/ready")) == {"name": "pets", "ready": True}, "a refused call changes nothing"
 
 
 def test_requests_are_checked_before_inference(server, http):
@@ -259,3 +309,35 @@ def test_a_mask_is_charged_to_the_answer_budget_once(shared_backbone):
     budget = ResponseBudget(1_000_000)
     body, headers = answer(InferResult("masks", kind, 1, [segmentation], options, {}, budget))
     assert len(body) - int(headers[HEADER]) == 800_000 and budget.used == 800_000
+
+
+def test_request_parameters_are_honoured_or_refused(http):
+    """Triton's `priority` and `timeout` (microseconds) and unknown names are never silently ignored."""
+    image = bytes_input(image_bytes(0))
+
+    def infer(parameters: dict, status: int) -> dict:
+        return answer(http.post("/v2/models/pets/infer", json={"inputs": [image], "parameters": parameters}), status)
+
+    assert "unknown parameter 'temperature'" in infer({"temperature": 0.5}, 400)["error"]
+    assert "same priority" in infer({"priority": 2}, 400)["error"]
+    infer({"priority": 0, "timeout": 30_000_000}, 200)
+    assert "within 1e-06 s" in infer({"timeout": 1}, 504)["error"]
+    assert "'timeout'" in infer({"timeout": -5}, 400)["error"]
+    unknown = http.post("/v2/models/pets/infer", json={"inputs": [image], "outputs": [{"name": "scores", "parameters": {"fmt": 1}}]})
+    assert "unknown parameter 'fmt'" in answer(unknown, 400)["error"]
+
+
+def test_the_classification_extension_answers_score_index_label_strings(http):
+    """An output's `classification: k` answers the best k as "score:index:label", as Triton does."""
+    image = bytes_input(image_bytes(3))
+    plain = answer(http.post("/v2/models/pets/infer", json={"inputs": [image], "parameters": {"top_k": 4}}))
+    scores, indices, labels = (tensor(plain, name) for name in ("scores", "indices", "labels"))
+    expected = [f"{s:f}:{i}:{label}" for s, i, label in zip(scores[0], indices[0], labels[0])]
+    for classes, shown in ((2, 2), (9, 4)):  # 4 labels: no more than 4 strings
+        body = {"inputs": [image], "outputs": [{"name": "scores", "parameters": {"classification": classes}}, {"name": "indices"}]}
+        classified = answer(http.post("/v2/models/pets/infer", json=body))
+        (output,) = [o for o in classified["outputs"] if o["name"] == "scores"]
+        assert output["datatype"] == "BYTES" and output["shape"] == [1, shown]
+        assert output["data"] == expected[:shown]
+    detect = {"inputs": [image], "outputs": [{"name": "scores", "parameters": {"classification": 2}}]}
+    assert "applies to the 'scores' output of classify models" in answer(http.post("/v2/models/boxes/infer", json=detect), 400)["error"]
