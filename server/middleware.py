@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .budgets import BodyBudget
+from .content_encoding import body_decoder
 from .errors import BodyBudgetFull, ClientGone, PayloadTooLarge, RequestTimeout, ServeError
 from .http_errors import error_response
 
@@ -69,7 +70,8 @@ class BodyGuard:
     """Refuses bodies over their route's limit (413, by Content-Length or while streaming), bodies
     that do not fit their `BodyBudget` (503 with Retry-After), bodies that arrive too slowly (408),
     and counts a client that leaves mid-body as gone (499). Adapter uploads have a budget of their own,
-    so a package upload and inference bodies never crowd each other out.
+    so a package upload and inference bodies never crowd each other out. A compressed body (gzip,
+    deflate) reaches the app decompressed, within the same limit (`content_encoding.py`).
 
     The checks that need the body run inside the app's own reads, so their errors are raised where
     the route reads its body and are answered and counted like any other error of that route.
@@ -84,19 +86,26 @@ class BodyGuard:
         rules = self.rules
         upload = scope["path"].startswith(rules.upload_prefix)
         limit, budget = (rules.upload_limit, self.upload_budget) if upload else (rules.default_limit, self.budget)
-        declared_header = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        declared_header = headers.get(b"content-length")
         declared = int(declared_header) if declared_header is not None and declared_header.isdigit() else 0
         if declared > limit:
             return await self._refuse(scope, receive, send, PayloadTooLarge(f"request body exceeds {limit} bytes"))
         if not budget.fits(declared):  # say so before the client sends it all
             return await self._refuse(scope, receive, send, self._no_room(budget, declared))
-        held, done = 0, False
+        try:
+            decoder = body_decoder(headers.get(b"content-encoding"), limit)
+        except ServeError as exc:
+            return await self._refuse(scope, receive, send, exc)
+        if decoder is not None:  # the app reads the body as it was before it was compressed
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k not in (b"content-encoding", b"content-length")]}
+        held, received, done = 0, 0, False
         loop = asyncio.get_running_loop()
         started = window_start = loop.time()
         window_bytes, window_need = 0, rules.min_rate * rules.timeout_s
 
         async def guarded_receive() -> Message:
-            nonlocal held, done, window_start, window_bytes
+            nonlocal held, received, done, window_start, window_bytes
             if done:  # the body is in: later reads only wait for the client to leave, with no deadline
                 return await receive()
             deadline = loop.time() + rules.timeout_s
@@ -107,21 +116,24 @@ class BodyGuard:
                     message = await receive()
             except TimeoutError:
                 raise RequestTimeout(
-                    f"the request body arrived too slowly: {held} of {declared or 'unknown'} bytes in "
+                    f"the request body arrived too slowly: {received} of {declared or 'unknown'} bytes in "
                     f"{loop.time() - started:.1f} s (--body-timeout-s {rules.timeout_s:g}, --body-min-rate {rules.min_rate:g} bytes/s)"
                 ) from None
             if message["type"] == "http.disconnect":
-                raise ClientGone(f"the client left after sending {held} bytes of its request body")
-            chunk = len(message.get("body", b""))
-            if held + chunk > limit:
+                raise ClientGone(f"the client left after sending {received} bytes of its request body")
+            body, done = message.get("body", b""), not message.get("more_body", False)
+            received += len(body)
+            if received > limit:
                 raise PayloadTooLarge(f"request body exceeds {limit} bytes")
-            if not budget.take(chunk, own=held):
-                raise self._no_room(budget, held + chunk)
-            held += chunk
-            window_bytes += chunk
+            window_bytes += len(body)
             if window_bytes >= window_need:  # this window is paid: the next one starts now
                 window_start, window_bytes = loop.time(), 0
-            done = not message.get("more_body", False)
+            if decoder is not None:
+                body = await decoder.feed(body, final=done)
+                message = {**message, "body": body}
+            if not budget.take(len(body), own=held):  # what is held in memory: the body as the app reads it
+                raise self._no_room(budget, held + len(body))
+            held += len(body)
             return message
 
         try:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import json
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -341,3 +343,54 @@ def test_the_classification_extension_answers_score_index_label_strings(http):
         assert output["data"] == expected[:shown]
     detect = {"inputs": [image], "outputs": [{"name": "scores", "parameters": {"classification": 2}}]}
     assert "applies to the 'scores' output of classify models" in answer(http.post("/v2/models/boxes/infer", json=detect), 400)["error"]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_compressed_request_bodies_answer_as_plain_ones(http, encoding):
+    """`Content-Encoding: gzip` or `deflate` (the zlib format, as Triton's clients send it), on /v2 and /v1 alike."""
+    compress = gzip.compress if encoding == "gzip" else zlib.compress
+    body = json.dumps({"inputs": [bytes_input(image_bytes(4))], "parameters": {"top_k": 2}}).encode()
+    plain = answer(http.post("/v2/models/pets/infer", content=body, headers={"content-type": "application/json"}))
+    headers = {"content-type": "application/json", "content-encoding": encoding}
+    assert answer(http.post("/v2/models/pets/infer", content=compress(body), headers=headers)) == plain
+    v1 = json.dumps({"images": [base64.b64encode(image_bytes(4)).decode()]}).encode()
+    assert answer(http.post("/v1/tasks/pets/classify?top_k=2", content=compress(v1), headers=headers))["results"]
+
+
+def test_a_compressed_body_is_bounded_by_its_inflated_size(http):
+    """A 70 KB gzip of 70 MB (past the 64 MB request limit) is a 413 as soon as it inflates past it;
+    corrupt, truncated or unknown encodings are 4xx; the connection serves the next request."""
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    bomb = gzip.compress(b" " * (70 * 2**20))
+    assert len(bomb) < 100_000
+    refused = http.post("/v2/models/pets/infer", content=bomb, headers=headers)
+    assert "inflates past" in answer(refused, 413)["error"]
+    valid = gzip.compress(json.dumps({"inputs": [bytes_input(image_bytes(0))]}).encode())
+    for body, encoding, status, complaint in [
+        (b"not gzip at all", "gzip", 400, "not valid gzip"),
+        (valid[: len(valid) // 2], "gzip", 400, "truncated"),
+        (valid + b"extra", "gzip", 400, "after its gzip stream"),
+        (valid, "br", 415, "gzip, deflate or identity"),
+    ]:
+        response = http.post("/v2/models/pets/infer", content=body, headers={**headers, "content-encoding": encoding})
+        assert complaint in answer(response, status)["error"]
+    assert answer(http.post("/v2/models/pets/infer", content=valid, headers=headers))["model_name"] == "pets"
+
+
+def test_the_decoder_inflates_a_body_however_it_is_cut():
+    """Any chunking, and output that fills a decompression slice exactly, inflate to the same bytes."""
+    import asyncio
+
+    from monaserve.server.content_encoding import SLICE, body_decoder
+
+    data = np.random.default_rng(0).integers(0, 4, 3 * SLICE, dtype=np.uint8).tobytes()
+    compressed = gzip.compress(data)
+
+    async def inflate(step: int, limit: int) -> bytes:
+        decoder = body_decoder(b"gzip", limit)
+        pieces = [compressed[i : i + step] for i in range(0, len(compressed), step)]
+        return b"".join([await decoder.feed(p, final=i == len(pieces) - 1) for i, p in enumerate(pieces)])
+
+    for step in (7, 4096, len(compressed)):
+        assert asyncio.run(inflate(step, len(data))) == data
+    assert body_decoder(b"identity", 10) is None and body_decoder(None, 10) is None
