@@ -1,7 +1,7 @@
 """The HTTP app, assembled in small named steps: error handlers, middleware, then the routers over one data plane.
 
 The request path, outermost first: `http_protocol.ConnectionGuard` (connection limits, timeouts) ->
-the middleware added here (error containment, body guard, CORS) -> a router
+the middleware added here (request counts, error containment, body guard, CORS) -> a router
 (`rest_v1`, `admin_v1`, `oip`, `health`) that translates its protocol -> `dataplane.DataPlane` ->
 `decoding.Decoder` and the `engine_client.EngineClient`: `LocalEngine` (registry lease, scheduler,
 engine), or under `--workers` `remote_engine.RemoteEngine` (shared memory and a socket to the engine
@@ -28,7 +28,7 @@ from .dataplane import DataPlane
 from .forward import ForwardToEngine
 from .health import health_router
 from .http_errors import install_error_handlers
-from .middleware import BodyGuard, BodyRules, ContainErrors
+from .middleware import BodyGuard, BodyRules, ContainErrors, CountRequests
 from .oip import oip_router
 from .oip_codec import HEADER_LENGTH
 from .rest_v1 import inference_router
@@ -51,11 +51,13 @@ def _lifespan(runtime: AnyRuntime):
     return lifespan
 
 
-def _add_middlewares(app: FastAPI, runtime: AnyRuntime, admin_routes: list[APIRoute]) -> None:
+def _add_middlewares(app: FastAPI, plane: DataPlane, admin_routes: list[APIRoute]) -> None:
     """The middleware stack, added innermost first: in a front-end process the admin routes' way to the
-    engine process, CORS (when asked for), the body guard, and outermost error containment. (The replica
+    engine process, CORS (when asked for), the body guard, error containment, and outermost the count
+    of inference requests (which sees every answer, a contained error's too). (The replica
     header is a default header of uvicorn's, so a contained error has it too; the connection guards add
     it to their own answers.)"""
+    runtime = plane.runtime
     config = runtime.config
     if runtime.admin_socket is not None:
         app.add_middleware(ForwardToEngine, socket_path=runtime.admin_socket, routes=admin_routes, config=config)
@@ -79,6 +81,7 @@ def _add_middlewares(app: FastAPI, runtime: AnyRuntime, admin_routes: list[APIRo
     upload_budget = BodyBudget(rules.upload_limit, "one package upload at a time", runtime.new_tally())
     app.add_middleware(BodyGuard, rules=rules, budget=budget, upload_budget=upload_budget)
     app.add_middleware(ContainErrors)
+    app.add_middleware(CountRequests, count=plane.count_request)
 
 
 def _register_routes(app: FastAPI, plane: DataPlane, config: ServeConfig) -> list[APIRoute]:
@@ -110,6 +113,7 @@ def create_app(runtime: AnyRuntime) -> FastAPI:
         redirect_slashes=False,  # a redirect would echo the Host header back, before any auth
     )
     install_error_handlers(app)
-    admin_routes = _register_routes(app, DataPlane(runtime), runtime.config)
-    _add_middlewares(app, runtime, admin_routes)
+    plane = DataPlane(runtime)
+    admin_routes = _register_routes(app, plane, runtime.config)
+    _add_middlewares(app, plane, admin_routes)
     return app

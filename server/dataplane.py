@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -22,7 +21,7 @@ from monaserve.adapters.kinds import Options, TaskKind, get_kind
 
 from .budgets import ResponseBudget
 from .catalog import TaskEntry, TaskLookup, TaskVersion
-from .errors import PayloadTooLarge, Timeout, WrongKind, status_of
+from .errors import PayloadTooLarge, Timeout, WrongKind
 from .registry import Registry
 
 if TYPE_CHECKING:
@@ -117,21 +116,14 @@ class DataPlane:
 
     # ---- inference -------------------------------------------------------------------------
 
-    @contextmanager
-    def counted(self, task: str, label: str) -> Iterator[None]:
-        """Count one request for `task` under `label` with the status it ends with (a task the
-        catalog does not know is not counted: names a client makes up must not grow the metrics)."""
-        status = 500
-        try:
-            yield
-            status = 200
-        except BaseException as exc:
-            status = status_of(exc)
-            raise
-        finally:
-            catalog = self.runtime.catalog
-            if catalog is not None and task in catalog:
-                self.metrics.requests.labels(task, label, str(status)).inc()
+    def count_request(self, task: str, protocol: str, status: int) -> None:
+        """Count one inference request for `task` under its kind, the protocol that carried it and the
+        status it ended with (a task the catalog does not know is not counted: names a client makes up
+        must not grow the metrics)."""
+        catalog = self.runtime.catalog
+        entry = catalog.get(task) if catalog is not None else None
+        if entry is not None:
+            self.metrics.requests.labels(task, entry.manifest.kind, protocol, str(status)).inc()
 
     async def infer(
         self, request: InferRequest, render: Callable[[InferResult], T], read_asked: Callable[[TaskKind], Asked] | None = None

@@ -39,7 +39,10 @@ class Metrics:
         self._device_memory: Callable[[], float] | None = None
         r = self.registry
         self.requests = Counter(
-            "monaserve_requests", "Inference requests by task, kind and HTTP status.", ["task", "kind", "status"], registry=r
+            "monaserve_requests",
+            "Inference requests by task, its kind, protocol (v1, v2, grpc) and HTTP status (gRPC's as the status it maps from).",
+            ["task", "kind", "protocol", "status"],
+            registry=r,
         )
         self.images = Counter("monaserve_images", "Images inferred, by task.", ["task"], registry=r)
         self.latency = Histogram(

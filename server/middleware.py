@@ -1,9 +1,11 @@
-"""ASGI middleware, outermost first: error containment, and the guard on request bodies."""
+"""ASGI middleware, outermost first: counting inference requests, error containment, and the guard on request bodies."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -14,6 +16,54 @@ from .errors import BodyBudgetFull, ClientGone, PayloadTooLarge, RequestTimeout,
 from .http_errors import error_response
 
 log = logging.getLogger(__name__)
+
+
+INFERENCE_ROUTES = (
+    (re.compile(r"/v1/tasks/([^/]+)/[^/]+"), "v1"),
+    (re.compile(r"/v2/models/([^/]+)(?:/versions/[^/]+)?/infer"), "v2"),
+)
+"""The inference routes' paths, the task each names, and their protocol's metric label."""
+
+
+class CountRequests:
+    """Counts every inference request with the status it was answered with, those refused before their
+    route ran too (a missing token, a body too large, a path that does not validate), once, under the
+    task it names (`DataPlane.count_request`). A request whose answer never started counts as 499
+    (its client left) or 500."""
+
+    def __init__(self, app: ASGIApp, count: Callable[[str, str, int], None]) -> None:
+        self.app, self.count = app, count
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = _inference_route(scope)
+        if route is None:
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        except asyncio.CancelledError:
+            status = 499
+            raise
+        finally:
+            self.count(*route, status)
+
+
+def _inference_route(scope: Scope) -> tuple[str, str] | None:
+    """(task, protocol) of an inference request; None for every other request."""
+    if scope["type"] != "http" or scope["method"] != "POST":
+        return None
+    for pattern, protocol in INFERENCE_ROUTES:
+        match = pattern.fullmatch(scope["path"])
+        if match is not None:
+            return match[1], protocol
+    return None
 
 
 class ContainErrors:

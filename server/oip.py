@@ -125,15 +125,12 @@ class OipEndpoints:
         return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 400)
 
     async def infer(self, name: TaskName, request: Request, version: VersionNumber | None) -> Response:
-        with self.plane.counted(name, "oip"):
-            body = await request.body()
-            loop = asyncio.get_running_loop()
-            header, images = await loop.run_in_executor(
-                self.plane.runtime.decode_pool, parse_request, body, request.headers.get(HEADER_LENGTH)
-            )
-            answer = OipAnswer(name, header)
-            work = InferRequest(name, images, version_number(version))
-            body, headers = await unless_client_leaves(request, self.plane.infer(work, answer, read_asked=answer.read))
+        body = await request.body()
+        loop = asyncio.get_running_loop()
+        header, images = await loop.run_in_executor(self.plane.runtime.decode_pool, parse_request, body, request.headers.get(HEADER_LENGTH))
+        answer = OipAnswer(name, header)
+        work = InferRequest(name, images, version_number(version))
+        body, headers = await unless_client_leaves(request, self.plane.infer(work, answer, read_asked=answer.read))
         return Response(body, headers=headers)
 
     async def index(self, request: Request) -> list[dict]:

@@ -123,10 +123,9 @@ class InferenceEndpoints:
 
     async def infer(self, request: Request) -> Response:
         params = InferParams.read(request)
-        with self.plane.counted(params.task, params.kind):
-            images = await read_images(request, self.plane.config.max_images_per_request)
-            work = InferRequest(params.task, images, params.version, params.kind, Options(params.top_k, params.min_score, params.rle))
-            body = await unless_client_leaves(request, self.plane.infer(work, render))
+        images = await read_images(request, self.plane.config.max_images_per_request)
+        work = InferRequest(params.task, images, params.version, params.kind, Options(params.top_k, params.min_score, params.rle))
+        body = await unless_client_leaves(request, self.plane.infer(work, render))
         return Response(body, media_type="application/json")
 
     async def list_tasks(self) -> list[TaskInfo]:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from monaserve.adapters.synthetic import random_package
 
@@ -394,3 +395,29 @@ def test_the_decoder_inflates_a_body_however_it_is_cut():
     for step in (7, 4096, len(compressed)):
         assert asyncio.run(inflate(step, len(data))) == data
     assert body_decoder(b"identity", 10) is None and body_decoder(None, 10) is None
+
+
+def test_every_inference_request_is_counted_under_its_kind_and_protocol(http):
+    """Answers refused before inference (a body too large by its Content-Length, a path that does not
+    validate, JSON that does not parse) count as well, each under the task's kind and its protocol."""
+
+    def counts() -> dict[tuple[str, str], float]:
+        return {
+            (sample.labels["protocol"], sample.labels["status"]): sample.value
+            for family in text_string_to_metric_families(http.get("/metrics").text)
+            for sample in family.samples
+            if sample.name == "monaserve_requests_total" and sample.labels["task"] == "boxes" and sample.labels["kind"] == "detect"
+        }
+
+    before = counts()
+    image = {"inputs": [bytes_input(image_bytes(0))]}
+    assert http.post("/v2/models/boxes/infer", json=image).status_code == 200
+    assert http.post("/v2/models/boxes/versions/1/infer", json=image).status_code == 200
+    assert http.post("/v2/models/boxes/versions/x/infer", json=image).status_code == 422
+    assert http.post("/v2/models/boxes/infer", content=b"{", headers={"content-type": "application/json"}).status_code == 400
+    assert http.post("/v2/models/boxes/infer", content=b"x" * (65 * 2**20)).status_code == 413
+    assert http.post("/v1/tasks/boxes/detect", files={"image": ("x", image_bytes(0))}).status_code == 200
+    assert http.post("/v2/models/nobody/infer", json=image).status_code == 404  # a made-up name counts nowhere
+    after = counts()
+    moved = {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)}
+    assert moved == {("v2", "200"): 2, ("v2", "422"): 1, ("v2", "400"): 1, ("v2", "413"): 1, ("v1", "200"): 1}

@@ -352,7 +352,7 @@ def test_metrics(server):
         client.post("/v1/tasks/birds/classify", files={"image": ("x", image_bytes(1))})
         text = client.get("/metrics").text
     for series in [
-        'monaserve_requests_total{kind="classify",status="200",task="birds"}',
+        'monaserve_requests_total{kind="classify",protocol="v1",status="200",task="birds"}',
         'monaserve_request_latency_seconds_count{stage="inference",task="birds"}',
         'monaserve_request_latency_seconds_count{stage="queue",task="birds"}',
         "monaserve_batch_size_count",
