@@ -26,6 +26,7 @@ from .budgets import BodyBudget
 from .config import REPLICA_HEADER, ServeConfig
 from .dataplane import DataPlane
 from .forward import ForwardToEngine
+from .grpc_server import GrpcServer
 from .health import health_router
 from .http_errors import install_error_handlers
 from .middleware import BodyGuard, BodyRules, ContainErrors, CountRequests
@@ -37,13 +38,18 @@ from .runtime import AnyRuntime
 MiB = 2**20
 
 
-def _lifespan(runtime: AnyRuntime):
-    """Start the runtime in the background (the app answers health probes while the backbone loads); drain on exit."""
+def _lifespan(runtime: AnyRuntime, grpc: GrpcServer | None):
+    """Start the runtime in the background (the app answers health probes while the backbone loads) and
+    the gRPC server (it listens at once too); on exit, after HTTP has drained, gRPC drains, then the runtime."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         start = asyncio.create_task(runtime.start())
+        if grpc is not None:
+            await grpc.start()
         yield
+        if grpc is not None:
+            await grpc.stop(runtime.config.request_timeout_s + 5)
         if not start.done():
             start.cancel()
         await runtime.stop()
@@ -51,7 +57,12 @@ def _lifespan(runtime: AnyRuntime):
     return lifespan
 
 
-def _add_middlewares(app: FastAPI, plane: DataPlane, admin_routes: list[APIRoute]) -> None:
+def _body_budget(runtime: AnyRuntime) -> BodyBudget:
+    """Bytes of request bodies held at once, HTTP's and gRPC's together (--max-body-buffer-mb)."""
+    return BodyBudget(int(runtime.config.max_body_buffer_mb * MiB), "--max-body-buffer-mb", runtime.new_tally())
+
+
+def _add_middlewares(app: FastAPI, plane: DataPlane, budget: BodyBudget, admin_routes: list[APIRoute]) -> None:
     """The middleware stack, added innermost first: in a front-end process the admin routes' way to the
     engine process, CORS (when asked for), the body guard, error containment, and outermost the count
     of inference requests (which sees every answer, a contained error's too). (The replica
@@ -77,7 +88,6 @@ def _add_middlewares(app: FastAPI, plane: DataPlane, admin_routes: list[APIRoute
         timeout_s=config.body_timeout_s,
         min_rate=config.body_min_rate,
     )
-    budget = BodyBudget(int(config.max_body_buffer_mb * MiB), "--max-body-buffer-mb", runtime.new_tally())
     upload_budget = BodyBudget(rules.upload_limit, "one package upload at a time", runtime.new_tally())
     app.add_middleware(BodyGuard, rules=rules, budget=budget, upload_budget=upload_budget)
     app.add_middleware(ContainErrors)
@@ -103,17 +113,19 @@ def _register_routes(app: FastAPI, plane: DataPlane, config: ServeConfig) -> lis
     ]
 
 
-def create_app(runtime: AnyRuntime) -> FastAPI:
-    """The ASGI app over `runtime` (whose start-up runs in the app's lifespan)."""
+def create_app(runtime: AnyRuntime, serve_grpc: bool = False) -> FastAPI:
+    """The ASGI app over `runtime` (whose start-up runs in the app's lifespan), and with `serve_grpc` the
+    gRPC server on `--grpc-port` (unless 0) over the same data plane."""
+    plane, budget = DataPlane(runtime), _body_budget(runtime)
+    grpc = GrpcServer(plane, budget) if serve_grpc and runtime.config.grpc_port else None
     app = FastAPI(
         title="monaserve",
         summary="One frozen Swin backbone, many Mona-adapted tasks.",
         version="0.1.0",
-        lifespan=_lifespan(runtime),
+        lifespan=_lifespan(runtime, grpc),
         redirect_slashes=False,  # a redirect would echo the Host header back, before any auth
     )
     install_error_handlers(app)
-    plane = DataPlane(runtime)
     admin_routes = _register_routes(app, plane, runtime.config)
-    _add_middlewares(app, plane, admin_routes)
+    _add_middlewares(app, plane, budget, admin_routes)
     return app

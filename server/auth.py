@@ -37,6 +37,12 @@ def check_admin(config: ServeConfig, credentials: HTTPAuthorizationCredentials |
     check_bearer(credentials, [config.admin_token], "admin routes")
 
 
+def check_api(config: ServeConfig, credentials: HTTPAuthorizationCredentials | None) -> None:
+    """With --api-token, inference needs it (or the admin token); without, it is open."""
+    if config.api_token is not None:
+        check_bearer(credentials, [t for t in (config.api_token, config.admin_token) if t], "inference routes")
+
+
 def bearer_credentials(authorization: str | None) -> HTTPAuthorizationCredentials | None:
     """An `Authorization` header's bearer token, read as `HTTPBearer` reads it (for code outside the routes)."""
     scheme, token = get_authorization_scheme_param(authorization)
@@ -55,10 +61,9 @@ def admin_guard(config: ServeConfig) -> Callable:
 
 
 def api_guard(config: ServeConfig) -> Callable:
-    """The dependency of inference routes: with --api-token they need it (or the admin token); without, they are open."""
+    """The dependency of inference routes (`check_api`)."""
 
     async def require_api(credentials: Credentials) -> None:
-        if config.api_token is not None:
-            check_bearer(credentials, [t for t in (config.api_token, config.admin_token) if t], "inference routes")
+        check_api(config, credentials)
 
     return require_api

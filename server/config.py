@@ -52,6 +52,7 @@ class ServeConfig(BackboneOptions):
     # listening
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0 in containers)")
     port: int = option(8000, "port to listen on")
+    grpc_port: int = option(8001, "port of the Open Inference Protocol's gRPC service, on --host (0: off)")
     replica_id: str | None = option(None, "this replica's name in responses and metrics (default: host:port)")
     log_level: Literal["debug", "info", "warning", "error"] = option("info", "log level")
     access_log: bool = option(True, "log one line per request (off: leave it to the load balancer, for speed)")
@@ -178,6 +179,8 @@ class ServeConfig(BackboneOptions):
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.body_min_rate < 0:
             raise ValueError(f"--body-min-rate must be 0 (off) or positive, got {self.body_min_rate}")
+        if not 0 <= self.grpc_port <= 65535 or self.grpc_port and self.grpc_port == self.port:
+            raise ValueError(f"--grpc-port must be 0 (off) or a port other than --port's, got {self.grpc_port}")
 
     def _check_triton(self) -> None:
         """`--mona-kernel triton` needs Triton, and a GPU (the CPU runs Triton only under its test interpreter)."""

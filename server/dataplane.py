@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from monaserve.adapters.kinds import Options, TaskKind, get_kind
+from monaserve.adapters.transforms import Prepared
 
 from .budgets import ResponseBudget
 from .catalog import TaskEntry, TaskLookup, TaskVersion
+from .engine_client import EngineRun
 from .errors import PayloadTooLarge, Timeout, WrongKind
 from .registry import Registry
 
@@ -109,6 +111,14 @@ class DataPlane:
         """What a request for `name` (at `version`, or not) would run; 404 while it is unloaded, as inference is."""
         return await self.catalog.serving(name, version)
 
+    async def stats_models(self, name: str | None, version: int | None) -> list[tuple[str, int]]:
+        """The (task, version)s statistics are reported for: one version, every version of one task, or
+        (no name) every READY version; 404 for a task that is unknown or unloaded."""
+        if name is None:
+            return [(entry.name, v) for entry in self.tasks() if entry.enabled for v in sorted(entry.versions)]
+        target = await self.servable(name, version)
+        return [(name, target.version)] if version is not None else [(name, v) for v in sorted(target.entry.versions)]
+
     def tasks(self) -> list[TaskEntry]:
         """Every task in the catalog, by name (kept fresh by the catalog refresh; no store read per call)."""
         catalog = self.catalog
@@ -135,26 +145,52 @@ class DataPlane:
         check_image_count(len(request.images), self.config.max_images_per_request)
         timeout = self.config.request_timeout_s
         started = time.monotonic()
+        target: TaskVersion | None = None
         try:
-            async with asyncio.timeout(timeout) as deadline:
-                target = await self._resolve(request)
-                asked = Asked(request.options) if read_asked is None else read_asked(target.kind)
-                options = asked.options
-                if asked.timeout_s is not None and asked.timeout_s < timeout:  # the client's deadline, from the same start
-                    deadline.reschedule(deadline.when() - (timeout - asked.timeout_s))
-                    timeout = asked.timeout_s
-                prepared = await self.runtime.decoder.prepare(request.images, target.manifest.input)
-                decoded = time.monotonic()
-                run = await self.runtime.engine_client.run(
-                    request.task, target.version, target.manifest, [p.tensor for p in prepared], request.version is not None
-                )
-        except TimeoutError:
-            raise Timeout(f"request for {request.task!r} did not finish within {timeout:g} s") from None
-        total = time.monotonic() - started
-        timings = {"decode": decoded - started, "queue": run.queue_s, "inference": run.inference_s, "total": total}
-        for stage, seconds in timings.items():
-            self.metrics.latency.labels(request.task, stage).observe(seconds)
-        self.metrics.images.labels(request.task).inc(len(request.images))
+            try:
+                async with asyncio.timeout(timeout) as deadline:
+                    target = await self._resolve(request)
+                    asked = Asked(request.options) if read_asked is None else read_asked(target.kind)
+                    if asked.timeout_s is not None and asked.timeout_s < timeout:  # the client's deadline, from the same start
+                        deadline.reschedule(deadline.when() - (timeout - asked.timeout_s))
+                        timeout = asked.timeout_s
+                    prepared = await self.runtime.decoder.prepare(request.images, target.manifest.input)
+                    decoded = time.monotonic()
+                    run = await self.runtime.engine_client.run(
+                        request.task, target.version, target.manifest, [p.tensor for p in prepared], request.version is not None
+                    )
+            except TimeoutError:
+                raise Timeout(f"request for {request.task!r} did not finish within {timeout:g} s") from None
+            ran = time.monotonic()
+            timings = {"decode": decoded - started, "queue": run.queue_s, "inference": run.inference_s, "total": ran - started}
+            for stage, seconds in timings.items():
+                self.metrics.latency.labels(request.task, stage).observe(seconds)
+            self.metrics.images.labels(request.task).inc(len(request.images))
+            answer = await self._answer(request, run, prepared, asked.options, timings, render)
+        except BaseException:
+            if target is not None:  # it reached a version: the statistics extension counts it as failed there
+                self.metrics.observe_model_failure(request.task, target.version, time.monotonic() - started)
+            raise
+        finished = time.monotonic()
+        stages = {
+            "queue": run.queue_s,
+            "compute_input": decoded - started,
+            "compute_infer": run.inference_s,
+            "compute_output": finished - ran,
+        }
+        self.metrics.observe_model_success(request.task, run.version, len(request.images), stages, finished - started)
+        return answer
+
+    async def _answer(
+        self,
+        request: InferRequest,
+        run: EngineRun,
+        prepared: list[Prepared],
+        options: Options,
+        timings: dict,
+        render: Callable[[InferResult], T],
+    ) -> T:
+        """Post-process `run`'s predictions and `render` the protocol's answer: on the event loop when cheap."""
         kind = get_kind(run.manifest.kind)
         budget = ResponseBudget(int(self.config.max_response_mb * MiB))
 

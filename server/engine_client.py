@@ -50,6 +50,7 @@ class LocalEngine:
         job = Job(
             images,
             lease.slot,
+            (task, lease.version),
             on_settled=functools.partial(self.registry.release, lease),
             future=asyncio.get_running_loop().create_future(),
         )

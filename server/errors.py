@@ -18,6 +18,13 @@ class ServeError(Exception):
         self.message = message
         self.retry_after_s = retry_after_s
 
+    @classmethod
+    def answered(cls, status: int, code: str, message: str) -> ServeError:
+        """The error another process of this server answered with, raised here with its status and code."""
+        error = cls(message)
+        error.status, error.code = status, code
+        return error
+
     def headers(self) -> dict[str, str]:
         headers = {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
         return headers | ({"Connection": "close"} if self.close_connection else {})

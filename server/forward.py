@@ -27,6 +27,11 @@ the client escaped stays escaped, so the engine process decodes the path exactly
 NOT_RETURNED = NOT_FORWARDED | {"date", "server", REPLICA_HEADER.lower()}  # this process's server adds its own
 
 
+def engine_http_client(socket_path: str) -> httpx.AsyncClient:
+    """A client of the engine process's private HTTP server."""
+    return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=socket_path), base_url="http://engine", timeout=FORWARD_TIMEOUT_S)
+
+
 class ForwardToEngine:
     """ASGI middleware (inside the body guard, so a forwarded body has met this process's limits first):
     a request for one of the admin `routes` goes to the engine process once its token has been checked
@@ -38,9 +43,7 @@ class ForwardToEngine:
         self.routes = routes
         self.prefixes = tuple({route.path.split("{")[0] for route in routes})  # a cheap test first: most requests are not admin calls
         self.config = config
-        self.client = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=socket_path), base_url="http://engine", timeout=FORWARD_TIMEOUT_S
-        )
+        self.client = engine_http_client(socket_path)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self._is_admin_call(scope):

@@ -129,7 +129,7 @@ def run(
     where = {"uds": uds} if uds is not None else {"host": config.host, "port": config.port}
     server = DrainingServer(
         uvicorn.Config(
-            create_app(runtime),
+            create_app(runtime, serve_grpc=uds is None),  # the engine process under --workers serves only its private socket
             **where,
             log_level=config.log_level,
             access_log=config.access_log,

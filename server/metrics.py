@@ -10,7 +10,8 @@ it declares (`multiprocess_mode`).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,9 +20,11 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    Summary,
     generate_latest,
     multiprocess,
 )
+from prometheus_client.samples import Sample
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -93,6 +96,28 @@ class Metrics:
         self.device_memory = Gauge(
             "monaserve_device_memory_bytes", "Device memory allocated by the engine (CUDA only).", registry=r, multiprocess_mode="livesum"
         )
+        # the statistics extension's figures (`model_stats.py`), per model (task) and version
+        model = ["task", "version"]
+        self.model_requests = Summary(
+            "monaserve_model_request_seconds",
+            "Inference requests that reached a version, by outcome (success, fail).",
+            [*model, "outcome"],
+            registry=r,
+        )
+        self.model_stages = Summary(
+            "monaserve_model_stage_seconds",
+            "Successful requests' time by stage: queue, compute_input (decode), compute_infer (batch), compute_output (answer).",
+            [*model, "stage"],
+            registry=r,
+        )
+        self.model_inferences = Counter("monaserve_model_inferences", "Images inferred, by task and version.", model, registry=r)
+        self.model_executions = Counter("monaserve_model_executions", "Engine batches that ran a version's images.", model, registry=r)
+        self.model_batches = Summary(
+            "monaserve_model_batch_seconds", "Engine batch time by version and its images in the batch.", [*model, "batch_size"], registry=r
+        )
+        self.model_last_inference = Gauge(
+            "monaserve_model_last_inference_ms", "When a version last answered (Unix time, ms).", model, registry=r, multiprocess_mode="max"
+        )
         self.replica = Gauge(
             "monaserve_replica", "1, labelled with this replica's id.", ["replica"], registry=r, multiprocess_mode="livemax"
         )
@@ -110,12 +135,41 @@ class Metrics:
         if self._device_memory is not None:
             self.device_memory.set(self._device_memory())
 
+    def observe_model_success(self, task: str, version: int, images: int, stages: dict[str, float], seconds: float) -> None:
+        """A request `task` v`version` answered: its `images`, its time by stage and in all."""
+        labels = (task, str(version))
+        self.model_requests.labels(*labels, "success").observe(seconds)
+        for stage, stage_seconds in stages.items():
+            self.model_stages.labels(*labels, stage).observe(stage_seconds)
+        self.model_inferences.labels(*labels).inc(images)
+        self.model_last_inference.labels(*labels).set(round(time.time() * 1000))
+
+    def observe_model_failure(self, task: str, version: int, seconds: float) -> None:
+        """A request for `task` v`version` failed after it was resolved, `seconds` after it started."""
+        self.model_requests.labels(task, str(version), "fail").observe(seconds)
+
+    def observe_model_batch(self, task: str, version: int, images: int, seconds: float) -> None:
+        """An engine batch that held `images` of `task` v`version` ran in `seconds`."""
+        labels = (task, str(version))
+        self.model_executions.labels(*labels).inc()
+        self.model_batches.labels(*labels, str(images)).observe(seconds)
+
     def render(self) -> bytes:
         """The text exposition: this process's metrics, or under `--workers` every process's."""
         if self._device_memory is not None:
             self.device_memory.set(self._device_memory())
+        return generate_latest(self._collected())
+
+    def samples(self, prefix: str) -> Iterator[Sample]:
+        """Every sample whose name starts with `prefix`: this process's, or under `--workers` every process's."""
+        for family in self._collected().collect():
+            for sample in family.samples:
+                if sample.name.startswith(prefix):
+                    yield sample
+
+    def _collected(self) -> CollectorRegistry:
         if not self.shared:
-            return generate_latest(self.registry)
+            return self.registry
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)
-        return generate_latest(merged)
+        return merged

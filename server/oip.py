@@ -12,25 +12,19 @@ import json
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
+from monaserve.adapters.swin import resolve_device
+
 from .dataplane import DataPlane, InferRequest
 from .disconnect import unless_client_leaves
 from .errors import BadRequest
+from .model_stats import model_statistics
 from .oip_answer import OipAnswer, parse_request
-from .oip_codec import HEADER_LENGTH, parameters_of, short_repr
+from .oip_codec import HEADER_LENGTH, parameters_of, short_repr, version_number
+from .oip_models import model_config, model_metadata, server_metadata
+from .oip_repository import LocalRepository
 from .oip_schemas import ModelReady, ServerLive, ServerReady
 from .schemas import ERROR_STATUSES, OipError, TaskName, VersionNumber
 
-PLATFORM = "monaserve"
-EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "model_repository(unload_dependents)", "parameters"]
-INPUTS = [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
-"""The input a model declares. `pixels` (UINT8 `[N, H, W, 3]` or `[H, W, 3]`) is accepted in its place
-but not declared: tools fill every declared input, and a request holds exactly one."""
-ALTERNATIVE_INPUT = "pixels: UINT8 [-1, -1, -1, 3] or [-1, -1, 3], in place of image"
-LOAD_PARAMETERS: dict[str, str] = {
-    "config": "a model's configuration comes from its adapter package: upload a new version (PUT /v1/adapters/{name}/versions/{v})",
-    "file:": "adapter files are uploaded as packages (PUT /v1/adapters/{name}/versions/{v}), never with a load",
-}
-"""Triton's load parameters, refused with the reason; `unload_dependents` is accepted (a task has no dependents)."""
 OIP_ERRORS: dict[int | str, dict] = {status: {"model": OipError} for status in ERROR_STATUSES}
 INFER_DOC = {
     "requestBody": {
@@ -49,14 +43,6 @@ INFER_DOC = {
 }
 
 
-def version_number(version: str | None) -> int | None:
-    if version is None:
-        return None
-    if not version.isdigit() or int(version) < 1:
-        raise BadRequest(f"model versions are positive integers, got {version!r}")
-    return int(version)
-
-
 def json_object(body: bytes) -> dict:
     """An optional JSON object body (empty: `{}`)."""
     if not body.strip():
@@ -70,27 +56,16 @@ def json_object(body: bytes) -> dict:
     return value
 
 
-def check_repository_parameters(name: str, parameters: dict, action: str) -> None:
-    """A load or unload's parameters: `unload_dependents` (a flag) on unloads, nothing else; 400 naming why."""
-    for key, value in parameters.items():
-        refused = LOAD_PARAMETERS.get(key.split(":", 1)[0] + ":" if ":" in key else key)  # file:<path> is one family
-        if refused is not None:
-            raise BadRequest(f"{action} parameter {short_repr(key)} is not supported: {refused.format(name=name, v='N')}")
-        if action == "unload" and key == "unload_dependents":
-            if not isinstance(value, bool):
-                raise BadRequest(f"parameter 'unload_dependents' must be true or false; got {short_repr(value)}")
-            continue
-        raise BadRequest(f"unknown {action} parameter {short_repr(key)}")
-
-
 class OipEndpoints:
     """The /v2 routes over one data plane."""
 
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
+        self.repository = LocalRepository(plane)  # in a front end, admin routes go to the engine process before they get here
+        self.on_gpu = resolve_device(plane.config.device).type == "cuda"
 
     async def server_metadata(self) -> dict:
-        return {"name": "monaserve", "version": "0.1.0", "extensions": EXTENSIONS}
+        return server_metadata()
 
     async def live(self) -> dict:
         return {"live": True}
@@ -109,15 +84,23 @@ class OipEndpoints:
         return await self.infer(name, request, None)
 
     async def metadata(self, name: TaskName, version: VersionNumber | None) -> dict:
+        return model_metadata(await self.plane.servable(name, version_number(version)))
+
+    async def config(self, name: TaskName, version: VersionNumber | None) -> dict:
         target = await self.plane.servable(name, version_number(version))
-        return {
-            "name": name,
-            "versions": [str(v) for v in sorted(target.entry.versions)],
-            "platform": PLATFORM,
-            "inputs": INPUTS,
-            "outputs": [{"name": o.name, "datatype": o.datatype, "shape": list(o.shape)} for o in target.kind.outputs],
-            "parameters": {"kind": target.kind.name, "labels": len(target.manifest.labels), "alternative_input": ALTERNATIVE_INPUT},
-        }
+        return model_config(target, self.plane.config, self.on_gpu)
+
+    async def statistics(self, name: TaskName, version: VersionNumber | None) -> dict:
+        return model_statistics(self.plane.metrics, await self.plane.stats_models(name, version_number(version)))
+
+    async def all_statistics(self) -> dict:
+        return model_statistics(self.plane.metrics, await self.plane.stats_models(None, None))
+
+    async def serving_statistics(self, name: TaskName) -> dict:
+        return await self.statistics(name, None)
+
+    async def serving_config(self, name: TaskName) -> dict:
+        return await self.config(name, None)
 
     async def model_ready(self, name: TaskName, version: VersionNumber | None) -> Response:
         target = await self.plane.task(name, version_number(version))
@@ -134,27 +117,17 @@ class OipEndpoints:
         return Response(body, headers=headers)
 
     async def index(self, request: Request) -> list[dict]:
-        registry = self.plane.registry
-        await registry.refresh()
         only_ready = json_object(await request.body()).get("ready", False)
         if not isinstance(only_ready, bool):
             raise BadRequest(f"'ready' must be true or false; got {short_repr(only_ready)}")
-        return [
-            {"name": entry.name, "version": str(version), "state": "READY" if entry.enabled else "UNAVAILABLE", "reason": reason}
-            for entry in self.plane.tasks()
-            if entry.enabled or not only_ready
-            for reason in ["" if entry.enabled else "unloaded"]
-            for version in sorted(entry.versions)
-        ]
+        return await self.repository.index(only_ready)
 
     async def load(self, name: TaskName, request: Request) -> Response:
-        check_repository_parameters(name, parameters_of(json_object(await request.body()), "the load request"), "load")
-        await self.plane.registry.load(name)
+        await self.repository.load(name, parameters_of(json_object(await request.body()), "the load request"))
         return Response(status_code=200)
 
     async def unload(self, name: TaskName, request: Request) -> Response:
-        check_repository_parameters(name, parameters_of(json_object(await request.body()), "the unload request"), "unload")
-        await self.plane.registry.unload(name)
+        await self.repository.unload(name, parameters_of(json_object(await request.body()), "the unload request"))
         return Response(status_code=200)
 
 
@@ -181,13 +154,30 @@ def oip_router(plane: DataPlane, require_api, require_admin) -> APIRouter:
         "responses": {**OIP_ERRORS, 400: {"model": ModelReady, "description": "not ready"}},
     }
     infer = {"summary": "Inference", "response_class": Response, "openapi_extra": INFER_DOC, **api}
-    for prefix, metadata, model_ready, model_infer in (  # the version the model serves, or one named in the path
-        ("/models/{name}", endpoints.serving_metadata, endpoints.serving_ready, endpoints.serving_infer),
-        ("/models/{name}/versions/{version}", endpoints.metadata, endpoints.model_ready, endpoints.infer),
+    add("/models/stats", endpoints.all_statistics, methods=["GET"], summary="Statistics of every ready model version", **api)
+    for prefix, metadata, model_ready, model_infer, config, statistics in (  # the version it serves, or one in the path
+        (
+            "/models/{name}",
+            endpoints.serving_metadata,
+            endpoints.serving_ready,
+            endpoints.serving_infer,
+            endpoints.serving_config,
+            endpoints.serving_statistics,
+        ),
+        (
+            "/models/{name}/versions/{version}",
+            endpoints.metadata,
+            endpoints.model_ready,
+            endpoints.infer,
+            endpoints.config,
+            endpoints.statistics,
+        ),
     ):
         add(prefix, metadata, methods=["GET"], summary="Model metadata", **api)
         add(prefix + "/ready", model_ready, methods=["GET"], **ready)
         add(prefix + "/infer", model_infer, methods=["POST"], **infer)
+        add(prefix + "/config", config, methods=["GET"], summary="Model configuration (Triton's extension)", **api)
+        add(prefix + "/stats", statistics, methods=["GET"], summary="Model statistics (Triton's extension)", **api)
     admin = {"dependencies": [Depends(require_admin)], "responses": OIP_ERRORS}
     add("/repository/index", endpoints.index, methods=["POST"], summary="Models in the repository and their state", **admin)
     add(

@@ -28,10 +28,10 @@ MAX_INLINE_VALUES = 4_000_000
 def parse_request(body: bytes, header_length: str | None) -> tuple[dict, list[bytes | np.ndarray]]:
     """The JSON header and the images (run in the decode pool: large bodies must not stall the loop)."""
     header, binary = split_body(body, header_length)
-    return header, _images(read_inputs(header, binary))
+    return header, images_of(read_inputs(header, binary))
 
 
-def _images(inputs: dict) -> list[bytes | np.ndarray]:
+def images_of(inputs: dict) -> list[bytes | np.ndarray]:
     """The request's images from its one input: `image` (BYTES) or `pixels` (UINT8 HWC)."""
     if len(inputs) != 1 or not inputs.keys() <= {"image", "pixels"}:
         raise BadRequest(f"send exactly one input, 'image' (BYTES) or 'pixels' (UINT8); got {sorted(inputs)}")

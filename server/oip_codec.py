@@ -80,7 +80,7 @@ def read_inputs(header: dict, binary: memoryview) -> dict[str, tuple[str, list[i
             if not is_integer(size) or size < 0 or offset + size > len(binary):
                 raise BadRequest(f"input {name!r}: binary_data_size {short_repr(size)} runs past the end of the body")
             chunk, offset = binary[offset : offset + size], offset + size
-            values = _binary_values(name, datatype, chunk, count)
+            values = binary_values(name, datatype, chunk, count)
         elif "data" in spec:
             values = _json_values(name, datatype, spec["data"], shape)
         else:
@@ -89,6 +89,15 @@ def read_inputs(header: dict, binary: memoryview) -> dict[str, tuple[str, list[i
     if offset != len(binary):
         raise BadRequest(f"{len(binary) - offset} bytes of binary data belong to no input")
     return found
+
+
+def version_number(version: str | None) -> int | None:
+    """A model version as the protocol writes it (a string), read as a number; None or empty: none."""
+    if not version:
+        return None
+    if not (version.isascii() and version.isdigit() and len(version) <= 10) or int(version) < 1:
+        raise BadRequest(f"model versions are positive integers, got {short_repr(version)}")
+    return int(version)
 
 
 def element_count(name: str, shape: Any) -> int:
@@ -144,7 +153,7 @@ def _json_values(name: str, datatype: str, data: Any, shape: list[int]) -> np.nd
         raise BadRequest(f"input {name!r}: values are not {datatype}") from None
 
 
-def _binary_values(name: str, datatype: str, chunk: memoryview, count: int) -> np.ndarray | list[bytes]:
+def binary_values(name: str, datatype: str, chunk: memoryview, count: int) -> np.ndarray | list[bytes]:
     if datatype == "BYTES":
         values, position = [], 0
         while position < len(chunk):

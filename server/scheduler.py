@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -23,7 +23,7 @@ RunBatch = Callable[[torch.Tensor, list[int]], list[torch.Tensor]]
 
 @dataclass
 class Job:
-    """One request's images, all for one slot. `future` gets the outputs in image order.
+    """One request's images, all for one slot and one `model` (task, version). `future` gets the outputs in image order.
 
     `on_settled` runs once every image has left the scheduler (run, or dropped because the request
     gave up), which is when the request's slot may be released.
@@ -31,6 +31,7 @@ class Job:
 
     images: list[torch.Tensor]
     slot: int
+    model: tuple[str, int]
     on_settled: Callable[[], None]
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
@@ -164,6 +165,8 @@ class Scheduler:
         finished = time.monotonic()
         self.metrics.batch_size.observe(len(live))
         self.metrics.batch_tasks.observe(len({item.job.slot for item in live}))
+        for (task, version), images in Counter(item.job.model for item in live).items():
+            self.metrics.observe_model_batch(task, version, images, finished - started)
         for item, output in zip(live, outputs):
             item.job.finished = finished
             item.job.settle(item.index, output)

@@ -51,14 +51,18 @@ def address_family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def check_port_free(config: ServeConfig) -> None:
-    """Fail at once, in one line, if another process holds the port (the front ends bind it with SO_REUSEPORT)."""
-    with socket.socket(address_family(config.host)) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((config.host, config.port))
-        except OSError as exc:
-            raise ValueError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}; give another --port") from None
+def check_ports_free(config: ServeConfig) -> None:
+    """Fail at once, in one line, if another process holds the HTTP or the gRPC port (the front ends bind
+    both with SO_REUSEPORT, which would share them with it)."""
+    for port, flag in ((config.port, "--port"), (config.grpc_port, "--grpc-port")):
+        if port == 0:
+            continue
+        with socket.socket(address_family(config.host)) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((config.host, port))
+            except OSError as exc:
+                raise ValueError(f"cannot listen on {config.host}:{port}: {exc.strerror}; give another {flag}") from None
 
 
 def parent_death_signal() -> Callable[[], None] | None:
@@ -175,7 +179,7 @@ class Supervisor:
 
 def serve_workers(config: ServeConfig) -> int:
     """`monaserve serve` with `config.front_ends` > 1."""
-    check_port_free(config)
+    check_ports_free(config)
     return Supervisor(config).run()
 
 

@@ -46,12 +46,15 @@ class ServerProcess:
     ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        env = {"MONASERVE_GRPC_PORT": str(free_port()), **(env or {})}  # an environment variable: older code (a baseline) ignores it
+        self.grpc_port = int(env["MONASERVE_GRPC_PORT"])
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.store = store
         self.log_path = log
         command = [MONASERVE, "serve", "--weights", str(weights), "--store", str(store), "--port", str(self.port), *args]
         command = [*(launcher or []), *command]
         self._log = log.open("ab")
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **env})
 
     def wait_ready(self, timeout: float = 120.0) -> ServerProcess:
         deadline = time.monotonic() + timeout

@@ -56,10 +56,12 @@ class TokenClient:
 
 
 class InProcessServer:
-    """`monaserve serve` with `options` (ServeConfig fields) as an app in this process; enter it to start."""
+    """`monaserve serve` with `options` (ServeConfig fields) as an app in this process; enter it to start.
+    With `serve_grpc`, its gRPC server listens on `options["grpc_port"]` too."""
 
-    def __init__(self, weights: Path, store: Path, **options: Any) -> None:
+    def __init__(self, weights: Path, store: Path, serve_grpc: bool = False, **options: Any) -> None:
         self.store = store
+        self.serve_grpc = serve_grpc
         self.config = ServeConfig(weights=str(weights), store=str(store), **options)
         self.config.check()
         self.runtime = Runtime(self.config)
@@ -71,7 +73,7 @@ class InProcessServer:
         logger = logging.getLogger("monaserve")
         logger.addHandler(self._handler)
         logger.setLevel(logging.INFO)
-        self._client = TestClient(create_app(self.runtime), raise_server_exceptions=False)
+        self._client = TestClient(create_app(self.runtime, serve_grpc=self.serve_grpc), raise_server_exceptions=False)
         self._client.__enter__()  # the lifespan: start-up runs in the background, as under uvicorn
         deadline = time.monotonic() + 120
         while self._client.get("/health/ready").status_code != 200:

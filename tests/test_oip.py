@@ -7,6 +7,7 @@ import gzip
 import io
 import json
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -421,3 +422,69 @@ def test_every_inference_request_is_counted_under_its_kind_and_protocol(http):
     after = counts()
     moved = {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)}
     assert moved == {("v2", "200"): 2, ("v2", "422"): 1, ("v2", "400"): 1, ("v2", "413"): 1, ("v1", "200"): 1}
+
+
+def test_statistics_move_by_exactly_the_requests_sent(http):
+    """Triton's statistics extension: per version, successes and failures (those that reached a version),
+    images, engine batches and the time of each stage."""
+
+    def stats() -> dict:
+        (model,) = answer(http.get("/v2/models/masks/versions/1/stats"))["model_stats"]
+        return model
+
+    before, started_ms = stats(), time.time() * 1000
+    image = bytes_input(image_bytes(0))
+    assert http.post("/v2/models/masks/infer", json={"inputs": [image]}).status_code == 200
+    assert http.post("/v2/models/masks/infer", json={"inputs": [bytes_input(image_bytes(1), image_bytes(2))]}).status_code == 200
+    assert http.post("/v2/models/masks/infer", json={"inputs": [image], "outputs": [{"name": "boxes"}]}).status_code == 400
+    assert http.post("/v2/models/masks/infer", content=b"{").status_code == 400  # never reached a version: not counted
+    after = stats()
+    moved = {key: after["inference_stats"][key]["count"] - before["inference_stats"][key]["count"] for key in after["inference_stats"]}
+    assert moved == {
+        "success": 2,
+        "fail": 1,
+        "queue": 2,
+        "compute_input": 2,
+        "compute_infer": 2,
+        "compute_output": 2,
+        "cache_hit": 0,
+        "cache_miss": 0,
+    }
+    assert after["inference_count"] - before["inference_count"] == 3
+    executions = after["execution_count"] - before["execution_count"]
+    assert 1 <= executions <= 3
+    assert (
+        sum(b["compute_infer"]["count"] for b in after["batch_stats"]) - sum(b["compute_infer"]["count"] for b in before["batch_stats"])
+        == executions
+    )
+    for key in ("success", "compute_infer"):
+        assert after["inference_stats"][key]["ns"] > before["inference_stats"][key]["ns"]
+    assert after["last_inference"] >= started_ms - 1
+    assert (after["name"], after["version"]) == ("masks", "1")
+
+
+def test_statistics_cover_the_ready_versions(server, http):
+    everything = answer(http.get("/v2/models/stats"))["model_stats"]
+    assert [(m["name"], m["version"]) for m in everything] == [("boxes", "1"), ("masks", "1"), ("pets", "1"), ("pets", "2")]
+    assert [m["version"] for m in answer(http.get("/v2/models/pets/stats"))["model_stats"]] == ["1", "2"]
+    assert http.get("/v2/models/nope/stats").status_code == 404
+    http.post("/v2/repository/models/boxes/unload", headers=ADMIN).raise_for_status()
+    try:
+        assert [m["name"] for m in answer(http.get("/v2/models/stats"))["model_stats"]] == ["masks", "pets", "pets"]
+        assert "unloaded" in answer(http.get("/v2/models/boxes/stats"), 404)["error"]
+    finally:
+        http.post("/v2/repository/models/boxes/load", headers=ADMIN).raise_for_status()
+
+
+def test_model_configuration_describes_the_model_as_triton_does(http):
+    config = answer(http.get("/v2/models/pets/config"))
+    assert (config["name"], config["platform"], config["max_batch_size"]) == ("pets", "monaserve", 0)
+    assert config["input"] == [{"name": "image", "data_type": "TYPE_STRING", "dims": [-1]}]
+    assert [(o["name"], o["data_type"], o["dims"]) for o in config["output"]] == [
+        ("scores", "TYPE_FP32", [-1, -1]),
+        ("labels", "TYPE_STRING", [-1, -1]),
+        ("indices", "TYPE_INT64", [-1, -1]),
+    ]
+    assert config["parameters"]["kind"] == {"string_value": "classify"} and config["parameters"]["version"] == {"string_value": "2"}
+    assert answer(http.get("/v2/models/pets/versions/1/config"))["parameters"]["version"] == {"string_value": "1"}
+    assert http.get("/v2/models/nope/config").status_code == 404
