@@ -32,6 +32,7 @@ from .http_errors import install_error_handlers
 from .middleware import BodyGuard, BodyRules, ContainErrors, CountRequests
 from .oip import oip_router
 from .oip_codec import HEADER_LENGTH
+from .oip_schemas import body_components
 from .rest_v1 import inference_router
 from .runtime import AnyRuntime
 
@@ -113,6 +114,19 @@ def _register_routes(app: FastAPI, plane: DataPlane, config: ServeConfig) -> lis
     ]
 
 
+def _document_body_schemas(app: FastAPI) -> None:
+    """Request bodies the routes parse themselves (the Open Inference Protocol's), as OpenAPI components
+    their routes refer to, so that a generated client gets typed models."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            build().setdefault("components", {}).setdefault("schemas", {}).update(body_components())
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def create_app(runtime: AnyRuntime, serve_grpc: bool = False) -> FastAPI:
     """The ASGI app over `runtime` (whose start-up runs in the app's lifespan), and with `serve_grpc` the
     gRPC server on `--grpc-port` (unless 0) over the same data plane."""
@@ -128,4 +142,5 @@ def create_app(runtime: AnyRuntime, serve_grpc: bool = False) -> FastAPI:
     install_error_handlers(app)
     admin_routes = _register_routes(app, plane, runtime.config)
     _add_middlewares(app, plane, budget, admin_routes)
+    _document_body_schemas(app)
     return app

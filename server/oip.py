@@ -22,7 +22,21 @@ from .oip_answer import OipAnswer, parse_request
 from .oip_codec import HEADER_LENGTH, parameters_of, short_repr, version_number
 from .oip_models import model_config, model_metadata, server_metadata
 from .oip_repository import LocalRepository
-from .oip_schemas import ModelReady, ServerLive, ServerReady
+from .oip_schemas import (
+    InferenceRequest,
+    InferenceResponse,
+    ModelConfig,
+    ModelMetadata,
+    ModelReady,
+    ModelStatisticsResponse,
+    RepositoryCall,
+    RepositoryIndexRequest,
+    RepositoryModel,
+    ServerLive,
+    ServerMetadata,
+    ServerReady,
+    body,
+)
 from .schemas import ERROR_STATUSES, OipError, TaskName, VersionNumber
 
 OIP_ERRORS: dict[int | str, dict] = {status: {"model": OipError} for status in ERROR_STATUSES}
@@ -30,14 +44,19 @@ INFER_DOC = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {"inputs": {"type": "array"}}}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            **body(InferenceRequest)["requestBody"]["content"],
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary", "description": "InferenceRequest's JSON, then binary tensor data"}
+            },
         },
     },
     "responses": {
         "200": {
             "description": "outputs as JSON, or JSON then binary tensor data (Inference-Header-Content-Length)",
-            "content": {"application/json": {"schema": {"type": "object"}}, "application/octet-stream": {}},
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/InferenceResponse"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
         }
     },
 }
@@ -136,7 +155,7 @@ def oip_router(plane: DataPlane, require_api, require_admin) -> APIRouter:
     endpoints = OipEndpoints(plane)
     router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
     add = router.add_api_route
-    add("", endpoints.server_metadata, methods=["GET"], summary="Server metadata")
+    add("", endpoints.server_metadata, methods=["GET"], summary="Server metadata", response_model=ServerMetadata)
     add("/health/live", endpoints.live, methods=["GET"], summary="200 while the process runs", response_model=ServerLive)
     add(
         "/health/ready",
@@ -154,7 +173,9 @@ def oip_router(plane: DataPlane, require_api, require_admin) -> APIRouter:
         "responses": {**OIP_ERRORS, 400: {"model": ModelReady, "description": "not ready"}},
     }
     infer = {"summary": "Inference", "response_class": Response, "openapi_extra": INFER_DOC, **api}
-    add("/models/stats", endpoints.all_statistics, methods=["GET"], summary="Statistics of every ready model version", **api)
+    infer["responses"] = {**OIP_ERRORS, 200: {"model": InferenceResponse}}  # documents the component; INFER_DOC the content
+    stats = {"response_model": ModelStatisticsResponse, **api}
+    add("/models/stats", endpoints.all_statistics, methods=["GET"], summary="Statistics of every ready model version", **stats)
     for prefix, metadata, model_ready, model_infer, config, statistics in (  # the version it serves, or one in the path
         (
             "/models/{name}",
@@ -173,20 +194,40 @@ def oip_router(plane: DataPlane, require_api, require_admin) -> APIRouter:
             endpoints.statistics,
         ),
     ):
-        add(prefix, metadata, methods=["GET"], summary="Model metadata", **api)
+        add(prefix, metadata, methods=["GET"], summary="Model metadata", response_model=ModelMetadata, **api)
         add(prefix + "/ready", model_ready, methods=["GET"], **ready)
         add(prefix + "/infer", model_infer, methods=["POST"], **infer)
-        add(prefix + "/config", config, methods=["GET"], summary="Model configuration (Triton's extension)", **api)
-        add(prefix + "/stats", statistics, methods=["GET"], summary="Model statistics (Triton's extension)", **api)
+        add(
+            prefix + "/config",
+            config,
+            methods=["GET"],
+            summary="Model configuration (Triton's extension)",
+            response_model=ModelConfig,
+            **api,
+        )
+        add(prefix + "/stats", statistics, methods=["GET"], summary="Model statistics (Triton's extension)", **stats)
     admin = {"dependencies": [Depends(require_admin)], "responses": OIP_ERRORS}
-    add("/repository/index", endpoints.index, methods=["POST"], summary="Models in the repository and their state", **admin)
+    optional_call = body(RepositoryCall, required=False)
     add(
-        "/repository/models/{name}/load",
-        endpoints.load,
+        "/repository/index",
+        endpoints.index,
         methods=["POST"],
-        summary="Load a model (its newest version)",
-        response_class=Response,
+        summary="Every stored version and its state",
+        response_model=list[RepositoryModel],
+        openapi_extra=body(RepositoryIndexRequest, required=False),
         **admin,
     )
-    add("/repository/models/{name}/unload", endpoints.unload, methods=["POST"], summary="Unload a model", response_class=Response, **admin)
+    for action, endpoint, summary in (
+        ("load", endpoints.load, "Load a model (its newest version)"),
+        ("unload", endpoints.unload, "Unload a model (every version)"),
+    ):
+        add(
+            f"/repository/models/{{name}}/{action}",
+            endpoint,
+            methods=["POST"],
+            summary=summary,
+            response_class=Response,
+            openapi_extra=optional_call,
+            **admin,
+        )
     return router

@@ -153,3 +153,15 @@ def test_attack_bench(tmp_path):
     assert cases["oip: mask output listed 50 times"]["status"] == 400
     assert cases["v1: 8 4000x3000 JPEGs, rle=true"]["status"] == 200
     assert set(result["scenarios"]["memory"]["answers"]) <= {"200", "503"}
+
+
+@pytest.mark.process
+def test_grpc_bench(tmp_path):
+    args = ("--duration", "1", "--rounds", "1", "--concurrency", "2", "--cases", "png-32")
+    results = run_bench("grpc_bench.py", tmp_path, *args)["results"]
+    assert [r["protocol"] for r in results] == ["rest", "grpc"]
+    for measured in results:
+        assert measured["requests_per_s"] > 0 and measured["failures"] == 0 and measured["p99_ms"] >= measured["p50_ms"]
+    assert results[0]["vs_rest"] == 1.0 and results[1]["vs_rest"] == pytest.approx(
+        results[1]["requests_per_s"] / results[0]["requests_per_s"]
+    )

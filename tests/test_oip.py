@@ -6,6 +6,7 @@ import base64
 import gzip
 import io
 import json
+import re
 import struct
 import time
 import zlib
@@ -488,3 +489,29 @@ def test_model_configuration_describes_the_model_as_triton_does(http):
     assert config["parameters"]["kind"] == {"string_value": "classify"} and config["parameters"]["version"] == {"string_value": "2"}
     assert answer(http.get("/v2/models/pets/versions/1/config"))["parameters"]["version"] == {"string_value": "1"}
     assert http.get("/v2/models/nope/config").status_code == 404
+
+
+def test_the_openapi_document_types_every_v2_body(http):
+    """A generated client gets typed models: every /v2 body is a component, and real answers validate against them."""
+    from monaserve.server import oip_schemas
+
+    document = http.get("/openapi.json").json()
+    schemas, paths = document["components"]["schemas"], document["paths"]
+    infer = paths["/v2/models/{name}/infer"]["post"]
+    assert infer["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/InferenceRequest"}
+    assert infer["responses"]["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/InferenceResponse"}
+    assert schemas["InferenceRequest"]["properties"]["inputs"]["items"] == {"$ref": "#/components/schemas/RequestInput"}
+    assert {"name", "shape", "datatype", "parameters", "data"} == set(schemas["RequestInput"]["properties"])
+    refs = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(document)))
+    assert refs <= set(schemas), refs - set(schemas)
+    image = bytes_input(image_bytes(0))
+    for route, path, model in [
+        ("/v2", "/v2", oip_schemas.ServerMetadata),
+        ("/v2/models/{name}", "/v2/models/pets", oip_schemas.ModelMetadata),
+        ("/v2/models/{name}/config", "/v2/models/pets/config", oip_schemas.ModelConfig),
+        ("/v2/models/stats", "/v2/models/stats", oip_schemas.ModelStatisticsResponse),
+    ]:
+        assert "$ref" in json.dumps(paths[route]["get"]["responses"]["200"]), route
+        model.model_validate(answer(http.get(path)))
+    oip_schemas.InferenceResponse.model_validate(answer(http.post("/v2/models/boxes/infer", json={"inputs": [image]})))
+    oip_schemas.InferenceRequest.model_validate({"inputs": [image], "parameters": {"top_k": 2}})

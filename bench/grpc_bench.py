@@ -1,0 +1,159 @@
+"""gRPC against REST on the same load, side by side in one run: the Open Inference Protocol's ModelInfer
+(raw contents) against `/v2` REST with the binary tensor extension, the same image, the same server, the
+same number of requests in flight, from the same asyncio load generator (in a process of its own).
+
+    python bench/grpc_bench.py                         # the engine's forward a constant: the protocol stacks' own cost
+    python bench/grpc_bench.py --engine real           # the real Swin-T engine
+    python bench/grpc_bench.py --cases png-32,jpeg-512 --duration 20 --concurrency 16 --rounds 3
+
+Rounds alternate the protocols so that drift on a shared machine falls on both; the table gives
+requests/s, p50 and p99 per protocol and gRPC's rate as a ratio of REST's. Results go to
+`bench/results/grpc-<engine>-engine-<cpu>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import statistics
+import struct
+import time
+
+import grpc
+import httpx
+import torch
+
+from monaserve.server.oip_proto import grpc_service_pb2 as pb
+from monaserve.server.oip_proto.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+
+from common import print_table, scratch_folder, write_result
+from frontend_bench import TASK, bench_server, case_image, task_files
+
+PROTOCOLS = ("rest", "grpc")
+
+
+def rest_body(data: bytes) -> tuple[bytes, dict[str, str]]:
+    """A `/v2` request with the image as BYTES in the binary tensor extension, as Triton's HTTP client sends it."""
+    header = json.dumps(
+        {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(data) + 4}}]}
+    ).encode()
+    headers = {"content-type": "application/octet-stream", "inference-header-content-length": str(len(header))}
+    return header + struct.pack("<I", len(data)) + data, headers
+
+
+def grpc_request(data: bytes) -> pb.ModelInferRequest:
+    tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1])
+    return pb.ModelInferRequest(model_name=TASK, inputs=[tensor], raw_input_contents=[struct.pack("<I", len(data)) + data])
+
+
+async def load(protocol: str, url: str, target: str, data: bytes, concurrency: int, duration: float) -> dict:
+    """`concurrency` callers, each sending its next request when its last is answered, for `duration` s."""
+    latencies, failures = [], 0
+    deadline = time.perf_counter() + duration
+    if protocol == "rest":
+        body, headers = rest_body(data)
+        client = httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=concurrency), timeout=60)
+
+        async def call() -> bool:
+            return (await client.post(f"/v2/models/{TASK}/infer", content=body, headers=headers)).status_code == 200
+    else:
+        channel = grpc.aio.insecure_channel(target)
+        stub, request = GRPCInferenceServiceStub(channel), grpc_request(data)
+
+        async def call() -> bool:
+            await stub.ModelInfer(request, timeout=60)
+            return True
+
+    async def caller() -> None:
+        nonlocal failures
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            try:
+                ok = await call()
+            except (httpx.HTTPError, grpc.RpcError):
+                ok = False
+            latencies.append(time.perf_counter() - started)
+            failures += not ok
+
+    started = time.perf_counter()
+    await asyncio.gather(*[caller() for _ in range(concurrency)])
+    elapsed = time.perf_counter() - started
+    await (client.aclose() if protocol == "rest" else channel.close())
+    latencies.sort()
+    return {
+        "requests": len(latencies),
+        "seconds": elapsed,
+        "p50_ms": 1000 * latencies[len(latencies) // 2],
+        "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)],
+        "failures": failures,
+    }
+
+
+def load_in_a_process(*args) -> dict:
+    """`load` in a process of its own, so the load generator's interpreter is not this one's."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(run_load, args)
+
+
+def run_load(*args) -> dict:
+    return asyncio.run(load(*args))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", choices=["constant", "real"], default="constant")
+    parser.add_argument("--cases", default="png-32,jpeg-512", help="images, as frontend_bench.py names them")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per protocol per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    parser.add_argument("--device", default="cpu", help="the server's --device")
+    parser.add_argument("--server-args", default="", help="extra `monaserve serve` flags")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    folder = scratch_folder("monaserve-grpc-bench-")
+    weights, store = task_files(folder)
+    rows, results = [], []
+    server_args = ["--device", args.device, *args.server_args.split()]
+    with bench_server(folder / "server", server_args, weights, store, constant=args.engine == "constant") as server:
+        for case in args.cases.split(","):
+            data = case_image(case)[0]
+            for protocol in PROTOCOLS:  # warm both paths
+                load_in_a_process(protocol, server.url, server.grpc_target, data, args.concurrency, min(2.0, args.duration))
+            runs = {protocol: [] for protocol in PROTOCOLS}
+            for round_ in range(args.rounds):
+                for protocol in PROTOCOLS if round_ % 2 == 0 else reversed(PROTOCOLS):
+                    runs[protocol].append(
+                        load_in_a_process(protocol, server.url, server.grpc_target, data, args.concurrency, args.duration)
+                    )
+            rates = {p: sum(r["requests"] for r in rs) / sum(r["seconds"] for r in rs) for p, rs in runs.items()}
+            for protocol, measured in runs.items():
+                p50 = statistics.median(r["p50_ms"] for r in measured)
+                p99 = statistics.median(r["p99_ms"] for r in measured)
+                failures = sum(r["failures"] for r in measured)
+                ratio = rates[protocol] / rates["rest"]
+                rows.append([case, protocol, f"{rates[protocol]:.1f}", f"{p50:.1f}", f"{p99:.1f}", f"{ratio:.2f}x", failures])
+                results.append(
+                    {
+                        "case": case,
+                        "protocol": protocol,
+                        "requests_per_s": rates[protocol],
+                        "p50_ms": p50,
+                        "p99_ms": p99,
+                        "vs_rest": ratio,
+                        "failures": failures,
+                        "rounds": measured,
+                    }
+                )
+    print_table(["image", "protocol", "req/s", "p50 ms", "p99 ms", "vs REST", "failures"], rows)
+    settings = {"engine": args.engine, "concurrency": args.concurrency, "duration_s": args.duration, "rounds": args.rounds}
+    print(write_result(f"grpc-{args.engine}-engine", torch.device(args.device), {"settings": settings, "results": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
