@@ -45,12 +45,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/models/huggingface \
     MONASERVE_HOST=0.0.0.0 \
     MONASERVE_PORT=8000 \
+    MONASERVE_GRPC_PORT=8001 \
     MONASERVE_WEIGHTS=hub \
     MONASERVE_STORE=/var/lib/monaserve/adapters \
     MONASERVE_COMPILE_CACHE=/models/compile-cache \
     MONASERVE_DRAIN_DELAY_S=5
 VOLUME ["/var/lib/monaserve/adapters", "/models"]
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=600s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health/live' % os.environ.get('MONASERVE_PORT', '8000'), timeout=2)"]
 ENTRYPOINT ["monaserve", "serve"]

@@ -1,6 +1,7 @@
 """gRPC against REST on the same load, side by side in one run: the Open Inference Protocol's ModelInfer
 (raw contents) against `/v2` REST with the binary tensor extension, the same image, the same server, the
-same number of requests in flight, from the same asyncio load generator (in a process of its own).
+same number of requests in flight, from one asyncio load generator (in a process of its own; over REST
+a prepared request on keep-alive connections, the least a Python client can spend on one).
 
     python bench/grpc_bench.py                         # the engine's forward a constant: the protocol stacks' own cost
     python bench/grpc_bench.py --engine real           # the real Swin-T engine
@@ -17,12 +18,12 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import re
 import statistics
 import struct
 import time
 
 import grpc
-import httpx
 import torch
 
 from monaserve.server.oip_proto import grpc_service_pb2 as pb
@@ -48,39 +49,68 @@ def grpc_request(data: bytes) -> pb.ModelInferRequest:
     return pb.ModelInferRequest(model_name=TASK, inputs=[tensor], raw_input_contents=[struct.pack("<I", len(data)) + data])
 
 
+class KeepAliveConnection:
+    """One HTTP/1.1 keep-alive connection sending one prepared request again and again: the least a
+    Python client can do per request, so that the load generator's cost does not favour gRPC's C core."""
+
+    def __init__(self, host: str, port: int, request: bytes) -> None:
+        self.host, self.port, self.request = host, port, request
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def call(self) -> bool:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(self.request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
+        await self.reader.readexactly(length)
+        return head.startswith(b"HTTP/1.1 200")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def rest_request(url: str, data: bytes) -> tuple[str, int, bytes]:
+    """(host, port, the whole HTTP/1.1 request) of one image to `/v2` with the binary tensor extension."""
+    host, port = url.removeprefix("http://").split(":")
+    body, headers = rest_body(data)
+    lines = [f"POST /v2/models/{TASK}/infer HTTP/1.1", f"host: {host}:{port}", f"content-length: {len(body)}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    return host, int(port), ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
 async def load(protocol: str, url: str, target: str, data: bytes, concurrency: int, duration: float) -> dict:
-    """`concurrency` callers, each sending its next request when its last is answered, for `duration` s."""
+    """`concurrency` callers, each sending its next request when its last is answered, for `duration` s:
+    over REST each on its own keep-alive connection, over gRPC all on one channel (HTTP/2 streams)."""
     latencies, failures = [], 0
     deadline = time.perf_counter() + duration
-    if protocol == "rest":
-        body, headers = rest_body(data)
-        client = httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=concurrency), timeout=60)
+    channel = grpc.aio.insecure_channel(target)
+    stub, request = GRPCInferenceServiceStub(channel), grpc_request(data)
+    connections = [KeepAliveConnection(*rest_request(url, data)) for _ in range(concurrency)]
 
-        async def call() -> bool:
-            return (await client.post(f"/v2/models/{TASK}/infer", content=body, headers=headers)).status_code == 200
-    else:
-        channel = grpc.aio.insecure_channel(target)
-        stub, request = GRPCInferenceServiceStub(channel), grpc_request(data)
-
-        async def call() -> bool:
-            await stub.ModelInfer(request, timeout=60)
-            return True
-
-    async def caller() -> None:
+    async def caller(connection: KeepAliveConnection) -> None:
         nonlocal failures
         while time.perf_counter() < deadline:
             started = time.perf_counter()
             try:
-                ok = await call()
-            except (httpx.HTTPError, grpc.RpcError):
+                if protocol == "rest":
+                    ok = await connection.call()
+                else:
+                    await stub.ModelInfer(request, timeout=60)
+                    ok = True
+            except (OSError, asyncio.IncompleteReadError, grpc.RpcError):
                 ok = False
             latencies.append(time.perf_counter() - started)
             failures += not ok
 
     started = time.perf_counter()
-    await asyncio.gather(*[caller() for _ in range(concurrency)])
+    await asyncio.gather(*[caller(connection) for connection in connections])
     elapsed = time.perf_counter() - started
-    await (client.aclose() if protocol == "rest" else channel.close())
+    for connection in connections:
+        connection.close()
+    await channel.close()
     latencies.sort()
     return {
         "requests": len(latencies),

@@ -61,6 +61,6 @@ def parse_env(args: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in shlex.split(args))
 
 
-def Nginx(ports: list[int], workdir: Path, port: int) -> testing.Nginx:  # noqa: N802 (reads as the class it makes)
-    """nginx running deploy/nginx/nginx.conf in `workdir` on `port`, its upstream pointed at `ports`."""
-    return testing.Nginx(ports, workdir, port, config=NGINX_CONF, binary=require_tool("nginx"))
+def Nginx(ports: list[int], workdir: Path, port: int, grpc_ports: list[int] | None = None) -> testing.Nginx:  # noqa: N802 (reads as the class it makes)
+    """nginx running deploy/nginx/nginx.conf in `workdir` on `port`, its upstreams pointed at `ports` (and `grpc_ports`)."""
+    return testing.Nginx(ports, workdir, port, config=NGINX_CONF, binary=require_tool("nginx"), grpc_ports=grpc_ports)

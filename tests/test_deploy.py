@@ -56,7 +56,7 @@ def test_runtime_stage_runs_unprivileged_with_healthcheck_port_volumes_and_env(d
     assert user.split(":")[0] not in ("root", "0")
     (healthcheck,) = runtime.all("HEALTHCHECK")
     assert "/health/live" in healthcheck and "--start-period=" in healthcheck
-    assert runtime.all("EXPOSE") == ["8000"]
+    assert runtime.all("EXPOSE") == ["8000 8001"]  # HTTP, and the Open Inference Protocol's gRPC
     volumes = json.loads(runtime.all("VOLUME")[0])
     env = {k: v for args in runtime.all("ENV") for k, v in parse_env(args).items()}
     assert env["MONASERVE_STORE"] in volumes and "/models" in volumes and env["HF_HOME"].startswith("/models")

@@ -368,3 +368,13 @@ def test_the_generated_modules_are_fresh(tmp_path):
         assert (tmp_path / module).read_text() == (PROTO / module).read_text(), (
             f"{module} is stale: python -m monaserve.server.oip_proto.generate"
         )
+
+
+def test_compressed_messages_are_read_and_bounded_by_their_inflated_size(stub):
+    """gRPC's own message compression: a gzip request answers as a plain one; one that inflates past
+    --max-request-mb is refused by gRPC's limit, which applies to the inflated message."""
+    plain = stub.ModelInfer(image_request("pets", image_bytes(6)))
+    assert stub.ModelInfer(image_request("pets", image_bytes(6)), compression=grpc.Compression.Gzip) == plain
+    bomb = image_request("pets", b"\0" * (70 * 2**20))
+    fails(stub.ModelInfer, bomb, grpc.StatusCode.RESOURCE_EXHAUSTED, "", compression=grpc.Compression.Gzip)
+    assert stub.ServerLive(pb.ServerLiveRequest()).live

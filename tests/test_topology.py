@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import signal
+import struct
 import threading
 import time
 from collections import Counter
 
+import grpc
 import httpx
 import pytest
 
 from monaserve.adapters import InputSpec
+from monaserve.server.oip_proto import grpc_service_pb2 as pb
+from monaserve.server.oip_proto.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from monaserve.testing import FAULTS
 
 from deploy_harness import Nginx
@@ -60,7 +64,7 @@ def test_three_replicas_behind_nginx(tmp_path, tiny_weights, shared_backbone):
             server.wait_ready(180)
         (tmp_path / "nginx").mkdir()
         with (
-            Nginx(ports, tmp_path / "nginx", free_port()) as nginx,
+            Nginx(ports, tmp_path / "nginx", free_port(), grpc_ports=[r.grpc_port for r in replicas]) as nginx,
             httpx.Client(base_url=nginx.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as gateway,
         ):
             tasks = [f"task-{i}" for i in range(6)]
@@ -73,6 +77,15 @@ def test_three_replicas_behind_nginx(tmp_path, tiny_weights, shared_backbone):
                     response = direct.post("/v1/tasks/task-0/classify", content=image, headers=JPEG)
                     assert response.status_code == 200 and response.json()["version"] == 1
                     assert response.headers[REPLICA] == f"replica-{i}"
+
+            # gRPC through nginx's HTTP/2 listener reaches a replica and answers as REST does
+            with grpc.insecure_channel(nginx.grpc_target) as channel:
+                tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1])
+                request = pb.ModelInferRequest(
+                    model_name="task-0", inputs=[tensor], raw_input_contents=[struct.pack("<I", len(image)) + image]
+                )
+                answer = GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+            assert answer.model_version == "1" and [o.name for o in answer.outputs] == ["scores", "labels", "indices"]
 
             # a new version reaches every replica within the refresh period
             started = time.monotonic()
