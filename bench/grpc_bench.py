@@ -8,7 +8,10 @@ a prepared request on keep-alive connections, the least a Python client can spen
     python bench/grpc_bench.py --cases png-32,jpeg-512 --duration 20 --concurrency 16 --rounds 3
 
 Rounds alternate the protocols so that drift on a shared machine falls on both; the table gives
-requests/s, p50 and p99 per protocol and gRPC's rate as a ratio of REST's. Results go to
+requests/s, p50 and p99 per protocol and gRPC's rate as a ratio of REST's, and the server's own CPU time
+per request (its process tree's, read from /proc): the load generator shares the machine and its two
+clients do not cost the same, so the server's CPU per request is the fairer figure of what each
+protocol costs to serve. Results go to
 `bench/results/grpc-<engine>-engine-<cpu>.json`.
 """
 
@@ -18,10 +21,12 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
 import re
 import statistics
 import struct
 import time
+from pathlib import Path
 
 import grpc
 import torch
@@ -121,14 +126,72 @@ async def load(protocol: str, url: str, target: str, data: bytes, concurrency: i
     }
 
 
-def load_in_a_process(*args) -> dict:
-    """`load` in a process of its own, so the load generator's interpreter is not this one's."""
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user and system) used so far by process `pid` and its descendants (under `--workers`)."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS)  # ppid, utime + stime
+    tree, total = {pid}, 0.0
+    changed = True  # a child's pid is not always above its parent's: walk until nothing joins
+    while changed:
+        joined = {p for p, (ppid, _) in stats.items() if ppid in tree and p not in tree}
+        tree |= joined
+        changed = bool(joined)
+    for p in tree:
+        total += stats.get(p, (0, 0.0))[1]
+    return total
+
+
+def load_in_a_process(server_pid: int, *args) -> dict:
+    """`load` in a process of its own, so the load generator's interpreter is not this one's; with the
+    server's CPU seconds per request over the same span (what the protocol costs the server, whatever
+    the load generator spends)."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(run_load, args)
+        before = tree_cpu_s(server_pid)
+        measured = pool.apply(run_load, args)
+        measured["server_cpu_ms_per_request"] = 1000 * (tree_cpu_s(server_pid) - before) / max(1, measured["requests"])
+        return measured
 
 
 def run_load(*args) -> dict:
     return asyncio.run(load(*args))
+
+
+def summarise(case: str, runs: dict[str, list[dict]], results: list[dict]) -> list[list]:
+    """Each protocol's rounds of one case as a table row, appended to `results` in full: requests/s over
+    all rounds, the median round's p50, p99 and server CPU per request, and each as a ratio to REST's."""
+    rates = {p: sum(r["requests"] for r in rs) / sum(r["seconds"] for r in rs) for p, rs in runs.items()}
+    cpu = {p: statistics.median(r["server_cpu_ms_per_request"] for r in rs) for p, rs in runs.items()}
+    rows = []
+    for protocol, measured in runs.items():
+        p50, p99 = (statistics.median(r[key] for r in measured) for key in ("p50_ms", "p99_ms"))
+        failures = sum(r["failures"] for r in measured)
+        ratio, cost = rates[protocol] / rates["rest"], cpu[protocol] / cpu["rest"]
+        row = [f"{rates[protocol]:.1f}", f"{p50:.1f}", f"{p99:.1f}", f"{ratio:.2f}x", f"{cpu[protocol]:.2f}", f"{cost:.2f}x"]
+        rows.append([case, protocol, *row, failures])
+        results.append(
+            {
+                "case": case,
+                "protocol": protocol,
+                "requests_per_s": rates[protocol],
+                "p50_ms": p50,
+                "p99_ms": p99,
+                "vs_rest": ratio,
+                "server_cpu_ms_per_request": cpu[protocol],
+                "server_cpu_vs_rest": cost,
+                "failures": failures,
+                "rounds": measured,
+            }
+        )
+    return rows
 
 
 def parse_args() -> argparse.Namespace:
@@ -153,33 +216,19 @@ def main() -> int:
         for case in args.cases.split(","):
             data = case_image(case)[0]
             for protocol in PROTOCOLS:  # warm both paths
-                load_in_a_process(protocol, server.url, server.grpc_target, data, args.concurrency, min(2.0, args.duration))
+                load_in_a_process(
+                    server.process.pid, protocol, server.url, server.grpc_target, data, args.concurrency, min(2.0, args.duration)
+                )
             runs = {protocol: [] for protocol in PROTOCOLS}
             for round_ in range(args.rounds):
                 for protocol in PROTOCOLS if round_ % 2 == 0 else reversed(PROTOCOLS):
-                    runs[protocol].append(
-                        load_in_a_process(protocol, server.url, server.grpc_target, data, args.concurrency, args.duration)
+                    measured = load_in_a_process(
+                        server.process.pid, protocol, server.url, server.grpc_target, data, args.concurrency, args.duration
                     )
-            rates = {p: sum(r["requests"] for r in rs) / sum(r["seconds"] for r in rs) for p, rs in runs.items()}
-            for protocol, measured in runs.items():
-                p50 = statistics.median(r["p50_ms"] for r in measured)
-                p99 = statistics.median(r["p99_ms"] for r in measured)
-                failures = sum(r["failures"] for r in measured)
-                ratio = rates[protocol] / rates["rest"]
-                rows.append([case, protocol, f"{rates[protocol]:.1f}", f"{p50:.1f}", f"{p99:.1f}", f"{ratio:.2f}x", failures])
-                results.append(
-                    {
-                        "case": case,
-                        "protocol": protocol,
-                        "requests_per_s": rates[protocol],
-                        "p50_ms": p50,
-                        "p99_ms": p99,
-                        "vs_rest": ratio,
-                        "failures": failures,
-                        "rounds": measured,
-                    }
-                )
-    print_table(["image", "protocol", "req/s", "p50 ms", "p99 ms", "vs REST", "failures"], rows)
+                    runs[protocol].append(measured)
+            rows += summarise(case, runs, results)
+    headers = ["image", "protocol", "req/s", "p50 ms", "p99 ms", "vs REST", "server CPU ms/req", "CPU vs REST", "failures"]
+    print_table(headers, rows)
     settings = {"engine": args.engine, "concurrency": args.concurrency, "duration_s": args.duration, "rounds": args.rounds}
     print(write_result(f"grpc-{args.engine}-engine", torch.device(args.device), {"settings": settings, "results": results}))
     return 0

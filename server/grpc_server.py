@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 import grpc
+import httpx
 
 from .budgets import BodyBudget
 from .dataplane import DataPlane
@@ -32,6 +33,7 @@ class GrpcServer:
     def __init__(self, plane: DataPlane, budget: BodyBudget) -> None:
         self.plane, self.budget = plane, budget
         self.server: grpc.aio.Server | None = None
+        self.engine: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
         """Listen now (before the backbone loads: ServerLive answers while ServerReady is false); a port
@@ -44,8 +46,8 @@ class GrpcServer:
             ("grpc.so_reuseport", 1 if front_end else 0),
         ]
         self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_connections)
-        engine = engine_http_client(runtime.admin_socket) if front_end else None
-        add_GRPCInferenceServiceServicer_to_server(OipServicer(self.plane, self.budget, engine), self.server)
+        self.engine = engine_http_client(runtime.admin_socket) if front_end else None
+        add_GRPCInferenceServiceServicer_to_server(OipServicer(self.plane, self.budget, self.engine), self.server)
         address = listen_address(config.host, config.grpc_port)
         try:
             self.server.add_insecure_port(address)
@@ -58,3 +60,5 @@ class GrpcServer:
         """Refuse new calls; those in flight finish within `grace_s`."""
         if self.server is not None:
             await self.server.stop(grace_s)
+        if self.engine is not None:
+            await self.engine.aclose()

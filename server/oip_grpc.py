@@ -14,7 +14,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import grpc
 import httpx
@@ -56,16 +56,23 @@ CODES = {
 """Each HTTP status a `ServeError` carries, as a gRPC status (anything else: INTERNAL)."""
 
 
-def rpc(admin: bool = False) -> Callable:
-    """An RPC: its token checked (the admin token for the repository), every error answered as its gRPC
-    status with the REST error's text (and `retry-after` as trailing metadata), an unexpected one logged."""
+Access = Literal["public", "api", "admin"]
+ACCESS: dict[Access, Callable | None] = {"public": None, "api": check_api, "admin": check_admin}
+"""Who may call: anyone (health and server metadata, as on REST), holders of the API token when the
+server has one (models and inference), holders of the admin token (the repository)."""
+
+
+def rpc(access: Access = "api") -> Callable:
+    """An RPC: its token checked as `access` says, every error answered as its gRPC status with the REST
+    error's text (and `retry-after` as trailing metadata), an unexpected one logged."""
+    check = ACCESS[access]
 
     def wrap(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         @functools.wraps(method)
         async def handler(self: OipServicer, request: Any, context: grpc.aio.ServicerContext) -> T:
             try:
-                credentials = bearer_credentials(dict(context.invocation_metadata()).get("authorization"))
-                (check_admin if admin else check_api)(self.plane.config, credentials)
+                if check is not None:
+                    check(self.plane.config, bearer_credentials(dict(context.invocation_metadata()).get("authorization")))
                 return await method(self, request, context)
             except ServeError as exc:
                 await abort(context, exc.status, f"{exc.code}: {exc.message}", exc.retry_after_s)
@@ -96,11 +103,11 @@ class OipServicer(GRPCInferenceServiceServicer):
 
     # ---- health and metadata ------------------------------------------------------------------
 
-    @rpc()
+    @rpc("public")
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    @rpc()
+    @rpc("public")
     async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.plane.ready)
 
@@ -109,7 +116,7 @@ class OipServicer(GRPCInferenceServiceServicer):
         target = await self.plane.task(request.name, version_number(request.version))
         return pb.ModelReadyResponse(ready=self.plane.ready and target.entry.enabled)
 
-    @rpc()
+    @rpc("public")
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
         return message_from(server_metadata(), pb.ServerMetadataResponse)
 
@@ -175,18 +182,18 @@ class OipServicer(GRPCInferenceServiceServicer):
 
     # ---- the model repository extension --------------------------------------------------------
 
-    @rpc(admin=True)
+    @rpc("admin")
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
         return message_from(await self._repository(context).index(request.ready), pb.RepositoryIndexResponse, "models")
 
-    @rpc(admin=True)
+    @rpc("admin")
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
         await self._repository(context).load(request.model_name, parameters(request.parameters))
         return pb.RepositoryModelLoadResponse()
 
-    @rpc(admin=True)
+    @rpc("admin")
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:

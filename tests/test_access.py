@@ -14,7 +14,7 @@ import pytest
 
 from app_harness import InProcessServer
 from helpers import random_package
-from server_harness import TOKEN, image_bytes, store_of
+from server_harness import TOKEN, free_port, image_bytes, store_of
 
 API_TOKEN = "inference-token-1234"
 ORIGIN = "https://app.example.com"
@@ -24,7 +24,8 @@ JPEG = {"content-type": "image/jpeg"}
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_weights, shared_backbone):
     store = store_of(tmp_path_factory, [random_package(shared_backbone, "pets", seed=1)])
-    with InProcessServer(tiny_weights, store, admin_token=TOKEN, api_token=API_TOKEN, cors_origins=ORIGIN) as server:
+    options = {"admin_token": TOKEN, "api_token": API_TOKEN, "cors_origins": ORIGIN, "grpc_port": free_port()}
+    with InProcessServer(tiny_weights, store, serve_grpc=True, **options) as server:
         yield server
 
 
@@ -62,6 +63,36 @@ def test_inference_needs_the_api_token(server, http, method, path, body):
 def test_health_metrics_and_the_page_stay_public(server, http):
     for path in ("/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready", "/metrics", "/"):
         assert http.get(path).status_code == 200, path
+
+
+def test_grpc_needs_the_same_tokens(server):
+    """Health and server metadata are public over gRPC as over REST; models and inference need the API
+    token (or the admin token); the repository only the admin token."""
+    import grpc
+
+    from monaserve.server.oip_proto import grpc_service_pb2 as pb
+    from monaserve.server.oip_proto.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+
+    def status(call, request, token: str | None) -> grpc.StatusCode:
+        try:
+            call(request, metadata=(("authorization", f"Bearer {token}"),) if token else ())
+        except grpc.RpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.config.grpc_port}") as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        for call, request in ((stub.ServerLive, pb.ServerLiveRequest()), (stub.ServerMetadata, pb.ServerMetadataRequest())):
+            assert status(call, request, None) == grpc.StatusCode.OK
+        model = (stub.ModelMetadata, pb.ModelMetadataRequest(name="pets"))
+        assert [status(*model, token) for token in (None, "wrong", API_TOKEN, TOKEN)] == [
+            grpc.StatusCode.UNAUTHENTICATED,
+            grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.OK,
+            grpc.StatusCode.OK,
+        ]
+        index = (stub.RepositoryIndex, pb.RepositoryIndexRequest())
+        assert [status(*index, token) for token in (API_TOKEN, TOKEN)] == [grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.OK]
 
 
 def test_the_api_token_opens_no_admin_route(server, http):

@@ -162,6 +162,7 @@ def test_grpc_bench(tmp_path):
     assert [r["protocol"] for r in results] == ["rest", "grpc"]
     for measured in results:
         assert measured["requests_per_s"] > 0 and measured["failures"] == 0 and measured["p99_ms"] >= measured["p50_ms"]
+    assert results[0]["server_cpu_ms_per_request"] > 0 and results[0]["server_cpu_vs_rest"] == 1.0
     assert results[0]["vs_rest"] == 1.0 and results[1]["vs_rest"] == pytest.approx(
         results[1]["requests_per_s"] / results[0]["requests_per_s"]
     )

@@ -175,22 +175,36 @@ def test_gpu_byte_budget_refuses_an_adapter_that_cannot_fit(tmp_path, tiny_weigh
 
 
 def test_sigterm_drains_in_flight_requests(tmp_path, tiny_weights, shared_backbone):
+    """HTTP and gRPC alike: readiness false at once, calls in flight and during the drain delay answered."""
+    import grpc
+
+    from monaserve.server.oip_proto import grpc_service_pb2 as pb
+    from monaserve.server.oip_proto.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+
     make_store(tmp_path / "store", shared_backbone, ["drain"])
     server = ServerProcess(tiny_weights, tmp_path / "store", "--drain-delay-s", "1.5", "--max-batch", "4", log=tmp_path / "log")
     server.wait_ready()
+    images = [image_bytes(i) for i in range(8)]
+    tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[8])
+    tensor.contents.bytes_contents.extend(images)
     try:
-        with server.client() as client, ThreadPoolExecutor(3) as pool:
+        with server.client() as client, ThreadPoolExecutor(4) as pool, grpc.insecure_channel(server.grpc_target) as channel:
+            stub = GRPCInferenceServiceStub(channel)
             classify(client, "drain", [image_bytes(0)])  # adapter loaded before the clock starts
-            in_flight = [pool.submit(classify, client, "drain", [image_bytes(i) for i in range(8)]) for _ in range(3)]
+            in_flight = [pool.submit(classify, client, "drain", images) for _ in range(3)]
+            grpc_in_flight = pool.submit(stub.ModelInfer, pb.ModelInferRequest(model_name="drain", inputs=[tensor]), timeout=60)
             time.sleep(0.3)
             server.process.send_signal(signal.SIGTERM)
             time.sleep(0.2)
             readiness = client.get("/health/ready")
+            grpc_readiness = stub.ServerReady(pb.ServerReadyRequest()).ready
             during_delay = classify(client, "drain", [image_bytes(1)])
             results = [f.result() for f in in_flight]
-        assert readiness.status_code == 503 and readiness.json()["status"] == "draining"
+            grpc_answer = grpc_in_flight.result()
+        assert readiness.status_code == 503 and readiness.json()["status"] == "draining" and grpc_readiness is False
         assert during_delay.status_code == 200  # traffic still routed here during the drain delay is served
         assert all(r.status_code == 200 for r in results), [r.text for r in results]
+        assert [list(o.shape) for o in grpc_answer.outputs] == [[8, 4]] * 3
         assert server.process.wait(60) == 0
         with pytest.raises(httpx.TransportError):
             httpx.get(server.url + "/health/live", timeout=2)
