@@ -17,6 +17,8 @@ import grpc
 import numpy as np
 import pytest
 from google.protobuf import json_format
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from monaserve.adapters.synthetic import random_package
@@ -378,3 +380,53 @@ def test_compressed_messages_are_read_and_bounded_by_their_inflated_size(stub):
     bomb = image_request("pets", b"\0" * (70 * 2**20))
     fails(stub.ModelInfer, bomb, grpc.StatusCode.RESOURCE_EXHAUSTED, "", compression=grpc.Compression.Gzip)
     assert stub.ServerLive(pb.ServerLiveRequest()).live
+
+
+DATATYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES", "NOPE", ""]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    inputs=st.lists(
+        st.tuples(
+            st.sampled_from(["image", "pixels", "other", ""]),
+            st.sampled_from(DATATYPES),
+            st.lists(st.integers(-3, 2**40), max_size=9),
+            st.one_of(st.none(), st.binary(max_size=64)),
+            st.lists(st.integers(0, 2**32 - 1), max_size=12),
+            st.lists(st.binary(max_size=8), max_size=4),
+        ),
+        max_size=3,
+    ),
+    parameters=st.dictionaries(
+        st.sampled_from(["top_k", "timeout", "priority", "x"]),
+        st.one_of(st.booleans(), st.integers(-(2**63), 2**63 - 1), st.text(max_size=4), st.floats(allow_nan=True)),
+        max_size=3,
+    ),
+)
+def test_any_message_is_read_or_refused_with_a_bad_request(inputs, parameters):
+    """Whatever a ModelInferRequest holds, reading it (and what it asks, once the kind is known) gives
+    images and options or a BadRequest, never another error."""
+    from monaserve.adapters.kinds import get_kind
+    from monaserve.server.errors import BadRequest
+    from monaserve.server.oip_answer import OipAnswer
+    from monaserve.server.oip_grpc import read_request
+
+    request = pb.ModelInferRequest(model_name="pets")
+    raws = []
+    for name, datatype, shape, raw, uints, blobs in inputs:
+        tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
+        tensor.contents.uint_contents.extend(uints)
+        tensor.contents.bytes_contents.extend(blobs)
+        raws.append(raw)
+    if inputs and all(raw is not None for raw in raws):
+        request.raw_input_contents.extend(raws)
+    for key, value in parameters.items():
+        field = {bool: "bool_param", int: "int64_param", str: "string_param", float: "double_param"}[type(value)]
+        setattr(request.parameters[key], field, value)
+    try:
+        header, images = read_request(request)
+        asked = OipAnswer("pets", header, raw=True).read(get_kind("classify"))
+    except BadRequest:
+        return
+    assert images and asked.options.top_k >= 1
