@@ -119,9 +119,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .config import ServeConfig
     from .http_server import run
+    from .workers import check_ports_free
 
     config = config_from_args(ServeConfig, args)
     config.check()
+    check_ports_free(config)  # before the demo trains or the backbone loads: a busy port is said at once
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if config.demo:
         from .demo import ensure_demo

@@ -52,8 +52,8 @@ def address_family(host: str) -> socket.AddressFamily:
 
 
 def check_ports_free(config: ServeConfig) -> None:
-    """Fail at once, in one line, if another process holds the HTTP or the gRPC port (the front ends bind
-    both with SO_REUSEPORT, which would share them with it)."""
+    """Fail at once, in one line, if another process holds the HTTP or the gRPC port: before a demo trains
+    or a backbone loads, and before front ends bind both with SO_REUSEPORT, which would share them with it."""
     for port, flag in ((config.port, "--port"), (config.grpc_port, "--grpc-port")):
         if port == 0:
             continue
@@ -178,8 +178,7 @@ class Supervisor:
 
 
 def serve_workers(config: ServeConfig) -> int:
-    """`monaserve serve` with `config.front_ends` > 1."""
-    check_ports_free(config)
+    """`monaserve serve` with `config.front_ends` > 1 (`cmd_serve` has checked the ports)."""
     return Supervisor(config).run()
 
 

@@ -26,7 +26,7 @@ from monaserve.testing import FAULTS
 
 from deploy_harness import require_tool
 from helpers import random_package
-from server_harness import MONASERVE, TOKEN, image_bytes, serve_tasks
+from server_harness import MONASERVE, TOKEN, free_port, image_bytes, serve_tasks
 
 pytestmark = pytest.mark.process
 
@@ -486,6 +486,22 @@ def test_an_empty_token_refuses_to_start(tmp_path, variable):
         timeout=60,
     )
     assert done.returncode == 2 and "is set but empty" in done.stderr and done.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("flag", ["--port", "--grpc-port"])
+def test_a_busy_port_refuses_to_start_at_once_in_one_line(tmp_path, flag):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        other = {"--port": "--grpc-port", "--grpc-port": "--port"}[flag]
+        done = subprocess.run(
+            [MONASERVE, "serve", "--random-init", "--store", str(tmp_path), flag, str(busy), other, str(free_port())],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 2 and f"give another {flag}" in done.stderr and done.stderr.count("\n") == 1, done.stderr
 
 
 @pytest.mark.slow
