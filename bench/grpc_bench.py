@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import multiprocessing.pool
 import os
 import re
 import statistics
@@ -150,15 +151,13 @@ def tree_cpu_s(pid: int) -> float:
     return total
 
 
-def load_in_a_process(server_pid: int, *args) -> dict:
-    """`load` in a process of its own, so the load generator's interpreter is not this one's; with the
-    server's CPU seconds per request over the same span (what the protocol costs the server, whatever
-    the load generator spends)."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        before = tree_cpu_s(server_pid)
-        measured = pool.apply(run_load, args)
-        measured["server_cpu_ms_per_request"] = 1000 * (tree_cpu_s(server_pid) - before) / max(1, measured["requests"])
-        return measured
+def load_in(generator: multiprocessing.pool.Pool, server_pid: int, *args) -> dict:
+    """`load` in the load generator's process (not this interpreter), with the server's CPU seconds per
+    request over the same span: what the protocol costs the server, whatever the load generator spends."""
+    before = tree_cpu_s(server_pid)
+    measured = generator.apply(run_load, args)
+    measured["server_cpu_ms_per_request"] = 1000 * (tree_cpu_s(server_pid) - before) / max(1, measured["requests"])
+    return measured
 
 
 def run_load(*args) -> dict:
@@ -212,18 +211,19 @@ def main() -> int:
     weights, store = task_files(folder)
     rows, results = [], []
     server_args = ["--device", args.device, *args.server_args.split()]
-    with bench_server(folder / "server", server_args, weights, store, constant=args.engine == "constant") as server:
+    server = bench_server(folder / "server", server_args, weights, store, constant=args.engine == "constant")
+    with server, multiprocessing.get_context("spawn").Pool(1) as generator:
         for case in args.cases.split(","):
             data = case_image(case)[0]
             for protocol in PROTOCOLS:  # warm both paths
-                load_in_a_process(
-                    server.process.pid, protocol, server.url, server.grpc_target, data, args.concurrency, min(2.0, args.duration)
+                load_in(
+                    generator, server.process.pid, protocol, server.url, server.grpc_target, data, args.concurrency, min(2.0, args.duration)
                 )
             runs = {protocol: [] for protocol in PROTOCOLS}
             for round_ in range(args.rounds):
                 for protocol in PROTOCOLS if round_ % 2 == 0 else reversed(PROTOCOLS):
-                    measured = load_in_a_process(
-                        server.process.pid, protocol, server.url, server.grpc_target, data, args.concurrency, args.duration
+                    measured = load_in(
+                        generator, server.process.pid, protocol, server.url, server.grpc_target, data, args.concurrency, args.duration
                     )
                     runs[protocol].append(measured)
             rows += summarise(case, runs, results)

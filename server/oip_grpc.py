@@ -88,6 +88,7 @@ def rpc(access: Access = "api") -> Callable:
 
 
 async def abort(context: grpc.aio.ServicerContext, status: int, message: str, retry_after_s: int | None = None) -> None:
+    """End the call with the gRPC status that HTTP `status` maps to."""
     if retry_after_s is not None:
         context.set_trailing_metadata((("retry-after", str(retry_after_s)),))
     await context.abort(CODES.get(status, grpc.StatusCode.INTERNAL), message)

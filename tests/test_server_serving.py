@@ -17,7 +17,11 @@ from monaserve.adapters import InputSpec
 from helpers import random_package
 from server_harness import TOKEN, ServerProcess, image_bytes
 
-pytestmark = [pytest.mark.process, pytest.mark.usefixtures("front_ends"), pytest.mark.both_ways]
+pytestmark = [pytest.mark.process, pytest.mark.usefixtures("front_ends")]
+both_ways = pytest.mark.both_ways
+"""On the tests whose path crosses the front ends (batches, hot loads, back-pressure, timeouts, drains);
+the others exercise the engine process's own logic, the same either way (MONASERVE_TEST_FRONT_ENDS=all
+runs them both ways too)."""
 
 
 def make_store(root, backbone, names, labels=4):
@@ -50,6 +54,7 @@ def metric(text: str, name: str) -> float:
 
 
 @pytest.mark.slow
+@both_ways
 def test_mixed_task_batches_equal_single_requests(tmp_path, tiny_weights, shared_backbone):
     tasks = ["a", "b", "c"]
     make_store(tmp_path / "store", shared_backbone, tasks)
@@ -66,6 +71,7 @@ def test_mixed_task_batches_equal_single_requests(tmp_path, tiny_weights, shared
         assert_same_scores(scores(mixed), scores(single))
 
 
+@both_ways
 def test_hot_load_under_load_loses_nothing_and_never_mixes_versions(tmp_path, tiny_weights, shared_backbone):
     make_store(tmp_path / "store", shared_backbone, ["swap"])
     v2 = random_package(shared_backbone, "swap", seed=999, num_labels=4, version=2)
@@ -131,6 +137,7 @@ def test_eviction_with_two_slots_and_four_tasks(tmp_path, tiny_weights, shared_b
     assert metric(text, "monaserve_gpu_slots_used") == 2
 
 
+@both_ways
 def test_backpressure_gives_503_with_retry_after(tmp_path, tiny_weights, shared_backbone):
     make_store(tmp_path / "store", shared_backbone, ["busy"])
     args = ("--max-queue", "4", "--max-batch", "1", "--max-delay-ms", "0")
@@ -143,6 +150,7 @@ def test_backpressure_gives_503_with_retry_after(tmp_path, tiny_weights, shared_
     assert refused.headers["retry-after"] == "1" and refused.json()["error"] == "overloaded"
 
 
+@both_ways
 def test_request_timeout_gives_504_and_the_server_recovers(tmp_path, tiny_weights, shared_backbone):
     make_store(tmp_path / "store", shared_backbone, ["slow"])
     args = ("--request-timeout-s", "2", "--max-batch", "2")
@@ -174,6 +182,7 @@ def test_gpu_byte_budget_refuses_an_adapter_that_cannot_fit(tmp_path, tiny_weigh
     assert response.status_code == 507 and "the adapter budget is 1.0 MiB" in response.json()["message"]
 
 
+@both_ways
 def test_sigterm_drains_in_flight_requests(tmp_path, tiny_weights, shared_backbone):
     """HTTP and gRPC alike: readiness false at once, calls in flight and during the drain delay answered."""
     import grpc
