@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from .client import DEFAULT_URL, MonaClient
-from .errors import MonaError
+from .errors import MonaError, MonaServerError
 from .results import Classification, Detections, Result, Segmentation
 
 
@@ -112,12 +112,21 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     return 0
 
 
+TOKEN_HINTS = {
+    401: "give the server's token with --token (or MONASERVE_TOKEN)",
+    403: "the token was refused: --token (or MONASERVE_TOKEN) must be the server's admin token (or its API token, to infer)",
+}
+"""What to do about a refused token, said after the server's own message."""
+
+
 def _guard(call):
-    """Run `call`; on a client error or an unreadable file print what went wrong and return None."""
+    """Run `call`; on a client error or an unreadable file print what went wrong (and, for a refused
+    token, how to give one) and return None."""
     try:
         return call()
     except (MonaError, OSError, ValueError) as exc:
-        print(f"monaserve: {exc}", file=sys.stderr)
+        hint = TOKEN_HINTS.get(exc.status) if isinstance(exc, MonaServerError) else None
+        print(f"monaserve: {exc}" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return None
 
 

@@ -155,8 +155,16 @@ class TaskLookup(Mapping[str, TaskEntry]):
         if entry is None or (version is not None and version not in entry.versions):
             entry = await self._miss(task, version)
         if entry is None:
-            raise UnknownTask(f"unknown task {task!r}")
+            raise UnknownTask(f"unknown task {task!r}; {self.known_tasks()}")
         return entry
+
+    def known_tasks(self, shown: int = 10) -> str:
+        """The tasks there are, for an error that names one that is not (the first `shown`, and where to see all)."""
+        names = sorted(self._entries)
+        if not names:
+            return "no task is stored yet: upload one (PUT /v1/adapters/{task})"
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        return f"the tasks are {', '.join(names[:shown])}{more} (GET /v1/tasks)"
 
     async def version(self, task: str, version: int | None = None) -> TaskVersion:
         """`task` at `version` (default: the version it serves); 404 for an unknown task or version."""

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from monaserve.client.cli import add_client_commands
 
+log = logging.getLogger(__name__)
+
 
 def _add_info_arguments(parser: argparse.ArgumentParser) -> None:
     from monaserve.adapters.accounting import InfoConfig
@@ -125,6 +127,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config.check()
     check_ports_free(config)  # before the demo trains or the backbone loads: a busy port is said at once
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.admin_token is None and not config.insecure_admin:
+        log.warning("the admin API is off (uploads, loads, the repository): start with --admin-token or MONASERVE_ADMIN_TOKEN")
     if config.demo:
         from .demo import ensure_demo
         from .store import AdapterStore

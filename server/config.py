@@ -56,6 +56,7 @@ class ServeConfig(BackboneOptions):
     replica_id: str | None = option(None, "this replica's name in responses and metrics (default: host:port)")
     log_level: Literal["debug", "info", "warning", "error"] = option("info", "log level")
     access_log: bool = option(True, "log one line per request (off: leave it to the load balancer, for speed)")
+    access_log_probes: bool = option(False, "log health probes (/health/*, /v2/health/*) in the access log too")
     http: Literal["httptools", "h11"] = option("httptools", "HTTP/1.1 parser: httptools (C) or h11 (pure Python)")
     # processes
     workers: int | None = option(

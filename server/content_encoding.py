@@ -14,22 +14,23 @@ SLICE = 2**20
 """Most bytes one step of decompression makes before the event loop gets a turn."""
 
 
-def body_decoder(encoding: bytes | None, limit: int) -> BodyDecoder | None:
-    """The decoder for a request's `Content-Encoding` (None: identity); 415 for one it cannot read."""
+def body_decoder(encoding: bytes | None, limit: int, limit_name: str = "the request body limit") -> BodyDecoder | None:
+    """The decoder for a request's `Content-Encoding` (None: identity); 415 for one it cannot read.
+    `limit_name` says what sets `limit` (a flag), for the 413."""
     name = (encoding or b"identity").decode("latin-1").strip().lower()
     if name == "identity":
         return None
     if name not in WINDOW_BITS:
         raise UnsupportedMedia(f"unsupported Content-Encoding {name!r}; send the body as gzip, deflate or identity")
-    return BodyDecoder(name, limit)
+    return BodyDecoder(name, limit, limit_name)
 
 
 class BodyDecoder:
     """One body's decompressor: `feed` each part as it arrives; 413 once the body would inflate past
     `limit` bytes, 400 for a stream that is corrupt, truncated or followed by other bytes."""
 
-    def __init__(self, encoding: str, limit: int) -> None:
-        self.encoding, self.limit = encoding, limit
+    def __init__(self, encoding: str, limit: int, limit_name: str = "the request body limit") -> None:
+        self.encoding, self.limit, self.limit_name = encoding, limit, limit_name
         self.produced = 0
         self._zlib = zlib.decompressobj(WINDOW_BITS[encoding])
 
@@ -44,7 +45,7 @@ class BodyDecoder:
                 part = self._zlib.decompress(data, room)
                 self.produced += len(part)
                 if self.produced > self.limit:
-                    raise PayloadTooLarge(f"the request body inflates past {self.limit} bytes ({self.encoding})")
+                    raise PayloadTooLarge(f"the {self.encoding} request body inflates past {self.limit} bytes ({self.limit_name})")
                 parts.append(part)
                 data = self._zlib.unconsumed_tail
                 await asyncio.sleep(0)

@@ -52,6 +52,17 @@ class QuietLoopErrors:
             log.error("%s: %s (%d more in the last %.0f s)", kind, exc, suppressed, now - last)
 
 
+PROBES = frozenset({"/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready"})
+
+
+class LeaveOutProbes(logging.Filter):
+    """Drops access-log lines of health probes (a load balancer's every few seconds would drown the rest)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (isinstance(args, tuple) and len(args) >= 3 and str(args[2]).split("?", 1)[0] in PROBES)
+
+
 class DrainingServer(uvicorn.Server):
     """On SIGTERM/SIGINT readiness goes false at once; uvicorn stops after `drain_delay_s` (so load
     balancers notice first) and finishes in-flight requests, and the process exits 0. A second signal
@@ -141,5 +152,7 @@ def run(
         ),
         runtime,
     )
+    if config.access_log and not config.access_log_probes:  # after uvicorn.Config, which configures its loggers
+        logging.getLogger("uvicorn.access").addFilter(LeaveOutProbes())
     server.run(sockets=sockets)
     return 1 if runtime.state == "failed" else 0

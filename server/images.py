@@ -113,7 +113,7 @@ def _open(data: bytes, limits: ImageLimits, what: str, target: tuple[int, int], 
     if not data:
         raise BadRequest(f"{what} is empty")
     if len(data) > limits.max_bytes:
-        raise PayloadTooLarge(f"{what} is {len(data)} bytes; the limit is {limits.max_bytes}")
+        raise PayloadTooLarge(f"{what} is {len(data)} bytes; the limit is {limits.max_bytes} (--max-image-bytes)")
     try:  # Pillow refuses (and warns of) bombs far above max_pixels itself; the check below is ours
         image = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as exc:
@@ -124,7 +124,9 @@ def _open(data: bytes, limits: ImageLimits, what: str, target: tuple[int, int], 
         raise BadRequest(f"{what} has a corrupt header ({type(exc).__name__}: {exc})") from None
     width, height = image.size
     if width * height > limits.max_pixels:
-        raise PayloadTooLarge(f"{what} is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}")
+        raise PayloadTooLarge(
+            f"{what} is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels} (--max-image-pixels)"
+        )
     if isinstance(image, JpegImageFile) and not (device_jpegs and _plain_jpeg(image)):  # MPO (phones' multi-picture JPEGs) too
         side = max(target)  # either orientation: EXIF may turn the image after decoding
         try:
@@ -142,7 +144,7 @@ def _array_image(pixels: np.ndarray, limits: ImageLimits, what: str) -> Decoded:
     if height == 0 or width == 0:
         raise BadRequest(f"{what} is empty ({height}x{width})")
     if height * width > limits.max_pixels:
-        raise PayloadTooLarge(f"{what} has {height * width} pixels; the limit is {limits.max_pixels}")
+        raise PayloadTooLarge(f"{what} has {height * width} pixels; the limit is {limits.max_pixels} (--max-image-pixels)")
     return Decoded(Image.fromarray(np.ascontiguousarray(pixels), mode="RGB"), (height, width))
 
 

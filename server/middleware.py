@@ -136,15 +136,17 @@ class BodyGuard:
         rules = self.rules
         upload = scope["path"].startswith(rules.upload_prefix)
         limit, budget = (rules.upload_limit, self.upload_budget) if upload else (rules.default_limit, self.budget)
+        limit_name = "the largest adapter package" if upload else "--max-request-mb"
+        too_large = f"request body exceeds {limit} bytes ({limit_name})"
         headers = dict(scope["headers"])
         declared_header = headers.get(b"content-length")
         declared = int(declared_header) if declared_header is not None and declared_header.isdigit() else 0
         if declared > limit:
-            return await self._refuse(scope, receive, send, PayloadTooLarge(f"request body exceeds {limit} bytes"))
+            return await self._refuse(scope, receive, send, PayloadTooLarge(too_large))
         if not budget.fits(declared):  # say so before the client sends it all
             return await self._refuse(scope, receive, send, self._no_room(budget, declared))
         try:
-            decoder = body_decoder(headers.get(b"content-encoding"), limit)
+            decoder = body_decoder(headers.get(b"content-encoding"), limit, limit_name)
         except ServeError as exc:
             return await self._refuse(scope, receive, send, exc)
         if decoder is not None:  # the app reads the body as it was before it was compressed
@@ -174,7 +176,7 @@ class BodyGuard:
             body, done = message.get("body", b""), not message.get("more_body", False)
             received += len(body)
             if received > limit:
-                raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+                raise PayloadTooLarge(too_large)
             window_bytes += len(body)
             if window_bytes >= window_need:  # this window is paid: the next one starts now
                 window_start, window_bytes = loop.time(), 0

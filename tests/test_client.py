@@ -209,7 +209,9 @@ def test_cli_adapters_verbs(server, shared_backbone, tmp_path):
     assert "unloaded" in run_cli("adapters", "unload", "boxes", "--url", server.url).stdout
     assert "serving v1" in run_cli("adapters", "load", "boxes", "--url", server.url).stdout
     denied = run_cli("adapters", "list", "--url", server.url, token=None)
-    assert denied.returncode == 1 and ("401" in denied.stderr or "403" in denied.stderr)
+    assert denied.returncode == 1 and "401" in denied.stderr and "--token (or MONASERVE_TOKEN)" in denied.stderr
+    wrong = run_cli("adapters", "list", "--url", server.url, token="not-the-token")
+    assert wrong.returncode == 1 and "403" in wrong.stderr and "must be the server's admin token" in wrong.stderr
 
 
 def test_retry_after_values_are_bounded():

@@ -26,7 +26,7 @@ from monaserve.testing import FAULTS
 
 from deploy_harness import require_tool
 from helpers import random_package
-from server_harness import MONASERVE, TOKEN, free_port, image_bytes, serve_tasks
+from server_harness import MONASERVE, TOKEN, ServerProcess, free_port, image_bytes, serve_tasks
 
 pytestmark = pytest.mark.process
 
@@ -486,6 +486,21 @@ def test_an_empty_token_refuses_to_start(tmp_path, variable):
         timeout=60,
     )
     assert done.returncode == 2 and "is set but empty" in done.stderr and done.stderr.count("\n") == 1
+
+
+@pytest.mark.process
+def test_without_an_admin_token_one_warning_says_so_and_probes_stay_out_of_the_access_log(tmp_path, tiny_weights, shared_backbone):
+    store = tmp_path / "store"
+    random_package(shared_backbone, "pets", seed=1).save(store / "pets" / "1.safetensors")
+    with ServerProcess(tiny_weights, store, log=tmp_path / "log") as server, server.client(token=None) as client:
+        for _ in range(3):
+            assert client.get("/health/live").status_code == client.get("/v2/health/ready").status_code == 200
+        assert client.post("/v1/tasks/pets/classify", content=image_bytes(0), headers={"content-type": "image/jpeg"}).status_code == 200
+        unknown = client.post("/v1/tasks/nope/classify", content=image_bytes(0), headers={"content-type": "image/jpeg"})
+    log = server.log()
+    assert log.count("the admin API is off") == 1 and "--admin-token" in log
+    assert "POST /v1/tasks/pets/classify" in log and "/health/" not in log, log[-2000:]
+    assert unknown.status_code == 404 and "the tasks are pets (GET /v1/tasks)" in unknown.json()["message"]
 
 
 @pytest.mark.parametrize("flag", ["--port", "--grpc-port"])

@@ -163,7 +163,7 @@ def test_three_replicas_behind_nginx(tmp_path, tiny_weights, shared_backbone):
 
 def test_internal_errors_at_20_per_second_cost_other_clients_nothing_through_nginx(tmp_path, tiny_weights, shared_backbone):
     """Two replicas whose OIP request parsing raises (patched in their processes by the tests' launcher)
-    behind nginx: an attacker provokes a 500 twenty times a second for 30 s while 4 clients send valid
+    behind nginx: an attacker provokes a 500 twenty times a second for 20 s while 4 clients send valid
     /v1 requests. Each 500 leaves its connection usable, so nginx never sees a reset, never marks a
     replica failed, and the 4 clients get no 502 (before this, nearly all of theirs were)."""
     store = tmp_path / "store"
@@ -220,13 +220,13 @@ def test_internal_errors_at_20_per_second_cost_other_clients_nothing_through_ngi
             threads = [threading.Thread(target=valid_requests, args=(k,)) for k in range(4)] + [threading.Thread(target=attacker)]
             for thread in threads:
                 thread.start()
-            time.sleep(30)
+            time.sleep(20)
             stop.set()
             for thread in threads:
                 thread.join(120)
             upstream_errors = (tmp_path / "nginx" / "error.log").read_text().count("upstream")
         print(f"fleet: attack {dict(attack)}, normal {dict(normal)}, nginx upstream errors {upstream_errors}")
-        assert attack.keys() == {500} and sum(attack.values()) >= 500
+        assert attack.keys() == {500} and sum(attack.values()) >= 350
         assert normal.keys() == {200} and sum(normal.values()) > 0
         assert upstream_errors == 0
     finally:
