@@ -56,20 +56,21 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type) -> None:
             flag = ("--no-" if on else "--") + field.name.replace("_", "-")
             env = env_value(flag)
             switched = env is not None and is_true(env)
-            text = meta["help"] + (f" (on unless {flag})" if on else "")
+            text = meta["help"] + (f" (on unless {flag})" if on else " (default: off)")
             parser.add_argument(flag, dest=field.name, action="store_false" if on else "store_true", default=on != switched, help=text)
             continue
         flag = "--" + field.name.replace("_", "-")
         if hint == bool | None:  # a switch with a third state, "not given": the setting decides
             env = env_value(flag)
             default = field.default if env is None else is_true(env)
-            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
+            text = meta["help"] + ("" if "default" in meta["help"] else " (default: the setting decides)")
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=default, help=text)
             continue
         required, default = field.default is dataclasses.MISSING, field.default
         env = env_value(flag)
         if env is not None:
             default, required = value_type(env), False
-        shown = "" if required or default in (None, "") else " (default: %(default)s)"
+        shown = "" if required else _shown_default(default, meta["help"])
         parser.add_argument(
             flag,
             dest=field.name,
@@ -79,6 +80,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type) -> None:
             required=required,
             help=meta["help"] + shown,
         )
+
+
+def _shown_default(default: Any, help: str) -> str:
+    """What `--help` adds to a flag's line: its default, or that it has none (unless the help says already)."""
+    if default not in (None, ""):
+        return " (default: %(default)s)"
+    return "" if "default" in help else " (default: none)"
 
 
 def config_from_args(config: type, args: argparse.Namespace) -> Any:

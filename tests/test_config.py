@@ -38,6 +38,15 @@ def test_help_shows_the_defaults():
         assert flag in text and f"(default: {default})" in text, flag
 
 
+@pytest.mark.parametrize("command", ["serve", "train", "info"])
+def test_every_flag_says_what_it_does_and_its_default(command):
+    """Each flag's `--help` line has a description and its default, from the one source of defaults."""
+    for action in subcommand([command])._actions:
+        if action.option_strings and action.dest != "help" and not action.required:
+            assert action.help and len(action.help) > 20, action.dest
+            assert "default" in action.help or "on unless" in action.help, f"{action.dest}: {action.help}"
+
+
 def test_environment_variables_set_the_defaults(monkeypatch):
     monkeypatch.setenv("MONASERVE_GPU_SLOTS", "3")
     monkeypatch.setenv("MONASERVE_INSECURE_ADMIN", "true")
