@@ -156,6 +156,11 @@ def inject_mona(model: SwinTransformer, make_adapter: Callable[[int], nn.Module]
         raise TypeError(f"expected a timm SwinTransformer, got {type(model).__name__}")
     for path, dim in block_dims(model):
         block = model.get_submodule(path)
+        if isinstance(block, MonaSwinBlock):
+            raise TypeError(
+                f"{path} holds Mona adapters already: a MonaTaskModel injects into its Backbone's model in place, so give "
+                "each task model a Backbone of its own (Backbone.load again, or copy.deepcopy(backbone))"
+            )
         if type(block) is not SwinTransformerBlock:
             raise TypeError(f"{path} is a {type(block).__name__}, not a plain timm SwinTransformerBlock")
         block.mona1 = make_adapter(dim)

@@ -170,3 +170,18 @@ def test_uint8_batches_are_normalised_on_the_device_with_each_samples_own_task(t
     reference = MonaTaskModel(Backbone.load(TINY, "random", seed=1234), packages[1].manifest).eval()
     reference.load_package(packages[1])
     torch.testing.assert_close(torch.stack(from_uint8)[[0, 2]], torch.stack(reference.predict(images[[0, 2]])), rtol=1e-4, atol=1e-4)
+
+
+def test_a_second_task_model_on_one_backbone_says_how_to_make_it(shared_backbone):
+    """A MonaTaskModel injects into its Backbone's model in place: a second one on the same Backbone is
+    refused with what to do instead, and doing that works."""
+    import copy
+
+    backbone = copy.deepcopy(shared_backbone)
+    manifest = random_package(backbone, "first", seed=1).manifest
+    MonaTaskModel(backbone, manifest)
+    with pytest.raises(TypeError, match=r"give each task model a Backbone of its own \(Backbone.load again, or copy.deepcopy"):
+        MonaTaskModel(backbone, manifest)
+    fresh = copy.deepcopy(shared_backbone)
+    second = MonaTaskModel(fresh, manifest).eval()
+    assert second(torch.zeros(1, 3, 224, 224, dtype=torch.uint8)).shape[-1] == len(manifest.labels)
