@@ -7,8 +7,6 @@ people-readable lines, or the server's JSON with `--json`. No torch is imported.
 from __future__ import annotations
 
 import argparse
-import base64
-import dataclasses
 import json
 import os
 import sys
@@ -16,7 +14,7 @@ from pathlib import Path
 
 from .client import DEFAULT_URL, MonaClient
 from .errors import MonaError, MonaServerError
-from .results import Classification, Detections, Result, Segmentation
+from .results import Classification, Detections, Result, parse_results
 
 
 def add_client_commands(commands: argparse._SubParsersAction) -> None:
@@ -55,7 +53,7 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     token = os.environ.get("MONASERVE_TOKEN") or os.environ.get("MONASERVE_ADMIN_TOKEN")
     parser.add_argument("--token", default=token, help="admin token (MONASERVE_TOKEN, else MONASERVE_ADMIN_TOKEN)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
-    parser.add_argument("--json", action="store_true", help="print the server's JSON")
+    parser.add_argument("--json", action="store_true", help="print the server's JSON answer as it sent it (one line)")
 
 
 def _client(args: argparse.Namespace) -> MonaClient:
@@ -63,17 +61,20 @@ def _client(args: argparse.Namespace) -> MonaClient:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    def run() -> list[Result]:
+    def run() -> dict:
         with _client(args) as client:
             kind = args.kind or client.task(args.task)["kind"]
             params = {"classify": {"top_k": args.top_k}, "detect": {"min_score": args.min_score}}.get(kind, {})
-            return client.predict(args.task, list(args.images), kind, version=args.version, **params)
+            return client.predict_json(args.task, list(args.images), kind, version=args.version, **params)
 
-    results = _guard(run)
-    if results is None:
+    body = _guard(run)
+    if body is None:
         return 1
-    for index, (path, result) in enumerate(zip(args.images, results)):
-        print(json.dumps(_as_json(result)) if args.json else f"{path}: {describe(result)}")
+    if args.json:
+        print(json.dumps(body))
+    for index, (path, result) in enumerate(zip(args.images, parse_results(body))):
+        if not args.json:
+            print(f"{path}: {describe(result)}")
         if args.draw:
             from PIL import Image
 
@@ -139,15 +140,3 @@ def describe(result: Result) -> str:
         return f"{len(result.detections)} boxes{': ' + boxes if boxes else ''}  (v{result.version})"
     areas = ", ".join(f"{c.label} {100 * c.pixels / (result.width * result.height):.1f}%" for c in result.classes)
     return f"{areas}  (v{result.version})"
-
-
-def _as_json(result: Result) -> dict:
-    if isinstance(result, Segmentation):
-        return {
-            "width": result.width,
-            "height": result.height,
-            "mask_png": base64.b64encode(result.mask_png).decode(),
-            "classes": [c.__dict__ for c in result.classes],
-            "version": result.version,
-        }
-    return dataclasses.asdict(result)

@@ -176,8 +176,13 @@ class MonaClient(_Calls):
         """Run `images` through `task`; `kind` defaults to the task's own. One image in, one result out;
         a list in, a list out (all from one adapter version)."""
         images, many = as_list(images)
+        return self._results(self.predict_json(task, images, kind, **params), not many)
+
+    def predict_json(self, task: str, images: ImageInput | Sequence[ImageInput], kind: str | None = None, **params: Any) -> dict:
+        """`predict`'s answer as the server sent it: task, kind, version, results and timings_ms."""
+        images, _ = as_list(images)
         kind = kind or self.task(task)["kind"]
-        return self._results(self._send(infer_call(task, kind, images, **params)), not many)
+        return self._send(infer_call(task, kind, images, **params))
 
     def classify(self, task: str, images, top_k: int = 5, version: int | None = None):
         return self.predict(task, images, "classify", top_k=top_k, version=version)
@@ -242,8 +247,12 @@ class AsyncMonaClient(_Calls):
 
     async def predict(self, task: str, images: ImageInput | Sequence[ImageInput], kind: str | None = None, **params: Any):
         images, many = as_list(images)
+        return self._results(await self.predict_json(task, images, kind, **params), not many)
+
+    async def predict_json(self, task: str, images: ImageInput | Sequence[ImageInput], kind: str | None = None, **params: Any) -> dict:
+        images, _ = as_list(images)
         kind = kind or (await self.task(task))["kind"]
-        return self._results(await self._send(infer_call(task, kind, images, **params)), not many)
+        return await self._send(infer_call(task, kind, images, **params))
 
     async def classify(self, task: str, images, top_k: int = 5, version: int | None = None):
         return await self.predict(task, images, "classify", top_k=top_k, version=version)

@@ -1,4 +1,5 @@
-"""Typed results of the inference routes, with numpy views of boxes and masks."""
+"""Typed results of the inference routes, with numpy views of boxes and masks; each carries its request's
+`timings_ms` (decode, queue, inference, total), as the server measured them."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class Classification:
     labels: list[LabelScore]
     task: str = ""
     version: int = 0
+    timings_ms: dict[str, float] = field(default_factory=dict, compare=False)
 
     def top(self, k: int = 1) -> list[LabelScore]:
         return self.labels[:k]
@@ -50,6 +52,7 @@ class Detections:
     detections: list[Detection]
     task: str = ""
     version: int = 0
+    timings_ms: dict[str, float] = field(default_factory=dict, compare=False)
 
     @property
     def boxes(self) -> np.ndarray:
@@ -82,6 +85,7 @@ class Segmentation:
     classes: list[ClassArea]
     task: str = ""
     version: int = 0
+    timings_ms: dict[str, float] = field(default_factory=dict, compare=False)
 
     @cached_property
     def mask(self) -> np.ndarray:
@@ -127,4 +131,4 @@ def parse_results(body: dict) -> list[Result]:
     parser = PARSERS.get(body["kind"])
     if parser is None:
         raise ValueError(f"unknown result kind {body['kind']!r}")
-    return parser(body, {"task": body["task"], "version": body["version"]})
+    return parser(body, {"task": body["task"], "version": body["version"], "timings_ms": body.get("timings_ms", {})})

@@ -57,6 +57,7 @@ def test_classify_takes_paths_bytes_pil_images_and_arrays(client, tmp_path):
     path.write_bytes(image_bytes(1, fmt="PNG"))
     single = client.classify("pets", path, top_k=3)
     assert isinstance(single, Classification) and single.version == 1 and single.task == "pets"
+    assert single.timings_ms.keys() == {"decode_ms", "queue_ms", "inference_ms", "total_ms"} and single.timings_ms["total_ms"] > 0
     assert len(single.labels) == 3 and single.top(2) == single.labels[:2] and single.best == single.labels[0]
     assert [label.score for label in single.labels] == sorted((label.score for label in single.labels), reverse=True)
     pil = Image.open(io.BytesIO(image_bytes(1, fmt="PNG")))
@@ -187,8 +188,10 @@ def test_cli_predict_prints_draws_and_reports_errors(server, tmp_path):
     human = run_cli("predict", "pets", str(image), "--url", server.url)
     assert human.returncode == 0 and human.stdout.startswith(f"{image}: pets-class-") and "(v" in human.stdout
     as_json = run_cli("predict", "boxes", str(image), str(image), "--url", server.url, "--json", "--min-score", "0")
-    lines = [json.loads(line) for line in as_json.stdout.splitlines()]
-    assert len(lines) == 2 and lines[0]["width"] == 160 and lines[0]["detections"]
+    (body,) = [json.loads(line) for line in as_json.stdout.splitlines()]  # the server's answer, as it sent it
+    assert body.keys() == {"task", "kind", "version", "results", "timings_ms"} and body["kind"] == "detect"
+    assert len(body["results"]) == 2 and body["results"][0]["width"] == 160 and body["results"][0]["detections"]
+    assert body["timings_ms"]["total_ms"] >= body["timings_ms"]["inference_ms"] > 0
     drawn = tmp_path / "drawn.png"
     run_cli("predict", "masks", str(image), "--url", server.url, "--draw", str(drawn)).check_returncode()
     assert Image.open(drawn).size == (160, 120)
