@@ -67,6 +67,12 @@ class InferResult:
     options: Options
     timings_s: dict[str, float]
     budget: ResponseBudget
+    started: float = 0.0
+    """When the data plane took the request (`time.monotonic()`): a renderer takes the total as it finishes."""
+
+    def total_s(self) -> float:
+        """Seconds since the request was taken: decoding, the engine, post-processing and the answer so far."""
+        return time.monotonic() - self.started
 
 
 def check_image_count(count: int, limit: int) -> None:
@@ -166,7 +172,7 @@ class DataPlane:
             for stage, seconds in timings.items():
                 self.metrics.latency.labels(request.task, stage).observe(seconds)
             self.metrics.images.labels(request.task).inc(len(request.images))
-            answer = await self._answer(request, run, prepared, asked.options, timings, render)
+            answer = await self._answer(request, run, prepared, asked.options, timings, render, started)
         except BaseException:
             if target is not None:  # it reached a version: the statistics extension counts it as failed there
                 self.metrics.observe_model_failure(request.task, target.version, time.monotonic() - started)
@@ -189,6 +195,7 @@ class DataPlane:
         options: Options,
         timings: dict,
         render: Callable[[InferResult], T],
+        started: float,
     ) -> T:
         """Post-process `run`'s predictions and `render` the protocol's answer: on the event loop when cheap."""
         kind = get_kind(run.manifest.kind)
@@ -196,7 +203,7 @@ class DataPlane:
 
         def finish() -> T:  # mask resizing, encoding and JSON are CPU work: off the loop unless cheap
             results = [kind.postprocess(p, run.manifest.labels, q, options) for p, q in zip(run.predictions, prepared)]
-            return render(InferResult(request.task, kind, run.version, results, options, timings, budget))
+            return render(InferResult(request.task, kind, run.version, results, options, timings, budget, started))
 
         entries = kind.result_entries(run.predictions, options)
         if entries is not None and entries <= INLINE_RESULT_ENTRIES:

@@ -91,11 +91,13 @@ class InferParams(RouteParams):
 def render(result: InferResult) -> bytes:
     """The JSON answer of a /v1 inference request, no larger than its budget allows."""
     kind, budget = result.kind, result.budget
+    results = [kind.to_json(r, result.options, budget) for r in result.results]  # masks are encoded as PNG here
+    timings = {**result.timings_s, "total": result.total_s()}  # the answer is built: all but writing its JSON text
     response = RESPONSES[kind.name](
         task=result.task,
         version=result.version,
-        results=[kind.to_json(r, result.options, budget) for r in result.results],
-        timings_ms=Timings(**{f"{k}_ms": round(v * 1000, 3) for k, v in result.timings_s.items()}),
+        results=results,
+        timings_ms=Timings(**{f"{k}_ms": round(v * 1000, 3) for k, v in timings.items()}),
     )
     body = response.model_dump_json().encode()
     budget.check_total(len(body))

@@ -37,10 +37,13 @@ class ImagesRequest(BaseModel):
 
 
 class Timings(BaseModel):
-    decode_ms: float
-    queue_ms: float
-    inference_ms: float
-    total_ms: float
+    decode_ms: float = Field(description="reading and decoding the images, and preparing them for the model")
+    queue_ms: float = Field(description="waiting for a batch")
+    inference_ms: float = Field(description="the batch: backbone, adapters and heads")
+    total_ms: float = Field(
+        description="from when the server took the request to its answer built: post-processing and encoding "
+        "(a mask's PNG) included, all but writing the JSON text"
+    )
 
 
 def response_model(kind: TaskKind) -> type[BaseModel]:

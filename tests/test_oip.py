@@ -516,3 +516,13 @@ def test_the_openapi_document_types_every_v2_body(http):
         model.model_validate(answer(http.get(path)))
     oip_schemas.InferenceResponse.model_validate(answer(http.post("/v2/models/boxes/infer", json={"inputs": [image]})))
     oip_schemas.InferenceRequest.model_validate({"inputs": [image], "parameters": {"top_k": 2}})
+
+
+def test_the_total_time_includes_building_the_answer(http):
+    """A 3000x2000 segment answer: its mask is resized to the image and encoded as PNG after the batch,
+    and `total_ms` counts that too (before, it stopped at the batch: decode + queue + inference)."""
+    image = image_bytes(2, size=(3000, 2000))
+    segment = {"content": image, "headers": {"content-type": "image/jpeg"}}
+    answer(http.post("/v1/tasks/masks/segment", **segment))  # the adapter is in its slot: no load inside the figures
+    timings = answer(http.post("/v1/tasks/masks/segment", **segment))["timings_ms"]
+    assert timings["total_ms"] - (timings["decode_ms"] + timings["queue_ms"] + timings["inference_ms"]) > 20, timings
