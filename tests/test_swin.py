@@ -146,5 +146,5 @@ def test_inject_refuses_other_models():
         inject_mona(torch.nn.Linear(2, 2), Mona)
     model = meta_swin(TINY)
     inject_mona(model, Mona)
-    with pytest.raises(TypeError, match="not a plain timm SwinTransformerBlock"):
+    with pytest.raises(TypeError, match="holds Mona adapters already.*a Backbone of its own"):
         inject_mona(model, Mona)
