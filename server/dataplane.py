@@ -18,12 +18,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from monaserve.adapters.kinds import Options, TaskKind, get_kind
+from monaserve.adapters.swin import resolve_device
 from monaserve.adapters.transforms import Prepared
 
 from .budgets import ResponseBudget
 from .catalog import TaskEntry, TaskLookup, TaskVersion
 from .engine_client import EngineRun
 from .errors import PayloadTooLarge, Timeout, WrongKind
+from .oip_models import model_config
 from .registry import Registry
 
 if TYPE_CHECKING:
@@ -116,6 +118,17 @@ class DataPlane:
     async def servable(self, name: str, version: int | None = None) -> TaskVersion:
         """What a request for `name` (at `version`, or not) would run; 404 while it is unloaded, as inference is."""
         return await self.catalog.serving(name, version)
+
+    async def model_ready(self, name: str, version: int | None = None) -> bool:
+        """Whether `name` (at `version`) serves now: what the repository index says, every stored version of
+        a loaded task READY; 404 for an unknown task or version."""
+        target = await self.task(name, version)
+        return self.ready and target.entry.enabled
+
+    async def model_config(self, name: str, version: int | None = None) -> dict:
+        """The model configuration extension's answer for `name` (`oip_models.model_config`); 404 while unloaded."""
+        on_gpu = resolve_device(self.config.device).type == "cuda"
+        return model_config(await self.servable(name, version), self.config, on_gpu)
 
     async def stats_models(self, name: str | None, version: int | None) -> list[tuple[str, int]]:
         """The (task, version)s statistics are reported for: one version, every version of one task, or

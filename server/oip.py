@@ -12,15 +12,13 @@ import json
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from monaserve.adapters.swin import resolve_device
-
 from .dataplane import DataPlane, InferRequest
 from .disconnect import unless_client_leaves
 from .errors import BadRequest
 from .model_stats import model_statistics
 from .oip_answer import OipAnswer, parse_request
 from .oip_codec import HEADER_LENGTH, parameters_of, short_repr, version_number
-from .oip_models import model_config, model_metadata, server_metadata
+from .oip_models import model_metadata, server_metadata
 from .oip_repository import LocalRepository
 from .oip_schemas import (
     InferenceRequest,
@@ -81,7 +79,6 @@ class OipEndpoints:
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
         self.repository = LocalRepository(plane)  # in a front end, admin routes go to the engine process before they get here
-        self.on_gpu = resolve_device(plane.config.device).type == "cuda"
 
     async def server_metadata(self) -> dict:
         return server_metadata()
@@ -106,8 +103,7 @@ class OipEndpoints:
         return model_metadata(await self.plane.servable(name, version_number(version)))
 
     async def config(self, name: TaskName, version: VersionNumber | None) -> dict:
-        target = await self.plane.servable(name, version_number(version))
-        return model_config(target, self.plane.config, self.on_gpu)
+        return await self.plane.model_config(name, version_number(version))
 
     async def statistics(self, name: TaskName, version: VersionNumber | None) -> dict:
         return model_statistics(self.plane.metrics, await self.plane.stats_models(name, version_number(version)))
@@ -122,8 +118,7 @@ class OipEndpoints:
         return await self.config(name, None)
 
     async def model_ready(self, name: TaskName, version: VersionNumber | None) -> Response:
-        target = await self.plane.task(name, version_number(version))
-        ready = self.plane.ready and target.entry.enabled  # what the index says: every stored version of a loaded task
+        ready = await self.plane.model_ready(name, version_number(version))
         return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 400)
 
     async def infer(self, name: TaskName, request: Request, version: VersionNumber | None) -> Response:

@@ -20,7 +20,6 @@ import grpc
 import httpx
 
 from monaserve.adapters import AdapterError
-from monaserve.adapters.swin import resolve_device
 
 from .auth import bearer_credentials, check_admin, check_api
 from .budgets import BodyBudget
@@ -30,7 +29,7 @@ from .model_stats import model_statistics
 from .oip_answer import OipAnswer, images_of
 from .oip_codec import version_number
 from .oip_grpc_codec import infer_response, message_from, parameters, read_inputs, request_header
-from .oip_models import model_config, model_metadata, server_metadata
+from .oip_models import model_metadata, server_metadata
 from .oip_proto import grpc_service_pb2 as pb
 from .oip_proto.grpc_service_pb2_grpc import GRPCInferenceServiceServicer
 from .oip_repository import EngineRepository, LocalRepository, Repository
@@ -100,7 +99,6 @@ class OipServicer(GRPCInferenceServiceServicer):
 
     def __init__(self, plane: DataPlane, budget: BodyBudget, engine: httpx.AsyncClient | None = None) -> None:
         self.plane, self.budget, self.engine = plane, budget, engine
-        self.on_gpu = resolve_device(plane.config.device).type == "cuda"
 
     # ---- health and metadata ------------------------------------------------------------------
 
@@ -114,8 +112,7 @@ class OipServicer(GRPCInferenceServiceServicer):
 
     @rpc()
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
-        target = await self.plane.task(request.name, version_number(request.version))
-        return pb.ModelReadyResponse(ready=self.plane.ready and target.entry.enabled)
+        return pb.ModelReadyResponse(ready=await self.plane.model_ready(request.name, version_number(request.version)))
 
     @rpc("public")
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
@@ -128,8 +125,8 @@ class OipServicer(GRPCInferenceServiceServicer):
 
     @rpc()
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
-        target = await self.plane.servable(request.name, version_number(request.version))
-        return message_from(model_config(target, self.plane.config, self.on_gpu), pb.ModelConfigResponse, "config")
+        config = await self.plane.model_config(request.name, version_number(request.version))
+        return message_from(config, pb.ModelConfigResponse, "config")
 
     @rpc()
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
