@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +28,30 @@ DEFAULT_BACKBONE = SUPPORTED_BACKBONES[0]
 HUB = "hub"
 RANDOM = "random"
 
+PREFERRED_TAGS = ("ms_in22k",)
+"""Pretrained tags `--weights hub` picks for an untagged backbone, the first timm has: ImageNet-22k, as the Mona paper tunes."""
+
+HUB_FILENAME = "model.safetensors"
+"""The weights file of a timm hub repository whose pretrained config names none (timm prefers it to `pytorch_model.bin`)."""
+
+HUB_TIMEOUT_S = 5.0
+"""Seconds the hub has to answer the one look-up for weights the cache lacks (huggingface_hub's retries take a minute)."""
+
+OFFLINE_FIX = "start with --random-init (random weights, offline) or --weights FILE (a local .safetensors/.pth)"
+
+log = logging.getLogger(__name__)
+
 
 @dataclass(kw_only=True)
 class BackboneOptions:
     """The backbone options every command shares (`info`, `train`, `serve`), written once."""
 
-    backbone: str = option(DEFAULT_BACKBONE, "timm Swin name")
-    weights: str = option(HUB, "'hub' (Hugging Face), 'random' (from --seed, offline) or a local .safetensors/.pth file")
+    backbone: str = option(DEFAULT_BACKBONE, "timm Swin name, optionally with a pretrained tag (.ms_in1k, .ms_in22k, ...)")
+    weights: str = option(
+        HUB,
+        "'hub' (timm's weights from the Hugging Face cache or hub: the --backbone tag, else ImageNet-22k), "
+        "'random' (from --seed, offline) or a local .safetensors/.pth file",
+    )
     random_init: bool = option(False, "random weights from --seed, for offline use (the same as --weights random)")
     seed: int = option(0, "seed of random weights (in training, also of the split and the shuffles)")
 
@@ -64,12 +82,88 @@ def architecture(name: str) -> str:
     return arch
 
 
+@dataclass(frozen=True)
+class HubWeights:
+    """The pretrained weights `--weights hub` loads: timm's model name with its tag, and the hub file holding them."""
+
+    model: str
+    hf_hub_id: str
+    filename: str
+
+    @classmethod
+    def of(cls, name: str) -> HubWeights:
+        """`name`'s weights: its own tag, else the first of `PREFERRED_TAGS` that timm has for it, else timm's default tag."""
+        import timm
+        from timm.models import get_pretrained_cfg
+
+        arch = architecture(name)
+        pretrained = timm.list_pretrained(f"{arch}.*")
+        preferred = [f"{arch}.{tag}" for tag in PREFERRED_TAGS if f"{arch}.{tag}" in pretrained]
+        model = name if "." in name else [*preferred, f"{arch}.{get_pretrained_cfg(arch).tag}"][0]
+        if model not in pretrained:
+            raise BackboneError(f"timm has no pretrained weights {model!r}; those of {arch}: {', '.join(pretrained)}")
+        cfg = get_pretrained_cfg(model)
+        return cls(model=model, hf_hub_id=cfg.hf_hub_id, filename=cfg.hf_hub_filename or HUB_FILENAME)
+
+    def __str__(self) -> str:
+        return f"{self.model} (Hugging Face {self.hf_hub_id}, {self.filename})"
+
+    def fetch(self) -> Path:
+        """The local file: from the Hugging Face cache when it holds it, else downloaded after one short look-up of the hub
+        (none with HF_HUB_OFFLINE=1), so that an offline start fails in seconds, in one line that says the fix."""
+        from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+        from huggingface_hub.errors import HfHubHTTPError
+
+        repo_id, _, revision = self.hf_hub_id.partition("@")
+        where = {"repo_id": repo_id, "filename": self.filename, "revision": revision or None}
+        cached = try_to_load_from_cache(**where)
+        if isinstance(cached, str):
+            return Path(cached)
+        missing = f"--weights hub: {self} is not in the Hugging Face cache at {constants.HF_HUB_CACHE}"
+        if constants.HF_HUB_OFFLINE:
+            raise BackboneError(f"{missing}, and HF_HUB_OFFLINE keeps the hub out; {OFFLINE_FIX}")
+        try:
+            get_hf_file_metadata(hf_hub_url(**where), timeout=HUB_TIMEOUT_S)
+        except HfHubHTTPError as exc:
+            raise BackboneError(f"{missing}, and the hub at {constants.ENDPOINT} refused it ({_first_line(exc)}); {OFFLINE_FIX}") from exc
+        except Exception as exc:  # the transport's own errors, whose types change with huggingface_hub's version
+            failure = f"{type(exc).__name__}: {_first_line(exc)}"
+            raise BackboneError(f"{missing}, and the hub at {constants.ENDPOINT} is unreachable ({failure}); {OFFLINE_FIX}") from exc
+        return Path(hf_hub_download(**where, etag_timeout=HUB_TIMEOUT_S))
+
+
+def _first_line(exc: Exception) -> str:
+    """The first line of an error's message, for an error of our own that must stay one line."""
+    return (str(exc).splitlines() or [""])[0]
+
+
+def weights_file(name: str, weights: str | Path) -> tuple[str, Path]:
+    """The timm model name and the local file that `weights` (`"hub"` or a path) loads for `name`."""
+    if weights == HUB:
+        hub = HubWeights.of(name)
+        path = hub.fetch()
+        log.info("backbone weights: %s at %s", hub, path)
+        return hub.model, path
+    path = Path(weights)
+    if not path.is_file():
+        raise BackboneError(f"backbone weights file not found: {path}")
+    return name, path
+
+
+def describe_weights(name: str, weights: str | Path, seed: int) -> str:
+    """Which weights `weights` loads for `name`, in words: the hub's model, tag and file, the local file, or the seed."""
+    if weights == RANDOM:
+        return f"random (seed {seed})"
+    return str(HubWeights.of(name)) if weights == HUB else str(weights)
+
+
 def create_swin(name: str, weights: str | Path = RANDOM, seed: int = 0, **kwargs) -> SwinTransformer:
     """Create a headless timm Swin.
 
-    `weights` is `"hub"` (timm's pretrained weights from the Hugging Face hub), `"random"` (initialised
-    from `seed`, for offline use and tests), or a path to a local `.safetensors`/`.pth` file (read by
-    timm with `weights_only=True`, and converted from the original Swin layout when needed).
+    `weights` is `"hub"` (timm's pretrained weights of the name's tag, else ImageNet-22k, from the Hugging Face
+    cache or hub: `HubWeights`), `"random"` (initialised from `seed`, for offline use and tests), or a path to a
+    local `.safetensors`/`.pth` file (read by timm with `weights_only=True`, and converted from the original Swin
+    layout when needed).
     """
     import timm
 
@@ -79,13 +173,9 @@ def create_swin(name: str, weights: str | Path = RANDOM, seed: int = 0, **kwargs
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = timm.create_model(name, pretrained=False, **kwargs)
-    elif weights == HUB:
-        model = timm.create_model(name, pretrained=True, **kwargs)
     else:
-        path = Path(weights)
-        if not path.is_file():
-            raise BackboneError(f"backbone weights file not found: {path}")
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        model_name, path = weights_file(name, weights)
+        model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
     return model.eval()
 
 
@@ -100,11 +190,12 @@ def block_dims(model: SwinTransformer) -> list[tuple[str, int]]:
 
 @dataclass
 class Backbone:
-    """A frozen Swin with the fingerprint of its weights; the one instance all tasks share."""
+    """A frozen Swin with the fingerprint of its weights and which weights they are; the one instance all tasks share."""
 
     name: str
     model: SwinTransformer
     fingerprint: str
+    weights: str
 
     @classmethod
     def load(cls, name: str, weights: str | Path = RANDOM, seed: int = 0, **kwargs) -> Backbone:
@@ -116,7 +207,9 @@ class Backbone:
         kwargs.setdefault("strict_img_size", False)
         model = create_swin(name, weights, seed, **kwargs)
         model.requires_grad_(False)
-        return cls(name=architecture(name), model=model, fingerprint=fingerprint_module(model))
+        return cls(
+            name=architecture(name), model=model, fingerprint=fingerprint_module(model), weights=describe_weights(name, weights, seed)
+        )
 
     @property
     def num_features(self) -> int:

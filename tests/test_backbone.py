@@ -1,11 +1,8 @@
-"""Backbone creation from a seed, a local file and the Hugging Face hub path, and its fingerprint."""
+"""Backbone creation from a seed and a local file, and its fingerprint (the hub path: test_hub_weights.py)."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -82,26 +79,3 @@ def test_fingerprint_of_injected_reference_model_changes_with_adapters():
     before = fingerprint_module(model)
     inject_mona(model, Mona)
     assert fingerprint_module(model) != before
-
-
-def _fake_hub_cache(root: Path, repo_id: str, weights: Path) -> None:
-    """Lay out a Hugging Face hub cache holding `weights` as `repo_id`'s model.safetensors at main."""
-    repo = root / ("models--" + repo_id.replace("/", "--"))
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (snapshot / "model.safetensors").write_bytes(weights.read_bytes())
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-
-
-@pytest.mark.process
-def test_hub_code_path_loads_from_the_hugging_face_cache(tmp_path, tiny_weights):
-    """The real `weights="hub"` path (timm -> huggingface_hub), served offline from a populated cache."""
-    cache = tmp_path / "hub"
-    _fake_hub_cache(cache, "timm/swin_tiny_patch4_window7_224.ms_in1k", tiny_weights)
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    code = f"from monaserve.adapters import Backbone\nprint(Backbone.load('{TINY}', 'hub').fingerprint)\n"
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == Backbone.load(TINY, tiny_weights).fingerprint
