@@ -25,6 +25,7 @@ from .auth import admin_guard, api_guard
 from .budgets import BodyBudget
 from .config import REPLICA_HEADER, ServeConfig
 from .dataplane import DataPlane
+from .docs_pages import docs_router
 from .forward import ForwardToEngine
 from .grpc_server import GrpcServer
 from .health import health_router
@@ -138,9 +139,12 @@ def create_app(runtime: AnyRuntime, serve_grpc: bool = False) -> FastAPI:
         version="0.1.0",
         lifespan=_lifespan(runtime, grpc),
         redirect_slashes=False,  # a redirect would echo the Host header back, before any auth
+        docs_url=None,  # FastAPI's loads Swagger UI from a CDN: `docs_pages` serves it
+        redoc_url=None,  # ReDoc too needs a CDN, and no licensed package ships it
     )
     install_error_handlers(app)
     admin_routes = _register_routes(app, plane, runtime.config)
+    app.include_router(docs_router(app.title, app.openapi_url))
     _add_middlewares(app, plane, budget, admin_routes)
     _document_body_schemas(app)
     return app

@@ -13,9 +13,12 @@ from fastapi.security.utils import get_authorization_scheme_param
 from .config import ServeConfig
 from .errors import Forbidden, Unauthorized
 
-Credentials = Annotated[
-    HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False, description="`Authorization: Bearer <token>`"))
-]
+BEARER = HTTPBearer(
+    auto_error=False,
+    description="`Authorization: Bearer <token>`: the admin token on admin routes; on inference, with --api-token, the API or admin token",
+)
+"""The one security scheme in OpenAPI (`HTTPBearer`): `/docs`'s Authorize button takes either token."""
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
 """The request's bearer token (None without one), with the scheme documented in OpenAPI; the checks below answer."""
 
 
