@@ -26,6 +26,13 @@ def page_headers(page: bytes) -> dict[str, str]:
     }
 
 
+FAVICON_HEADERS = {
+    "Cache-Control": "public, max-age=604800",  # a week: the icon changes with releases, not requests
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",  # opened on its own, the SVG runs nothing
+    "X-Content-Type-Options": "nosniff",
+}
+
+
 class HealthEndpoints:
     """Liveness, readiness (with what the server is doing), Prometheus metrics and the playground."""
 
@@ -33,6 +40,7 @@ class HealthEndpoints:
         self.runtime = runtime
         self.page = (resources.files("monaserve.server") / "static" / "playground.html").read_bytes()
         self.page_headers = page_headers(self.page)
+        self.favicon_svg = (resources.files("monaserve.server") / "static" / "favicon.svg").read_bytes()
 
     async def live(self) -> Health:
         return Health(status="alive")
@@ -49,9 +57,13 @@ class HealthEndpoints:
         """Pick a task, drop an image, see the result drawn (plain HTML and JS, same origin)."""
         return Response(self.page, media_type="text/html; charset=utf-8", headers=self.page_headers)
 
+    async def favicon(self) -> Response:
+        """The icon of the playground and the API docs, an SVG (browsers ask for /favicon.ico whatever it holds)."""
+        return Response(self.favicon_svg, media_type="image/svg+xml", headers=FAVICON_HEADERS)
+
 
 def health_router(runtime: AnyRuntime) -> APIRouter:
-    """`/health/live`, `/health/ready`, `/metrics` and the playground at `/` (no token: probes and browsers call them)."""
+    """`/health/live`, `/health/ready`, `/metrics`, the playground at `/` and its icon (no token: probes and browsers call them)."""
     endpoints = HealthEndpoints(runtime)
     router = APIRouter()
     router.add_api_route("/health/live", endpoints.live, methods=["GET"], response_model=Health, tags=["health"])
@@ -60,4 +72,5 @@ def health_router(runtime: AnyRuntime) -> APIRouter:
     )
     router.add_api_route("/metrics", endpoints.metrics, methods=["GET"], response_class=Response, tags=["health"])
     router.add_api_route("/", endpoints.playground, methods=["GET"], include_in_schema=False)
+    router.add_api_route("/favicon.ico", endpoints.favicon, methods=["GET"], include_in_schema=False)
     return router
