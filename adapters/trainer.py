@@ -55,7 +55,7 @@ class TrainConfig(BackboneOptions):
     checkpoint_dir: Path | None = option(None, "checkpoint every epoch here")
     resume: bool = option(False, "continue from the checkpoint in --checkpoint-dir")
     max_steps: int | None = option(None, "stop after this many steps")
-    progress: bool = option(True, "a progress bar per epoch")
+    progress: bool = option(True, "a progress bar over the training steps")
 
     def package_path(self) -> Path:
         return self.out or Path(f"{self.name}-{self.version}.safetensors")
@@ -132,8 +132,9 @@ def load_checkpoint(path: Path, model: MonaTaskModel, optimizer: torch.optim.Opt
     return int(metadata["epoch"]) + 1, int(metadata["step"])
 
 
-def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
-    """Train Mona + head on `config.data`, evaluate on the held-out split, and write the package."""
+def train(config: TrainConfig, log: Callable[[str], None] = print, on_step: Callable[[int, int], None] | None = None) -> TrainResult:
+    """Train Mona + head on `config.data`, evaluate on the held-out split, and write the package; `on_step`
+    hears (steps done, steps in all) after every step (and may raise to stop the training)."""
     started = time.monotonic()
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
@@ -195,12 +196,12 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     losses: list[float] = []
     model.train()
+    bar = tqdm(total=total_steps, initial=step, desc=config.name, unit="step", disable=not config.progress, leave=False)
     for epoch in range(first_epoch, config.epochs):
         if step >= total_steps:
             break
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress, leave=False)
         epoch_start, seen, epoch_losses = time.monotonic(), 0, []
-        for images, targets in bar:
+        for images, targets in train_loader:
             with autocast:
                 loss = model.loss(images.to(device), _to(targets, device))
             optimizer.zero_grad(set_to_none=True)
@@ -212,17 +213,21 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
             step += 1
             seen += len(images)
             epoch_losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / (time.monotonic() - epoch_start):.1f}")
+            bar.update()
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}", img_s=f"{seen / (time.monotonic() - epoch_start):.1f}")
+            if on_step is not None:
+                on_step(step, total_steps)
             if step >= total_steps:
                 break
         losses += epoch_losses
         log(
-            f"epoch {epoch + 1}: loss {sum(epoch_losses) / max(1, len(epoch_losses)):.4f}, "
+            f"epoch {epoch + 1} (step {step}/{total_steps}): loss {sum(epoch_losses) / max(1, len(epoch_losses)):.4f}, "
             f"{seen / (time.monotonic() - epoch_start):.1f} img/s"
         )
         if checkpoint is not None:
             save_checkpoint(checkpoint, model, optimizer, epoch, step)
 
+    bar.close()
     evaluation = evaluate(model, val_loader, device)
     log(f"trained: {json.dumps({k: round(v, 4) for k, v in evaluation.items()})}")
     summary = {

@@ -59,7 +59,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     head = 2 * backbone.num_features + (backbone.num_features + 1) * args.num_classes
     info = {
         "backbone": backbone.name,
-        "weights": f"random (seed {args.seed})" if args.weights == "random" else args.weights,
+        "weights": backbone.weights,
         "fingerprint": backbone.fingerprint,
         "input_size": list(backbone.input_size),
         "depths": [len(stage.blocks) for stage in model.layers],
@@ -129,11 +129,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if config.admin_token is None and not config.insecure_admin:
         log.warning("the admin API is off (uploads, loads, the repository): start with --admin-token or MONASERVE_ADMIN_TOKEN")
-    if config.demo:
-        from .demo import ensure_demo
-        from .store import AdapterStore
-
-        ensure_demo(AdapterStore(config.store), config.backbone, config.weights, config.seed, config.demo_data)
     if config.front_ends > 1:
         from .workers import serve_workers
 

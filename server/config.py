@@ -69,8 +69,9 @@ class ServeConfig(BackboneOptions):
     store: str = option("var/adapters", "adapter store: a directory, or an fsspec URL such as s3://bucket/prefix")
     catalog_refresh_s: float = option(10.0, "re-read the store this often (0: only on a miss)")
     preload: str = option("", "tasks to load at start-up: 'all' or a comma-separated list")
-    demo: bool = option(False, "first train the shapes demo tasks into the store if they are missing")
+    demo: bool = option(False, "train the shapes demo tasks into the store first, where they are missing (the server listens meanwhile)")
     demo_data: Path = option(Path("var/demo-data"), "where --demo writes its training images")
+    demo_steps: int = option(100, "training steps of each --demo task (more steps, better demo adapters)")
     # adapters on the device
     gpu_slots: int = option(16, "adapter slots on the device")
     gpu_adapter_mb: float | None = option(None, "device memory budget for adapters (default: slots only)")
@@ -168,6 +169,7 @@ class ServeConfig(BackboneOptions):
             "keep_alive_s",
             "decode_threads",
             "arena_mb",
+            "demo_steps",
         )
         if self.mona_kernel == "triton":
             self._check_triton()

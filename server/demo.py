@@ -1,8 +1,13 @@
-"""The first-run demo: three tasks (classify, detect, segment) trained on the shapes data into the store."""
+"""The first-run demo: three tasks (classify, detect, segment) trained on the shapes data into the store.
+
+The server trains them in its start-up, while it already answers probes: readiness says which task of
+the three is training and how long the whole demo should take still, and so does the log."""
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,9 +16,12 @@ from monaserve.adapters import Backbone
 from monaserve.adapters.data.shapes import write_shapes
 from monaserve.adapters.trainer import TrainConfig, train
 
+from .lifecycle import Progress, about
 from .store import AdapterStore
 
 log = logging.getLogger(__name__)
+LOG_EVERY_S = 15.0
+"""How often the demo's overall progress is logged while it trains."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,10 @@ DEMO_TASKS = {
 }
 
 
+class DemoStopped(Exception):
+    """The server was told to stop while the demo trained."""
+
+
 def missing_demo_tasks(store: AdapterStore, fingerprint: str) -> list[str]:
     """Demo tasks with no stored version trained on the backbone with `fingerprint`."""
     missing = []
@@ -48,6 +60,53 @@ def missing_demo_tasks(store: AdapterStore, fingerprint: str) -> list[str]:
     return missing
 
 
+class DemoProgress:
+    """The demo's progress over all its tasks: reported after every training step (readiness reads it),
+    logged every `LOG_EVERY_S`, and where a stop request ends the training.
+
+    The time left is the time so far scaled by the steps left over the steps done, so it counts each
+    task's evaluation and set-up as the steps before it did."""
+
+    def __init__(
+        self,
+        tasks: list[str],
+        steps: int,
+        report: Callable[[Progress], None],
+        say: Callable[[str], None],
+        stop: threading.Event,
+    ) -> None:
+        self.tasks, self.steps, self.report, self.say, self.stop = tasks, steps, report, say, stop
+        self.started = self.logged = time.monotonic()
+        self.index = 0
+
+    @property
+    def step(self) -> str:
+        return f"{self.index + 1}/{len(self.tasks)}"
+
+    def begin(self, index: int) -> None:
+        """Task `index` starts training."""
+        self.index = index
+        done = index * self.steps
+        self.report(Progress("training demo", self.step, self._eta(done)))
+        self.say(f"demo: task {self.step}, {self.tasks[index]}" + (f"; {about(self._eta(done))} left in all" if done else ""))
+
+    def on_step(self, done: int, total: int) -> None:
+        """The trainer's step hook: report, log now and then, and stop when asked to."""
+        if self.stop.is_set():
+            raise DemoStopped("the server is stopping")
+        eta = self._eta(self.index * self.steps + done * self.steps / total)
+        self.report(Progress("training demo", self.step, eta))
+        if time.monotonic() - self.logged >= LOG_EVERY_S:
+            self.logged = time.monotonic()
+            self.say(f"demo: task {self.step}, {self.tasks[self.index]}: step {done}/{total}; {about(eta)} left in all")
+
+    def _eta(self, done_steps: float) -> float | None:
+        if done_steps <= 0:
+            return None
+        elapsed = time.monotonic() - self.started
+        return round(elapsed * (len(self.tasks) * self.steps - done_steps) / done_steps, 1)
+
+
 def ensure_demo(
     store: AdapterStore,
     backbone: str,
@@ -59,15 +118,22 @@ def ensure_demo(
     images: int = 240,
     progress: bool = True,
     say: Callable[[str], None] = print,
+    report: Callable[[Progress], None] = lambda _: None,
+    stop: threading.Event | None = None,
+    fingerprint: str | None = None,
 ) -> list[str]:
-    """Train the demo tasks the store lacks for this backbone, each as a new version; returns them."""
-    fingerprint = Backbone.load(backbone, weights, seed).fingerprint
+    """Train the demo tasks the store lacks for this backbone (`fingerprint` of its weights, when the caller
+    has them loaded), each as a new version; returns them. `report` hears the overall progress; setting
+    `stop` ends the training at its next step with `DemoStopped`."""
+    fingerprint = fingerprint or Backbone.load(backbone, weights, seed).fingerprint
     missing = missing_demo_tasks(store, fingerprint)
     if not missing:
         return []
     say(f"demo: training {', '.join(missing)} on synthetic shapes ({steps} steps each at {size} px); this runs once")
     shapes = write_shapes(data_dir, num_images=images, size=size, seed=0)
-    for task in missing:
+    tracker = DemoProgress(missing, steps, report, say, stop or threading.Event())
+    for index, task in enumerate(missing):
+        tracker.begin(index)
         demo = DEMO_TASKS[task]
         version = max(store.versions(task), default=0) + 1
         config = TrainConfig(
@@ -90,6 +156,7 @@ def ensure_demo(
             progress=progress,
             out=data_dir / f"{task}-{version}.safetensors",
         )
-        train(config, log=say)
+        train(config, log=say, on_step=tracker.on_step)
         store.write(task, version, config.out.read_bytes())
+    say(f"demo: trained {len(missing)} tasks in {time.monotonic() - tracker.started:.0f} s")
     return missing

@@ -20,7 +20,7 @@ from .budgets import SharedTally
 from .catalog import TaskEntry, TaskLookup
 from .config import ServeConfig
 from .decoding import large_image_lane
-from .lifecycle import Lifecycle
+from .lifecycle import Lifecycle, Progress
 from .registry import Registry
 from .remote_engine import RemoteEngine
 from .run_dir import TALLY_ROWS, RunDir
@@ -91,6 +91,11 @@ class FrontEndRuntime(Lifecycle):
     @property
     def catalog(self) -> CatalogMirror | None:
         return self._mirror
+
+    @property
+    def progress(self) -> Progress:
+        """While loading, the engine process's own start-up progress (the demo's training, say)."""
+        return self.run.read_progress() or Progress("waiting for the engine process")
 
     def new_tally(self) -> SharedTally:
         """Where a new body budget counts: a row shared by every front end, of which this process owns a slot."""

@@ -46,9 +46,12 @@ class HealthEndpoints:
         return Health(status="alive")
 
     async def ready(self) -> Response:
-        if self.runtime.ready:
-            return JSONResponse(Health(status="ready").model_dump())
-        return JSONResponse(Health(status=self.runtime.state, detail=self.runtime.error).model_dump(), status_code=503)
+        """200 once ready; else 503 with the state, and while loading what start-up does (the demo's training, say)."""
+        runtime = self.runtime
+        if runtime.ready:
+            return JSONResponse(Health(status="ready").model_dump(exclude_none=True))
+        progress = runtime.progress.to_json() if runtime.state == "loading" else {}
+        return JSONResponse(Health(status=runtime.state, detail=runtime.error, **progress).model_dump(exclude_none=True), status_code=503)
 
     async def metrics(self) -> Response:
         return Response(self.runtime.metrics.render(), media_type="text/plain; version=0.0.4")
@@ -66,7 +69,9 @@ def health_router(runtime: AnyRuntime) -> APIRouter:
     """`/health/live`, `/health/ready`, `/metrics`, the playground at `/` and its icon (no token: probes and browsers call them)."""
     endpoints = HealthEndpoints(runtime)
     router = APIRouter()
-    router.add_api_route("/health/live", endpoints.live, methods=["GET"], response_model=Health, tags=["health"])
+    router.add_api_route(
+        "/health/live", endpoints.live, methods=["GET"], response_model=Health, response_model_exclude_none=True, tags=["health"]
+    )
     router.add_api_route(
         "/health/ready", endpoints.ready, methods=["GET"], response_model=Health, responses={503: {"model": Health}}, tags=["health"]
     )

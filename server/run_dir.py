@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ServeConfig
+from .lifecycle import Progress
 
 TALLY_ROWS = 2
 """Body budgets the front ends share (inference bodies, uploads), each a row of int64s, one per front end."""
@@ -57,6 +58,24 @@ class RunDir:
     def tallies(self) -> Path:
         """The front ends' shared body budgets (`budgets.SharedTally`)."""
         return self.path / "tallies"
+
+    @property
+    def progress(self) -> Path:
+        """The engine process's start-up progress, which front ends answer readiness probes with while it loads."""
+        return self.path / "progress.json"
+
+    def write_progress(self, progress: Progress) -> None:
+        """Replace the progress file at once (a rename), so a front end never reads half of it."""
+        part = self.progress.with_suffix(".part")
+        part.write_text(json.dumps(progress.to_json()))
+        part.replace(self.progress)
+
+    def read_progress(self) -> Progress | None:
+        """The engine's last progress, or None before it wrote any."""
+        try:
+            return Progress.from_json(json.loads(self.progress.read_text()))
+        except FileNotFoundError:
+            return None
 
     def read_config(self) -> ServeConfig:
         """The supervisor's config as a child reads it: paths typed as paths, secrets from the environment."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -22,7 +23,7 @@ from .decoding import Decoder, jpeg_device, large_image_lane
 from .engine import Engine
 from .engine_client import EngineClient, LocalEngine
 from .images import ImageLimits
-from .lifecycle import Lifecycle, State
+from .lifecycle import Lifecycle, Progress, State
 from .metrics import Metrics
 from .registry import Registry
 from .scheduler import Scheduler
@@ -53,6 +54,8 @@ class AnyRuntime(Protocol):
     @property
     def ready(self) -> bool: ...
     @property
+    def progress(self) -> Progress: ...
+    @property
     def catalog(self) -> TaskLookup | None: ...
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
@@ -76,9 +79,18 @@ class Runtime(Lifecycle):
 
     admin_socket = None  # admin calls are answered here
 
-    def __init__(self, config: ServeConfig, on_fatal: Callable[[], None] = lambda: None, peers: EngineService | None = None) -> None:
+    def __init__(
+        self,
+        config: ServeConfig,
+        on_fatal: Callable[[], None] = lambda: None,
+        peers: EngineService | None = None,
+        publish: Callable[[Progress], None] = lambda _: None,
+    ) -> None:
         super().__init__(config, on_fatal)
         self.peers = peers
+        self.publish = publish
+        """Where start-up's progress goes besides this process's readiness (the front ends', under `--workers`)."""
+        self._stopping = threading.Event()
         self.decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
         self.large_image_lane = large_image_lane()
         self.device = resolve_device(config.device)
@@ -96,13 +108,22 @@ class Runtime(Lifecycle):
     def catalog(self) -> Catalog | None:
         return None if self.registry is None else self.registry.catalog
 
+    def report(self, progress: Progress) -> None:
+        super().report(progress)
+        self.publish(progress)
+
     async def start(self) -> None:
-        """Load the backbone, warm it, read the store, preload; then turn ready. Failure is fatal."""
+        """Load the backbone, train the demo (`--demo`, where the store lacks it), warm the engine, read the
+        store, preload; then turn ready, reporting each step to readiness. Failure is fatal."""
         config = self.config
         try:
             started = time.monotonic()
             device = self.device
+            self.report(Progress("loading backbone"))
             backbone = await asyncio.to_thread(Backbone.load, config.backbone, config.weights, config.seed)
+            if config.demo:
+                await self._train_demo(backbone.fingerprint)
+            self.report(Progress("building engine"))
             if config.compiled:
                 use_compile_cache(config.compile_cache)
             self.engine = await asyncio.to_thread(
@@ -126,6 +147,7 @@ class Runtime(Lifecycle):
                 gpu_budget_bytes=budget,
                 admission_timeout_s=config.request_timeout_s,
             )
+            self.report(Progress("reading the store"))
             await self.registry.refresh()
             self.scheduler = Scheduler(
                 self.engine.run,
@@ -144,7 +166,10 @@ class Runtime(Lifecycle):
                 self.registry.announce = self.peers.changed
                 await self.peers.start(self.engine_client, self.registry.catalog)
         except Exception as exc:
-            log.exception("start-up failed")
+            if isinstance(exc, ValueError):  # a setting that cannot work, whose message says the fix: one line
+                log.error("start-up failed: %s", exc)
+            else:
+                log.exception("start-up failed")
             self.fail(f"{type(exc).__name__}: {exc}")
             return
         if config.catalog_refresh_s > 0:
@@ -159,6 +184,26 @@ class Runtime(Lifecycle):
             len(self.registry.catalog),
             config.store,
             time.monotonic() - started,
+        )
+
+    async def _train_demo(self, fingerprint: str) -> None:
+        """`--demo`: train the demo tasks the store lacks for these weights, off the event loop (probes are answered)."""
+        from . import demo
+
+        config = self.config
+        await asyncio.to_thread(
+            demo.ensure_demo,
+            AdapterStore(config.store),
+            config.backbone,
+            config.weights,
+            config.seed,
+            config.demo_data,
+            steps=config.demo_steps,
+            progress=False,
+            say=demo.log.info,
+            report=self.report,
+            stop=self._stopping,
+            fingerprint=fingerprint,
         )
 
     async def _keep_fresh(self) -> None:
@@ -181,6 +226,7 @@ class Runtime(Lifecycle):
         wanted = self.config.preload.strip()
         if not wanted:
             return
+        self.report(Progress("preloading adapters"))
         tasks = sorted(self.registry.catalog) if wanted == "all" else [t.strip() for t in wanted.split(",") if t.strip()]
         for task in tasks:
             try:
@@ -193,11 +239,13 @@ class Runtime(Lifecycle):
         the backbone's), on the engine's thread; a task uploaded later with a new size compiles at its first batch."""
         catalog = self.registry.catalog
         sizes = {tuple(catalog[task].manifest.input.size) for task in catalog} or {self.engine.backbone.input_size}
-        for size in sorted(sizes):
+        for index, size in enumerate(sorted(sizes)):
+            self.report(Progress("compiling" if self.config.compiled else "warming up", f"{index + 1}/{len(sizes)} input sizes"))
             await asyncio.get_running_loop().run_in_executor(self.worker, self.engine.prepare, size)
 
     async def stop(self) -> None:
-        """Finish what is queued, then stop the threads."""
+        """Finish what is queued, then stop the threads (and the demo's training, at its next step)."""
+        self._stopping.set()
         self.begin_drain()
         if self.peers is not None:
             await self.peers.stop()

@@ -127,5 +127,8 @@ class UnloadResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: str
-    detail: str | None = None
+    status: str = Field(description="alive; or loading, ready, draining, failed")
+    detail: str | None = Field(default=None, description="why the server failed")
+    activity: str | None = Field(default=None, description="while loading: what it does, e.g. 'training demo', 'loading backbone'")
+    step: str | None = Field(default=None, description="while loading: how far the activity is, e.g. '2/3' demo tasks")
+    eta_s: float | None = Field(default=None, description="while loading: the seconds the activity should take still")

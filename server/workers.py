@@ -198,7 +198,7 @@ def run_engine(config: ServeConfig, run: RunDir) -> int:
     service = EngineService(run.engine_socket)
     # the front ends drain before the engine is told to stop, and answer browsers' CORS themselves
     own = dataclasses.replace(config, drain_delay_s=0.0, cors_origins="")
-    return serve(own, lambda on_fatal: Runtime(own, on_fatal, peers=service), uds=run.admin_socket)
+    return serve(own, lambda on_fatal: Runtime(own, on_fatal, peers=service, publish=run.write_progress), uds=run.admin_socket)
 
 
 def run_front_end(config: ServeConfig, run: RunDir, index: int) -> int:

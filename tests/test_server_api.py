@@ -51,7 +51,7 @@ def expected_probabilities(engine: Engine, packages, task: str, data: bytes) -> 
 
 def test_health_docs_and_openapi(server):
     with server.client(token=None) as client:
-        assert client.get("/health/live").json() == {"status": "alive", "detail": None}
+        assert client.get("/health/live").json() == {"status": "alive"}
         assert client.get("/health/ready").json()["status"] == "ready"
         assert client.get("/docs").status_code == 200
         paths = client.get("/openapi.json").json()["paths"]
