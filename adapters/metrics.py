@@ -6,6 +6,7 @@ import contextlib
 import io
 
 import torch
+from torchvision.ops import box_iou
 
 from .transforms import IGNORE_INDEX
 
@@ -62,8 +63,9 @@ class CocoMap:
             for image_id, output in enumerate(self.detections, start=1)
             for (x1, y1, x2, y2), score, label in zip(output["boxes"].tolist(), output["scores"].tolist(), output["labels"].tolist())
         ]
+        f1, f1_min_score = best_f1(self.detections, self.truth, self.num_classes)
         if not results or not annotations:
-            return {"mAP": 0.0, "mAP50": 0.0}
+            return {"mAP": 0.0, "mAP50": 0.0, "f1": f1, "f1_min_score": f1_min_score}
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its tables
             truth = COCO()
             truth.dataset = {"images": images, "annotations": annotations, "categories": [{"id": i + 1} for i in range(self.num_classes)]}
@@ -72,7 +74,43 @@ class CocoMap:
             evaluation.evaluate()
             evaluation.accumulate()
             evaluation.summarize()
-        return {"mAP": float(evaluation.stats[0]), "mAP50": float(evaluation.stats[1])}
+        return {"mAP": float(evaluation.stats[0]), "mAP50": float(evaluation.stats[1]), "f1": f1, "f1_min_score": f1_min_score}
+
+
+def best_f1(
+    detections: list[dict[str, torch.Tensor]], truth: list[dict[str, torch.Tensor]], num_classes: int, iou: float = 0.5
+) -> tuple[float, float]:
+    """The best F1 of boxes against the truth over every lowest score an answer could show, and that score.
+
+    Each box, best first within its image and label, matches the unmatched true box of its label it
+    overlaps most at IoU `iou` or more (VOC's rule); the score that keeps the boxes down to the k-th
+    best overall scores k boxes with their matches. (0, 0) where no box matches."""
+    scored: list[tuple[float, bool]] = []
+    for found, true in zip(detections, truth):
+        for label in range(num_classes):
+            boxes, scores = found["boxes"][found["labels"] == label], found["scores"][found["labels"] == label]
+            true_boxes = true["boxes"][true["labels"] == label]
+            matched = torch.zeros(len(true_boxes), dtype=torch.bool)
+            overlaps = box_iou(boxes.float(), true_boxes.float()) if len(true_boxes) else None
+            for i in scores.argsort(descending=True).tolist():
+                hit = False
+                if overlaps is not None:
+                    candidates = overlaps[i].masked_fill(matched, -1.0)
+                    best = int(candidates.argmax())
+                    hit = bool(candidates[best] >= iou)
+                    matched[best] |= hit
+                scored.append((float(scores[i]), hit))
+    truths = sum(len(t["boxes"]) for t in truth)
+    if not scored or not truths:
+        return 0.0, 0.0
+    scored.sort(key=lambda pair: -pair[0])
+    score = torch.tensor([s for s, _ in scored])
+    hits = torch.tensor([h for _, h in scored], dtype=torch.float64).cumsum(0)
+    f1 = 2 * hits / (torch.arange(1, len(scored) + 1) + truths)  # 2PR/(P+R) = 2·tp/(found + true)
+    last_of_score = torch.cat([score[1:] != score[:-1], torch.tensor([True])])  # a threshold keeps ties together
+    f1 = f1.masked_fill(~last_of_score, -1.0)
+    best = int(f1.argmax())
+    return (float(f1[best]), float(score[best])) if f1[best] > 0 else (0.0, 0.0)
 
 
 class ConfusionIoU:

@@ -248,7 +248,11 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, on_step: Call
         atomic_write(path, json.dumps(summary, indent=2).encode())
         log(f"wrote {path} (the full baseline retrains the backbone, so it is a report, not a servable package)")
         return TrainResult(None, path, evaluation, untrained, losses)
-    package = model.to_package(manifest.model_copy(update={"training": summary}))
+    head = kind.tune_head(manifest.head, evaluation)
+    if head != manifest.head:
+        tuned = {k: v for k, v in head.model_dump().items() if manifest.head.model_dump()[k] != v}
+        log(f"picked on the validation data: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in tuned.items()})}")
+    package = model.to_package(manifest.model_copy(update={"training": summary, "head": head}))
     path = package.save(config.package_path())
     log(f"wrote {path}")
     return TrainResult(package, path, evaluation, untrained, losses)

@@ -25,7 +25,9 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     predict.add_argument("--kind", choices=["classify", "detect", "segment"], help="default: the task's own")
     predict.add_argument("--top-k", type=int, default=5, help="classify: labels per image")
-    predict.add_argument("--min-score", type=float, default=0.3, help="detect: drop boxes scoring less")
+    predict.add_argument("--min-score", type=float, help="detect: drop boxes scoring less (default: the task's)")
+    predict.add_argument("--max-detections", type=int, help="detect: the most boxes per image (default: the task's)")
+    predict.add_argument("--class-agnostic", action="store_true", help="detect: one box per object, whatever its label")
     predict.add_argument("--version", type=int, help="pin an adapter version")
     predict.add_argument("--draw", type=Path, metavar="OUT.png", help="write the image with the result drawn on it")
     predict.set_defaults(handler=cmd_predict)
@@ -64,7 +66,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     def run() -> dict:
         with _client(args) as client:
             kind = args.kind or client.task(args.task)["kind"]
-            params = {"classify": {"top_k": args.top_k}, "detect": {"min_score": args.min_score}}.get(kind, {})
+            params = {
+                "classify": {"top_k": args.top_k},
+                "detect": {"min_score": args.min_score, "max_detections": args.max_detections, "class_agnostic": args.class_agnostic},
+            }.get(kind, {})
             return client.predict_json(args.task, list(args.images), kind, version=args.version, **params)
 
     body = _guard(run)

@@ -187,8 +187,18 @@ class MonaClient(_Calls):
     def classify(self, task: str, images, top_k: int = 5, version: int | None = None):
         return self.predict(task, images, "classify", top_k=top_k, version=version)
 
-    def detect(self, task: str, images, min_score: float = 0.0, version: int | None = None):
-        return self.predict(task, images, "detect", min_score=min_score, version=version)
+    def detect(
+        self,
+        task: str,
+        images,
+        min_score: float | None = None,
+        max_detections: int | None = None,
+        class_agnostic: bool = False,
+        version: int | None = None,
+    ):
+        """Boxes scoring `min_score` or more, at most `max_detections` per image (None: the task's defaults)."""
+        params = {"min_score": min_score, "max_detections": max_detections, "class_agnostic": class_agnostic}
+        return self.predict(task, images, "detect", version=version, **params)
 
     def segment(self, task: str, images, version: int | None = None):
         return self.predict(task, images, "segment", version=version)
@@ -257,8 +267,17 @@ class AsyncMonaClient(_Calls):
     async def classify(self, task: str, images, top_k: int = 5, version: int | None = None):
         return await self.predict(task, images, "classify", top_k=top_k, version=version)
 
-    async def detect(self, task: str, images, min_score: float = 0.0, version: int | None = None):
-        return await self.predict(task, images, "detect", min_score=min_score, version=version)
+    async def detect(
+        self,
+        task: str,
+        images,
+        min_score: float | None = None,
+        max_detections: int | None = None,
+        class_agnostic: bool = False,
+        version: int | None = None,
+    ):
+        params = {"min_score": min_score, "max_detections": max_detections, "class_agnostic": class_agnostic}
+        return await self.predict(task, images, "detect", version=version, **params)
 
     async def segment(self, task: str, images, version: int | None = None):
         return await self.predict(task, images, "segment", version=version)

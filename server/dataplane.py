@@ -210,8 +210,10 @@ class DataPlane:
         render: Callable[[InferResult], T],
         started: float,
     ) -> T:
-        """Post-process `run`'s predictions and `render` the protocol's answer: on the event loop when cheap."""
+        """Post-process `run`'s predictions with `options` (what they leave out, the version's defaults) and
+        `render` the protocol's answer: on the event loop when cheap."""
         kind = get_kind(run.manifest.kind)
+        options = options.with_defaults(kind.defaults(run.manifest.head))
         budget = ResponseBudget(int(self.config.max_response_mb * MiB))
 
         def finish() -> T:  # mask resizing, encoding and JSON are CPU work: off the loop unless cheap

@@ -1,10 +1,11 @@
 """Open Inference Protocol requests read into the data plane's terms, and typed results written back as tensors.
 
 Inputs: `image` (BYTES, encoded files) or `pixels` (UINT8, `[N, H, W, 3]` or `[H, W, 3]`). Outputs are
-the kind's (`TaskKind.outputs`), all by default; request parameters `top_k` and `min_score` tune classify
-and detect, `timeout` (microseconds) shortens the deadline; `binary_data_output` (or an output's
-`binary_data`) returns tensors with the binary extension, and an output's `classification` (the
-classification extension) returns a classify model's scores as "score:index:label" strings.
+the kind's (`TaskKind.outputs`), all by default; request parameters `top_k` (classify), `min_score`,
+`max_detections` and `class_agnostic` (detect) tune the results, `timeout` (microseconds) shortens the
+deadline; `binary_data_output` (or an output's `binary_data`) returns tensors with the binary extension,
+and an output's `classification` (the classification extension) returns a classify model's scores as
+"score:index:label" strings.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from monaserve.adapters.kinds import MIN_SCORE_RANGE, TOP_K_RANGE, Options, OutputTensor, ResultShapeError, TaskKind
+from monaserve.adapters.kinds import MAX_DETECTIONS_RANGE, MIN_SCORE_RANGE, TOP_K_RANGE, Options, OutputTensor, ResultShapeError, TaskKind
 
 from .dataplane import Asked, InferResult
 from .errors import BadRequest, ResponseTooLarge
@@ -49,7 +50,7 @@ def images_of(inputs: dict) -> list[bytes | np.ndarray]:
     return images
 
 
-REQUEST_PARAMETERS = ("top_k", "min_score", "binary_data_output", "timeout", "priority")
+REQUEST_PARAMETERS = ("top_k", "min_score", "max_detections", "class_agnostic", "binary_data_output", "timeout", "priority")
 OUTPUT_PARAMETERS = ("binary_data", "classification")
 CLASSIFIED_OUTPUT = "scores"
 """The output the classification extension applies to: a classify model's scores, best first."""
@@ -106,6 +107,8 @@ class OipAnswer:
         options = Options(
             top_k=max([top_k] + [o.classes for o in outputs]),
             min_score=_parameter(parameters, "min_score", float, Options.min_score, *MIN_SCORE_RANGE),
+            max_detections=_parameter(parameters, "max_detections", int, Options.max_detections, *MAX_DETECTIONS_RANGE),
+            class_agnostic=_flag(parameters, "class_agnostic", Options.class_agnostic, "the request"),
         )
         return Asked(options, timeout_us * US if timeout_us else None)
 
@@ -179,7 +182,9 @@ def _only_known(parameters: dict, known: tuple[str, ...], what: str) -> None:
 
 
 def _parameter(parameters: dict, name: str, kind: type, default: Any, low: float, high: float) -> Any:
-    value = parameters.get(name, default)
+    if name not in parameters:
+        return default
+    value = parameters[name]
     if is_integer(value):
         valid = low <= value <= high  # exact for integers of any length (no float conversion)
     elif isinstance(value, float):

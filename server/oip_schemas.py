@@ -68,7 +68,8 @@ class InferenceRequest(BaseModel):
 
     id: str | None = None
     parameters: Parameters | None = Field(
-        default=None, description="top_k, min_score, binary_data_output, timeout (microseconds), priority (0 only)"
+        default=None,
+        description="top_k, min_score, max_detections, class_agnostic, binary_data_output, timeout (microseconds), priority (0 only)",
     )
     inputs: list[RequestInput] = Field(min_length=1, max_length=1)
     outputs: list[RequestOutput] | None = Field(default=None, description="default: every output of the model's kind")

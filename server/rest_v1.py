@@ -14,7 +14,7 @@ from fastapi.responses import Response
 from pydantic import Field, ValidationError
 
 from monaserve.adapters import TASK_NAME_PATTERN
-from monaserve.adapters.kinds import MIN_SCORE_RANGE, TOP_K_RANGE, Options
+from monaserve.adapters.kinds import MAX_DETECTIONS_RANGE, MIN_SCORE_RANGE, TOP_K_RANGE, Options, get_kind
 
 from .catalog import TaskEntry
 from .dataplane import DataPlane, InferRequest, InferResult, check_image_count
@@ -82,10 +82,32 @@ class InferParams(RouteParams):
     kind: Kind = Field(description="the task's kind")
     version: int | None = Field(default=None, ge=1, description="pin an adapter version")
     top_k: int = Field(default=Options.top_k, ge=TOP_K_RANGE[0], le=TOP_K_RANGE[1], description="classify: labels per image")
-    min_score: float = Field(
-        default=Options.min_score, ge=MIN_SCORE_RANGE[0], le=MIN_SCORE_RANGE[1], description="detect: drop boxes scoring less"
+    min_score: float | None = Field(
+        default=Options.min_score,
+        ge=MIN_SCORE_RANGE[0],
+        le=MIN_SCORE_RANGE[1],
+        description="detect: drop boxes scoring less (default: the task's, in its `defaults`)",
+    )
+    max_detections: int | None = Field(
+        default=Options.max_detections,
+        ge=MAX_DETECTIONS_RANGE[0],
+        le=MAX_DETECTIONS_RANGE[1],
+        description="detect: the most boxes per image, best first (default and most: the task's, in its `defaults`)",
+    )
+    class_agnostic: bool = Field(
+        default=Options.class_agnostic, description="detect: one box per object, whatever its label (class-agnostic NMS)"
     )
     rle: bool = Field(default=Options.rle, description="segment: add per-class RLE")
+
+    def options(self) -> Options:
+        """What the request asks of its results."""
+        return Options(
+            top_k=self.top_k,
+            min_score=self.min_score,
+            max_detections=self.max_detections,
+            class_agnostic=self.class_agnostic,
+            rle=self.rle,
+        )
 
 
 def render(result: InferResult) -> bytes:
@@ -114,6 +136,7 @@ def task_info(entry: TaskEntry) -> TaskInfo:
         versions=sorted(entry.versions),
         labels=serving.labels,
         input_size=serving.input.size,
+        defaults=get_kind(serving.kind).described_defaults(serving.head),
     )
 
 
@@ -126,7 +149,7 @@ class InferenceEndpoints:
     async def infer(self, request: Request) -> Response:
         params = InferParams.read(request)
         images = await read_images(request, self.plane.config.max_images_per_request)
-        work = InferRequest(params.task, images, params.version, params.kind, Options(params.top_k, params.min_score, params.rle))
+        work = InferRequest(params.task, images, params.version, params.kind, params.options())
         body = await unless_client_leaves(request, self.plane.infer(work, render))
         return Response(body, media_type="application/json")
 

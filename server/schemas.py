@@ -73,6 +73,9 @@ class TaskInfo(BaseModel):
     versions: list[int]
     labels: list[str]
     input_size: list[int] = Field(min_length=2, max_length=2, description="height, width")
+    defaults: dict[str, int | float | bool] = Field(
+        description="the request options of this task's kind, as a request that leaves them out gets them (e.g. detect's min_score)"
+    )
 
 
 class VersionView(BaseModel):

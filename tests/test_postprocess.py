@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 from monaserve.adapters import InputSpec
-from monaserve.adapters.kinds import Options, get_kind
+from monaserve.adapters.kinds import DetectHeadConfig, Options, get_kind
 from monaserve.adapters.kinds.segment import json_length, rle_encode
+from monaserve.adapters.metrics import best_f1
 from monaserve.adapters.transforms import preprocess
 from monaserve.server.budgets import ResponseBudget
 from monaserve.server.errors import ResponseTooLarge
@@ -45,11 +46,60 @@ def test_box_in_model_pixels_maps_back_to_the_original(resize, manifest):
     else:
         model_box = [64.0, 64.0, 128.0, 192.0]
     output = {"boxes": torch.tensor([model_box, model_box]), "scores": torch.tensor([0.9, 0.2]), "labels": torch.tensor([1, 0])}
-    result = DETECT.postprocess(output, manifest.labels, prepared, Options(min_score=0.5))
+    result = DETECT.postprocess(
+        output, manifest.labels, prepared, Options(min_score=0.5).with_defaults(DETECT.defaults(DetectHeadConfig()))
+    )
     assert (result.width, result.height) == (400, 200)
     assert len(result.detections) == 1 and result.detections[0].label == "b"
     expected = (100.0, 50.0, 200.0, 150.0)
     assert result.detections[0].box == pytest.approx(expected, abs=0.01)
+
+
+def boxes(*rows: tuple[float, float, float, float, float, int]) -> dict[str, torch.Tensor]:
+    """A head's output (or a target, scores ignored) from (x1, y1, x2, y2, score, label) rows, best first."""
+    table = torch.tensor(rows, dtype=torch.float32).reshape(-1, 6)
+    return {"boxes": table[:, :4], "scores": table[:, 4], "labels": table[:, 5].long()}
+
+
+def detect(output: dict[str, torch.Tensor], head: DetectHeadConfig | None = None, **asked) -> list[tuple[str, float]]:
+    """(label, score) of each box a request asking `asked` of a task with `head` gets, as the data plane fills in defaults."""
+    prepared = preprocess(Image.new("RGB", (128, 128)), InputSpec(size=(128, 128)))
+    options = Options(**asked).with_defaults(DETECT.defaults(head or DetectHeadConfig()))
+    return [(d.label, round(d.score, 3)) for d in DETECT.postprocess(output, ["a", "b", "c"], prepared, options).detections]
+
+
+def test_detect_answers_follow_the_task_defaults_unless_the_request_says_otherwise():
+    output = boxes((0, 0, 50, 50, 0.9, 0), (1, 1, 51, 51, 0.8, 1), (60, 60, 90, 90, 0.5, 2), (0, 60, 30, 90, 0.2, 0), (5, 5, 9, 9, 0.1, 1))
+    assert [score for _, score in detect(output)] == pytest.approx([0.9, 0.8, 0.5])  # the fallback 0.3 for a package naming none
+    assert len(detect(output, DetectHeadConfig(min_score=0.15))) == 4  # the task's own, picked by its trainer
+    assert len(detect(output, DetectHeadConfig(min_score=0.15), min_score=0.0)) == 5  # the request's
+    assert [label for label, _ in detect(output, min_score=0.0, max_detections=2)] == ["a", "b"]  # the best two
+    assert len(detect(output, DetectHeadConfig(max_detections=1))) == 1
+    # one box per object: "b" at 0.8 overlaps "a" at 0.9 (IoU 0.92) and goes; the rest overlap nothing
+    assert detect(output, min_score=0.0, class_agnostic=True) == [("a", 0.9), ("c", 0.5), ("a", 0.2), ("b", 0.1)]
+    assert detect(output, DetectHeadConfig(nms_threshold=0.95), class_agnostic=True) == detect(output)  # the task's IoU
+
+
+def test_best_f1_picks_the_lowest_score_of_the_best_trade_off():
+    truth = [boxes((0, 0, 10, 10, 1, 0), (20, 20, 30, 30, 1, 1)), boxes((0, 0, 10, 10, 1, 0))]
+    found = [
+        boxes((0, 0, 10, 10, 0.9, 0), (0, 0, 10, 10, 0.8, 0), (20, 20, 30, 30, 0.6, 1), (50, 50, 60, 60, 0.3, 1)),
+        boxes((1, 1, 10, 10, 0.7, 0), (20, 20, 30, 30, 0.65, 0)),
+    ]
+    # by score: 0.9 hit, 0.8 duplicate, 0.7 hit, 0.65 wrong place, 0.6 hit (3 of 3), 0.3 miss: F1 = 2*3/(5+3) at 0.6
+    assert best_f1(found, truth, num_classes=2) == pytest.approx((0.75, 0.6))
+    assert best_f1([boxes((50, 50, 60, 60, 0.9, 0))], [truth[1]], num_classes=2) == (0.0, 0.0)  # nothing right: no pick
+    tied = [boxes((0, 0, 10, 10, 0.5, 0), (40, 40, 50, 50, 0.5, 0))]  # a threshold keeps both of a tie, or neither
+    assert best_f1(tied, [truth[1]], num_classes=2) == pytest.approx((2 / 3, 0.5))
+
+
+def test_the_trainer_writes_the_best_f1_score_into_a_detect_head_only_where_a_box_was_right():
+    head = DetectHeadConfig()
+    assert DETECT.tune_head(head, {"mAP": 0.2, "f1": 0.6, "f1_min_score": 0.42}).min_score == 0.42
+    assert (
+        DETECT.tune_head(head, {"mAP": 0.2, "f1": 0.6, "f1_min_score": 0.01}).min_score == head.score_threshold
+    )  # never below the head's own
+    assert DETECT.tune_head(head, {"mAP": 0.0, "f1": 0.0, "f1_min_score": 0.0}) == head
 
 
 @pytest.fixture

@@ -51,7 +51,8 @@ def local_result(engine, packages, task, data, **options):
     manifest = packages[task].manifest
     prepared = prepare_as_served(data, manifest.input)
     output = engine.run(prepared.tensor[None], [slot])[0]
-    kind, options = get_kind(manifest.kind), Options(**options)
+    kind = get_kind(manifest.kind)
+    options = Options(**options).with_defaults(kind.defaults(manifest.head))
     return kind.to_json(kind.postprocess(output, manifest.labels, prepared, options), options, ResponseBudget(2**30))
 
 
@@ -73,6 +74,44 @@ def test_detect_returns_boxes_in_original_pixels(server, packages, local):
     assert len(expected.detections) == len(result["detections"])
     top = expected.detections[0]
     assert result["detections"][0]["box"] == pytest.approx(list(top.box), abs=0.05)
+
+
+def test_detect_options_default_to_the_tasks_own_on_both_protocols(server, packages, local):
+    """A request that leaves the detect options out gets the task's (its head config's), listed in its
+    description; one that gives them gets those, on /v1 and /v2 alike; a value out of range is refused."""
+    data = image_bytes(3, size=(320, 200))
+    head = packages["boxes"].manifest.head
+    with server.client() as client:
+        described = client.get("/v1/tasks/boxes").json()["defaults"]
+        assert described == {"min_score": head.min_score, "max_detections": head.max_detections, "class_agnostic": False}
+
+        def v1(query: str = "") -> list[dict]:
+            response = client.post(f"/v1/tasks/boxes/detect{query}", content=data, headers={"content-type": "image/jpeg"})
+            assert response.status_code == 200, response.text
+            return response.json()["results"][0]["detections"]
+
+        def v2(**parameters) -> int:
+            body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(data).decode()]}]}
+            response = client.post("/v2/models/boxes/infer", json={**body, "parameters": {"binary_data_output": False, **parameters}})
+            assert response.status_code == 200, response.text
+            return next(o for o in response.json()["outputs"] if o["name"] == "num_detections")["data"][0]
+
+        as_task = local_result(local, packages, "boxes", data).detections
+        assert [d["score"] for d in v1()] == pytest.approx([d.score for d in as_task], abs=1e-4)
+        assert all(d.score >= head.min_score for d in as_task) and v2() == len(as_task)
+        every = v1("?min_score=0")
+        assert len(every) >= len(as_task) and len(every) <= head.max_detections
+        assert [d["score"] for d in v1("?min_score=0&max_detections=3")] == [d["score"] for d in every[:3]]
+        assert v2(min_score=0.0, max_detections=3) == 3
+        one_per_object = v1("?min_score=0&class_agnostic=true")
+        expected = local_result(local, packages, "boxes", data, min_score=0.0, class_agnostic=True).detections
+        assert [d["score"] for d in one_per_object] == pytest.approx([d.score for d in expected], abs=1e-4)
+        assert v2(min_score=0.0, class_agnostic=True) == len(expected)  # (what it drops: tests/test_postprocess.py)
+        for query in ("?max_detections=0", "?min_score=2", "?class_agnostic=maybe"):
+            refused = client.post(f"/v1/tasks/boxes/detect{query}", content=data, headers={"content-type": "image/jpeg"})
+            assert refused.status_code == 422, refused.text
+        bad = client.post("/v2/models/boxes/infer", json={"inputs": [], "parameters": {"max_detections": 0}})
+        assert bad.status_code == 400
 
 
 def test_segment_returns_a_mask_at_the_original_size(server, packages, local):

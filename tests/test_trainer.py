@@ -66,7 +66,11 @@ def test_loss_falls_and_the_package_records_the_evaluation(trained, kind):
     training = package.manifest.training
     assert training["evaluation"] == result.evaluation and training["untrained_evaluation"] == result.untrained
     assert (training["train_images"], training["val_images"], training["steps"]) == (8, 2, 8)
-    assert set(result.evaluation) == {"classify": {"top1", "top5"}, "detect": {"mAP", "mAP50"}, "segment": {"mIoU", "pixel_accuracy"}}[kind]
+    metrics = {"classify": {"top1", "top5"}, "detect": {"mAP", "mAP50", "f1", "f1_min_score"}, "segment": {"mIoU", "pixel_accuracy"}}
+    assert set(result.evaluation) == metrics[kind]
+    if kind == "detect":  # the answers' default lowest score is the validation data's best F1's, where a box was right
+        picked = max(0.05, result.evaluation["f1_min_score"]) if result.evaluation["f1"] > 0 else 0.3
+        assert package.manifest.head.min_score == pytest.approx(picked)
     assert training["trainable_parameters"] > 1_408_128  # Mona on Swin-T plus the head
 
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from .base import (
     KINDS,
+    MAX_DETECTIONS_RANGE,
     MIN_SCORE_RANGE,
     TOP_K_RANGE,
     Budget,
@@ -37,6 +38,7 @@ def build_head(manifest: Manifest, stage_dims: list[int]) -> nn.Module:
 
 __all__ = [
     "KINDS",
+    "MAX_DETECTIONS_RANGE",
     "MIN_SCORE_RANGE",
     "TOP_K_RANGE",
     "Budget",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -27,17 +27,28 @@ Result = TypeVar("Result")
 
 @dataclass(frozen=True)
 class Options:
-    """What a request asks of its results, whatever the protocol: labels per image (classify), the lowest
-    box score (detect), and per-class RLE (segment). Each kind reads the ones that concern it."""
+    """What a request asks of its results, whatever the protocol: labels per image (classify); the lowest
+    box score, the most boxes, and one box per object whatever its label (detect); per-class RLE
+    (segment). Each kind reads the ones in its `options`. None is "the task's default" (`TaskKind.defaults`,
+    from its manifest), filled in by `with_defaults` before post-processing."""
 
     top_k: int = 5
-    min_score: float = 0.0
+    min_score: float | None = None
+    max_detections: int | None = None
+    class_agnostic: bool = False
     rle: bool = False
+    overlap: float | None = None
+    """detect, with `class_agnostic`: the IoU over which the lower-scoring of two boxes goes (the task's NMS IoU; not asked)."""
+
+    def with_defaults(self, defaults: Options) -> Options:
+        """These options, each one left as None taking its value from `defaults`."""
+        return replace(self, **{f.name: getattr(defaults, f.name) for f in fields(self) if getattr(self, f.name) is None})
 
 
 TOP_K_RANGE = (1, 1000)
 MIN_SCORE_RANGE = (0.0, 1.0)
-"""The values `Options.top_k` and `Options.min_score` may take, for every protocol."""
+MAX_DETECTIONS_RANGE = (1, 1000)
+"""The values `Options.top_k`, `Options.min_score` and `Options.max_detections` may take, for every protocol."""
 
 
 class Budget(Protocol):
@@ -92,6 +103,8 @@ class TaskKind(ABC, Generic[Result]):
     """One image's result as the /v1 API answers it."""
     outputs: ClassVar[tuple[OutputSpec, ...]]
     """The tensors an Open Inference Protocol answer holds, in order."""
+    options: ClassVar[tuple[str, ...]]
+    """The `Options` fields a request of this kind may set (the rest do not concern it)."""
     max_labels: ClassVar[int] = MAX_LABELS
 
     # ---- the model --------------------------------------------------------------------------
@@ -118,7 +131,20 @@ class TaskKind(ABC, Generic[Result]):
     def metric(self, num_classes: int) -> Metric:
         """A fresh accumulator of this kind's evaluation."""
 
+    def tune_head(self, head: Strict, evaluation: dict[str, float]) -> Strict:
+        """`head` with what the trainer picks on validation data (`evaluation`, the metric's answer) written in."""
+        return head
+
     # ---- serving ----------------------------------------------------------------------------
+
+    def defaults(self, head: Strict) -> Options:
+        """The options a request of a task with `head` gets where it leaves them out."""
+        return Options()
+
+    def described_defaults(self, head: Strict) -> dict[str, Any]:
+        """The defaults of the options a request may set, by name: what a task's description shows callers."""
+        defaults = self.defaults(head)
+        return {name: getattr(defaults, name) for name in self.options}
 
     def result_entries(self, predictions: list, options: Options) -> int | None:
         """How many entries (labels, boxes) the results of `predictions` will hold, which is what post-processing

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 from torch import nn
+from torchvision.ops import nms
 
 from ..data.datasets import Sample, TaskData, coco_detection
 from ..heads.detect import DetectHead
@@ -17,15 +18,24 @@ from ..strict import Strict
 from ..transforms import InputSpec, Prepared, prepare_boxes
 from .base import Options, OutputSpec, TaskKind, Tensors, register_kind
 
+DEFAULT_MIN_SCORE = 0.3
+"""The answers' lowest box score where a package names none (trained before the trainer picked one)."""
+
 
 class DetectHeadConfig(Strict):
     """FPN + RetinaNet over `labels` (object classes, no background)."""
 
     type: Literal["retinanet"] = "retinanet"
     fpn_channels: int = Field(default=256, ge=8, le=1024)
-    score_threshold: float = Field(default=0.05, ge=0.0, le=1.0)
+    score_threshold: float = Field(default=0.05, ge=0.0, le=1.0, description="the head's candidates: boxes scoring less never leave it")
     nms_threshold: float = Field(default=0.5, gt=0.0, le=1.0)
     max_detections: int = Field(default=100, ge=1, le=1000)
+    min_score: float = Field(
+        default=DEFAULT_MIN_SCORE,
+        ge=0.0,
+        le=1.0,
+        description="the lowest score an answer shows unless the request says otherwise; the trainer picks it on validation data (best F1)",
+    )
 
 
 class Detection(BaseModel):
@@ -53,6 +63,7 @@ class Detect(TaskKind[DetectResult]):
         OutputSpec("indices", "INT64", (-1, -1)),
         OutputSpec("num_detections", "INT32", (-1,)),
     )
+    options = ("min_score", "max_detections", "class_agnostic")
 
     def default_head(self, channels: int) -> DetectHeadConfig:
         return DetectHeadConfig(fpn_channels=channels)
@@ -79,16 +90,31 @@ class Detect(TaskKind[DetectResult]):
     def metric(self, num_classes: int) -> CocoMap:
         return CocoMap(num_classes)
 
+    def tune_head(self, head: DetectHeadConfig, evaluation: dict[str, float]) -> DetectHeadConfig:
+        """The answers' default lowest score: the one of the best F1 on validation data, where any box was right."""
+        if evaluation.get("f1", 0.0) <= 0.0:
+            return head
+        return head.model_copy(update={"min_score": max(head.score_threshold, evaluation["f1_min_score"])})
+
+    def defaults(self, head: DetectHeadConfig) -> Options:
+        return Options(min_score=head.min_score, max_detections=head.max_detections, overlap=head.nms_threshold)
+
     def result_entries(self, predictions: list[dict[str, torch.Tensor]], options: Options) -> int:
-        return sum(len(p["scores"]) for p in predictions)
+        return sum(min(len(p["scores"]), options.max_detections) for p in predictions)
 
     def postprocess(self, output: dict[str, torch.Tensor], labels: list[str], prepared: Prepared, options: Options) -> DetectResult:
-        """Boxes scoring at least `options.min_score`, mapped back to the original image (xyxy pixels), best first."""
-        keep = output["scores"] >= options.min_score
+        """The best `options.max_detections` boxes scoring at least `options.min_score` (with `class_agnostic`,
+        one box per object: of boxes overlapping more than `options.overlap`, whatever their labels, the
+        best), mapped back to the original image (xyxy pixels), best first."""
+        scores = output["scores"]
+        keep = torch.nonzero(scores >= options.min_score).flatten()  # the head gives them best first
+        if options.class_agnostic:
+            keep = keep[nms(output["boxes"][keep].float(), scores[keep].float(), options.overlap)]
+        keep = keep[: options.max_detections]
         boxes = prepared.boxes_to_original(output["boxes"][keep])
         detections = [
             Detection(label=labels[label], index=label, score=score, box=[round(v, 2) for v in box])
-            for box, score, label in zip(boxes.tolist(), output["scores"][keep].tolist(), output["labels"][keep].tolist())
+            for box, score, label in zip(boxes.tolist(), scores[keep].tolist(), output["labels"][keep].tolist())
         ]
         height, width = prepared.original_size
         return DetectResult(width=width, height=height, detections=detections)

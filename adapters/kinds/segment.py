@@ -87,6 +87,7 @@ class Segment(TaskKind[Segmentation]):
     head_config = SegmentHeadConfig
     result_schema = SegmentResult
     outputs = (OutputSpec("mask", "UINT8", (-1, -1, -1)),)
+    options = ("rle",)
     max_labels = 255  # class ids travel as 8-bit PNG
 
     def default_head(self, channels: int) -> SegmentHeadConfig:
