@@ -11,7 +11,7 @@ from .heads import ClassifyHead, DetectHead, SegmentHead, head_tensors, load_hea
 from .kinds import KINDS, ClassifyHeadConfig, DetectHeadConfig, SegmentHeadConfig, TaskKind, build_head, get_kind
 from .manifest import FORMAT, TASK_NAME_PATTERN, BackboneRef, InputSpec, Manifest, validate_task_name
 from .mona import INNER_DIM, FoldedMona, Mona, fold_mona, fold_mona_state
-from .package import AdapterError, AdapterPackage, IncompatibleAdapterError, PackageFormatError, read_manifest
+from .package import AdapterError, AdapterPackage, IncompatibleAdapterError, PackageFormatError, read_manifest, with_version
 from .swin import (
     SUPPORTED_BACKBONES,
     Backbone,
@@ -69,5 +69,6 @@ __all__ = [
     "mona_parameters",
     "paper_eq6_parameters",
     "read_manifest",
+    "with_version",
     "validate_task_name",
 ]

@@ -26,7 +26,14 @@ METADATA_KEY = "monaserve.manifest"
 MAX_PACKAGE_BYTES = 512 * 2**20
 MAX_HEADER_BYTES = 32 * 2**20
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_FOREIGN_MAGIC = {b"\x80": "a Python pickle", b"PK\x03\x04": "a zip archive (the torch.save format)"}
+_FOREIGN_MAGIC = {
+    b"\x80": "a Python pickle",
+    b"PK\x03\x04": "a zip archive (the torch.save format)",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"\x89PNG": "a PNG image",
+    b"RIFF": "a WebP image",
+    b"--": "a multipart form (curl -F); send the file itself (curl --data-binary @FILE)",
+}
 
 
 class AdapterError(ValueError):
@@ -46,9 +53,9 @@ def _describe(error: ValidationError) -> str:
 
 
 def _not_safetensors(data: bytes, why: str) -> PackageFormatError:
-    """An error for a file that is not safetensors, saying what it looks like when that is recognisable."""
-    looks = next((f"; it looks like {what}" for magic, what in _FOREIGN_MAGIC.items() if data.startswith(magic)), "")
-    return PackageFormatError(f"not a safetensors file: {why}{looks} (adapter packages are safetensors only)")
+    """An error for a file that is not safetensors: what it looks like when that is recognisable, else `why`."""
+    looks = next((f"it looks like {what}" for magic, what in _FOREIGN_MAGIC.items() if data.startswith(magic)), why)
+    return PackageFormatError(f"not a safetensors file: {looks} (adapter packages are safetensors only)")
 
 
 def _header_length(first: bytes, size: int) -> int:
@@ -70,6 +77,15 @@ def _parse_header(first: bytes, raw: bytes) -> dict:
     if not isinstance(header, dict):
         raise _not_safetensors(first, "header is not a JSON object")
     return header
+
+
+def _check_whole(data: bytes, length: int, header: dict) -> None:
+    """Refuse a file shorter than its header says (a cut-short upload or copy), saying so."""
+    offsets = [entry.get("data_offsets") for entry in header.values() if isinstance(entry, dict)]
+    ends = [pair[1] for pair in offsets if isinstance(pair, list) and len(pair) == 2 and type(pair[1]) is int]
+    wanted = 8 + length + max(ends, default=0)  # a malformed entry is safetensors' own error to report
+    if len(data) < wanted:
+        raise PackageFormatError(f"the package is truncated: {len(data)} of the {wanted} bytes its header describes (was it cut short?)")
 
 
 def _manifest_from(header: dict) -> Manifest:
@@ -121,6 +137,18 @@ def atomic_write(path: str | Path, data: bytes, overwrite: bool = True, make_par
     return path
 
 
+def with_version(data: bytes, version: int) -> bytes:
+    """Package `data` (valid: read by `AdapterPackage.from_bytes`) with its manifest's version set to `version`:
+    the header is written anew, padded to 8 bytes as safetensors writes it, and the tensors' bytes follow unchanged."""
+    length = _header_length(data[:8], len(data))
+    header = _parse_header(data[:8], data[8 : 8 + length])
+    manifest = _manifest_from(header).model_copy(update={"version": version})
+    header["__metadata__"][METADATA_KEY] = manifest.model_dump_json()
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + data[8 + length :]
+
+
 @dataclass(frozen=True)
 class AdapterPackage:
     """One task version: its manifest and its Mona + head tensors."""
@@ -151,6 +179,7 @@ class AdapterPackage:
             raise PackageFormatError(f"package is {len(data)} bytes; the limit is {MAX_PACKAGE_BYTES}")
         length = _header_length(data[:8], len(data))
         header = _parse_header(data[:8], data[8 : 8 + length])
+        _check_whole(data, length, header)
         try:
             tensors = safetensors.torch.load(data)
         except Exception as exc:  # safetensors raises its own error type from Rust

@@ -37,6 +37,7 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
     upload = verbs.add_parser("upload", help="upload a package; it is served once validated and loaded")
     upload.add_argument("package", type=Path)
     upload.add_argument("--task", help="default: the name in the package's manifest")
+    upload.add_argument("--version", type=int, help="store it as this version (default: the task's next)")
     load = verbs.add_parser("load", help="load a stored version (default: the newest) and serve it")
     load.add_argument("task")
     load.add_argument("--version", type=int)
@@ -96,7 +97,7 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     with _client(args) as client:
         calls = {
             "list": lambda: client.list(),
-            "upload": lambda: client.upload(args.package, task=args.task),
+            "upload": lambda: client.upload(args.package, task=args.task, version=args.version),
             "load": lambda: client.load(args.task, args.version),
             "unload": lambda: client.unload(args.task, purge=args.purge),
         }
@@ -107,15 +108,22 @@ def cmd_adapters(args: argparse.Namespace) -> int:
         print(json.dumps(body, indent=2))
     elif args.verb == "list":
         for task in body["tasks"]:
-            versions = ", ".join(f"v{v['version']}{'*' if v['serving'] else ''} ({v['location']})" for v in task["versions"])
+            versions = ", ".join(f"v{v['version']}{'*' if v['serving'] else ''} ({where(v)})" for v in task["versions"])
             print(f"{task['name']:24} {task['kind']:9} {'' if task['enabled'] else 'unloaded '}{versions}")
         device = body["device"]
         print(f"device {device['device']} {device['dtype']}: {device['slots_used']}/{device['slots']} slots used")
     elif args.verb == "unload":
         print(f"{body['task']}: unloaded{' and purged' if body['purged'] else ''}")
+    elif args.verb == "upload":
+        print(f"{body['name']}: stored as v{body['version']}; serving v{body['serving_version']} ({body['kind']}, {body['labels']} labels)")
     else:
         print(f"{body['name']}: serving v{body['serving_version']} ({body['kind']}, {body['labels']} labels)")
     return 0
+
+
+def where(version: dict) -> str:
+    """Where a version is loaded, as `adapters list` says it: 'cuda:0 slot 3', 'cache' or 'store'."""
+    return f"{version['device']} slot {version['slot']}" if version["location"] == "slot" else version["location"]
 
 
 TOKEN_HINTS = {

@@ -79,6 +79,12 @@ def infer_call(task: str, kind: str, images: Sequence[ImageInput], **params: Any
     return Call("POST", path, params, files=files)
 
 
+def upload_call(package: str | Path | bytes, task: str | None, version: int | None) -> Call:
+    """An admin upload of a package file as `task` (default: its manifest's name) at `version` (default: the next)."""
+    data = read_package(package)
+    return _Calls._admin("PUT", f"/{task or package_task(data)}", params={"version": version}, content=data)
+
+
 def package_task(data: bytes) -> str:
     """The task name in an adapter package's manifest, read from its safetensors header."""
     if len(data) < 8:
@@ -214,10 +220,10 @@ class MonaClient(_Calls):
         """Admin: tasks, versions, where each is loaded, device slots and cache."""
         return self._send(self._admin("GET", ""))
 
-    def upload(self, package: str | Path | bytes, task: str | None = None) -> dict:
-        """Admin: upload a package (its task name comes from its manifest unless given)."""
-        data = read_package(package)
-        return self._send(self._admin("PUT", f"/{task or package_task(data)}", content=data))
+    def upload(self, package: str | Path | bytes, task: str | None = None, version: int | None = None) -> dict:
+        """Admin: upload a package (its task name comes from its manifest unless given) as `version`
+        (default: the task's next); the answer's `version` says which it was stored as."""
+        return self._send(upload_call(package, task, version))
 
     def load(self, task: str, version: int | None = None) -> dict:
         return self._send(self._admin("POST", f"/{task}/load", params={"version": version}))
@@ -291,9 +297,8 @@ class AsyncMonaClient(_Calls):
     async def list(self) -> dict:
         return await self._send(self._admin("GET", ""))
 
-    async def upload(self, package: str | Path | bytes, task: str | None = None) -> dict:
-        data = read_package(package)
-        return await self._send(self._admin("PUT", f"/{task or package_task(data)}", content=data))
+    async def upload(self, package: str | Path | bytes, task: str | None = None, version: int | None = None) -> dict:
+        return await self._send(upload_call(package, task, version))
 
     async def load(self, task: str, version: int | None = None) -> dict:
         return await self._send(self._admin("POST", f"/{task}/load", params={"version": version}))

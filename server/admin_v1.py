@@ -7,9 +7,9 @@ from pydantic import ValidationError
 
 from .catalog import TaskEntry
 from .dataplane import DataPlane
-from .errors import BadRequest
+from .errors import BadRequest, UnsupportedMedia
 from .rest_v1 import ERROR_RESPONSES
-from .schemas import AdapterList, CacheView, DeviceView, LoadRequest, TaskName, TaskView, UnloadResponse, VersionView
+from .schemas import AdapterList, CacheView, DeviceView, LoadRequest, TaskName, TaskView, UnloadResponse, UploadResponse, VersionView
 
 ADMIN_PREFIX = "/v1/adapters"
 PACKAGE_BODY = {
@@ -26,20 +26,22 @@ class AdapterEndpoints:
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
 
+    def version_view(self, entry: TaskEntry, version: int) -> VersionView:
+        registry, key = self.plane.registry, (entry.name, version)
+        info, slot = entry.versions[version], registry.slot_of(key)
+        return VersionView(
+            version=version,
+            bytes=info.nbytes,
+            created_at=info.manifest.created_at,
+            location=registry.location(key),
+            slot=slot,
+            device=None if slot is None else str(registry.engine.device),
+            serving=version == entry.serving,
+        )
+
     def task_view(self, entry: TaskEntry) -> TaskView:
-        registry = self.plane.registry
         serving = entry.manifest
-        versions = [
-            VersionView(
-                version=version,
-                bytes=info.nbytes,
-                created_at=info.manifest.created_at,
-                location=registry.location((entry.name, version)),
-                slot=registry.slot_of((entry.name, version)),
-                serving=version == entry.serving,
-            )
-            for version, info in sorted(entry.versions.items())
-        ]
+        versions = [self.version_view(entry, version) for version in sorted(entry.versions)]
         return TaskView(
             name=entry.name,
             kind=serving.kind,
@@ -71,8 +73,21 @@ class AdapterEndpoints:
     async def get_adapter(self, task: TaskName) -> TaskView:
         return self.task_view((await self.plane.task(task)).entry)
 
-    async def upload_adapter(self, task: TaskName, request: Request) -> TaskView:
-        return self.task_view(await self.plane.registry.upload(task, await request.body()))
+    async def upload_adapter(
+        self,
+        task: TaskName,
+        request: Request,
+        version: int | None = Query(default=None, ge=1, description="store it as this version (default: the task's next)"),
+    ) -> UploadResponse:
+        """Store the package in the body as a new version of `task` and serve it; the body is the file itself."""
+        registry = self.plane.registry  # 503 while the server loads, before the body is judged
+        if request.headers.get("content-type", "").startswith("multipart/"):
+            raise UnsupportedMedia(
+                f"the package came as a multipart form (curl -F); send the file itself as the body: "
+                f"curl -X PUT --data-binary @{task}.safetensors -H 'Authorization: Bearer TOKEN' {request.url.path}"
+            )
+        uploaded = await registry.upload(task, await request.body(), version)
+        return UploadResponse(**self.task_view(uploaded.entry).model_dump(), version=uploaded.version)
 
     async def load_adapter(self, task: TaskName, request: Request, version: int | None = Query(default=None, ge=1)) -> TaskView:
         registry = self.plane.registry  # 503 while the server loads, before the body is judged
@@ -100,7 +115,7 @@ def admin_router(plane: DataPlane, require_admin) -> APIRouter:
         "/{task}",
         endpoints.upload_adapter,
         methods=["PUT"],
-        response_model=TaskView,
+        response_model=UploadResponse,
         status_code=201,
         openapi_extra=PACKAGE_BODY,
         summary="Upload a package (validated, stored, then hot-loaded)",

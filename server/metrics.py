@@ -79,16 +79,23 @@ class Metrics:
             "Adapter store failures: unusable files (each counted once) and failed catalog refreshes.",
             registry=r,
         )
-        self.slots_total = Gauge("monaserve_gpu_slots", "Adapter slots on the device.", registry=r, multiprocess_mode="livesum")
-        self.slots_used = Gauge("monaserve_gpu_slots_used", "Adapter slots holding an adapter.", registry=r, multiprocess_mode="livesum")
+        self.slots_total = Gauge(
+            "monaserve_adapter_slots", "Adapter slots on the engine's device.", registry=r, multiprocess_mode="livesum"
+        )
+        self.slots_used = Gauge(
+            "monaserve_adapter_slots_used", "Adapter slots holding an adapter.", registry=r, multiprocess_mode="livesum"
+        )
         self.resident_bytes = Gauge(
-            "monaserve_gpu_adapter_bytes",
+            "monaserve_device_adapter_bytes",
             "Bytes of adapters resident on the device (slots in use plus heads).",
             registry=r,
             multiprocess_mode="livesum",
         )
         self.budget_bytes = Gauge(
-            "monaserve_gpu_adapter_budget_bytes", "Device byte budget for adapters (0: no limit).", registry=r, multiprocess_mode="livesum"
+            "monaserve_device_adapter_budget_bytes",
+            "Device byte budget for adapters (0: no limit).",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.cpu_cache_bytes = Gauge(
             "monaserve_cpu_cache_bytes", "Bytes of packages in the CPU cache.", registry=r, multiprocess_mode="livesum"

@@ -24,9 +24,9 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import replace
-from typing import Literal
+from typing import Literal, NamedTuple
 
-from monaserve.adapters import AdapterError, AdapterPackage, Manifest, validate_task_name
+from monaserve.adapters import AdapterError, AdapterPackage, Manifest, validate_task_name, with_version
 
 from .catalog import Catalog, Change, TaskEntry, VersionInfo
 from .engine import Engine
@@ -38,9 +38,16 @@ from .store import AdapterStore
 
 log = logging.getLogger(__name__)
 Key = tuple[str, int]
-Location = Literal["gpu", "cpu", "store"]
+Location = Literal["slot", "cache", "store"]
 Announce = Callable[[str], Awaitable[None]]
 """Send the server's other processes a task's new entry, and wait until they have taken it."""
+
+
+class Uploaded(NamedTuple):
+    """An upload's outcome: its task's entry after it, and the version it was stored as."""
+
+    entry: TaskEntry
+    version: int
 
 
 def announced(method):
@@ -97,9 +104,10 @@ class Registry:
         await asyncio.gather(*self._announcing, return_exceptions=True)
 
     def location(self, key: Key) -> Location:
+        """Where a version is loaded: in a slot on the engine's device, in the host memory cache, or only in the store."""
         if key in self.slots.residents:
-            return "gpu"
-        return "cpu" if key in self.loader.cache else "store"
+            return "slot"
+        return "cache" if key in self.loader.cache else "store"
 
     def slot_of(self, key: Key) -> int | None:
         resident = self.slots.residents.get(key)
@@ -218,8 +226,9 @@ class Registry:
     # ---- administration ---------------------------------------------------------------------
 
     @announced
-    async def upload(self, task: str, data: bytes) -> TaskEntry:
-        """Validate fully, load into a slot, store atomically, then switch unpinned requests to it.
+    async def upload(self, task: str, data: bytes, version: int | None = None) -> Uploaded:
+        """Validate fully, load into a slot, store atomically as `version` (default: the task's next), then
+        switch unpinned requests to it. The version in the package's manifest is set to the one stored.
         Nothing is stored unless the package validated and loaded; a failure leaves the task as it was."""
         try:
             validate_task_name(task)
@@ -227,11 +236,18 @@ class Registry:
             raise BadRequest(str(exc)) from None
         async with self._admin_locks[task]:
             package = await self.loader.run(self.loader.validate_upload, task, data)
-            version = package.manifest.version
-            key = (task, version)
             listing = await asyncio.to_thread(self.store.listing, task)
+            following = max(listing.versions, default=0) + 1
             if version in listing.versions:
-                raise VersionExists(f"version {version} of {task!r} already exists; versions are immutable")
+                raise VersionExists(
+                    f"version {version} of {task!r} exists (stored: {sorted(listing.versions)}) and versions are immutable: "
+                    f"leave out ?version to store this upload as v{following}, or ask for an unused one"
+                )
+            version = version or following
+            if version != package.manifest.version:
+                data = with_version(data, version)
+                package = replace(package, manifest=package.manifest.model_copy(update={"version": version}))
+            key = (task, version)
             self._forget(task, [version])  # anything held here under this key predates a purge elsewhere
             await self.ensure_loaded(key, package)
             try:
@@ -251,7 +267,7 @@ class Registry:
                 await self.catalog.record(task, state, f"stored {task} v{version}, but could not record that it serves")
             entry = await self.catalog.entry(task)
         log.info("uploaded %s v%s (%d bytes); serving v%s", task, version, len(data), entry.serving)
-        return entry
+        return Uploaded(entry, version)
 
     @announced
     async def load(self, task: str, version: int | None = None) -> TaskEntry:

@@ -22,7 +22,7 @@ class OipError(BaseModel):
     error: str
 
 
-Location = Literal["gpu", "cpu", "store"]
+Location = Literal["slot", "cache", "store"]
 
 
 class ErrorBody(BaseModel):
@@ -82,8 +82,11 @@ class VersionView(BaseModel):
     version: int
     bytes: int
     created_at: datetime
-    location: Location = Field(description="where it is loaded: gpu (in a slot), cpu (cached), or store only")
+    location: Location = Field(
+        description="where it is loaded: slot (in an adapter slot on the engine's device, `device`), cache (host memory), or store only"
+    )
     slot: int | None = None
+    device: str | None = Field(default=None, description="the device of its slot (cpu, cuda:0, ...), while in one")
     serving: bool = Field(description="unpinned requests get this version")
 
 
@@ -95,6 +98,12 @@ class TaskView(BaseModel):
     labels: int
     input_size: list[int] = Field(min_length=2, max_length=2, description="height, width")
     versions: list[VersionView]
+
+
+class UploadResponse(TaskView):
+    """The task after an upload, and the version the upload was stored as."""
+
+    version: int = Field(description="the version this upload was stored as: the task's next unless the request asked for one")
 
 
 class DeviceView(BaseModel):

@@ -191,7 +191,7 @@ class AdapterStore:
     def write(self, task: str, version: int, data: bytes) -> StoredFile:
         """Store a new version atomically; an existing version is never overwritten."""
         path = self.path(task, version)
-        exists = VersionExists(f"version {version} of {task!r} already exists; versions are immutable")
+        exists = VersionExists(f"version {version} of {task!r} already exists and versions are immutable: ask for an unused version")
         with _store_errors(f"store {task} v{version}"), _purged_meanwhile(task, f"v{version}"):
             if self.local:
                 try:

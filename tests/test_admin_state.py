@@ -71,7 +71,7 @@ def test_rollback_and_unload_hold_on_every_replica_and_across_restarts(tmp_path,
         eventually(lambda: served_version(a, "pets") == "404 task_unloaded", "A refuses the unloaded task")
         assert served_version(a, "pets", version=1) == served_version(b, "pets", version=2) == "404 task_unloaded"
         with a.client() as admin:
-            assert all(v["location"] != "gpu" for v in admin.get("/v1/adapters/pets").json()["versions"])
+            assert all(v["location"] != "slot" for v in admin.get("/v1/adapters/pets").json()["versions"])
         a.stop()
         a = replica(tmp_path, tiny_weights, "a").wait_ready()
         assert served_version(a, "pets") == "404 task_unloaded"
@@ -113,7 +113,7 @@ def test_uploads_racing_purges_are_never_a_500(tmp_path, tiny_weights, shared_ba
                 results = {}
                 upload = threading.Thread(
                     target=lambda results=results, package=packages[round_ % 2]: results.__setitem__(
-                        "put", uploader.put("/v1/adapters/race", content=package)
+                        "put", uploader.put("/v1/adapters/race", params={"version": 1}, content=package)
                     )
                 )
                 purge = threading.Thread(

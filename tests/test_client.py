@@ -95,8 +95,8 @@ def test_errors_carry_the_servers_code_and_message(client, server):
 
 
 def test_adapter_management(client, shared_backbone):
-    entry = client.upload(random_package(shared_backbone, "pets", seed=7, version=2, num_labels=4).to_bytes())
-    assert entry["serving_version"] == 2
+    entry = client.upload(random_package(shared_backbone, "pets", seed=7, version=5, num_labels=4).to_bytes())
+    assert entry["serving_version"] == entry["version"] == 2  # the task's next, whatever the package was trained as
     assert client.classify("pets", image_bytes(0)).version == 2
     listed = {task["name"]: task for task in client.list()["tasks"]}
     assert [v["version"] for v in listed["pets"]["versions"]] == [1, 2]
@@ -203,10 +203,12 @@ def test_cli_predict_prints_draws_and_reports_errors(server, tmp_path):
 def test_cli_adapters_verbs(server, shared_backbone, tmp_path):
     package = tmp_path / "pets-3.safetensors"
     random_package(shared_backbone, "pets", seed=8, version=3, num_labels=4).save(package)
-    uploaded = run_cli("adapters", "upload", str(package), "--url", server.url)
-    assert uploaded.returncode == 0 and "pets: serving v3" in uploaded.stdout
+    uploaded = run_cli("adapters", "upload", str(package), "--url", server.url, "--version", "3")
+    assert uploaded.returncode == 0 and "pets: stored as v3; serving v3" in uploaded.stdout, uploaded.stderr
+    taken = run_cli("adapters", "upload", str(package), "--url", server.url, "--version", "3")
+    assert taken.returncode == 1 and "leave out ?version to store this upload as v4" in taken.stderr
     listed = run_cli("adapters", "list", "--url", server.url)
-    assert "v3* (gpu)" in listed.stdout and "slots used" in listed.stdout
+    assert "v3* (cpu slot " in listed.stdout and "slots used" in listed.stdout
     as_json = json.loads(run_cli("adapters", "list", "--url", server.url, "--json").stdout)
     assert {t["name"] for t in as_json["tasks"]} >= {"pets", "boxes", "masks"}
     assert "unloaded" in run_cli("adapters", "unload", "boxes", "--url", server.url).stdout

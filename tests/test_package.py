@@ -20,11 +20,13 @@ from monaserve.adapters import (
     check_compatible,
     read_manifest,
     validate_task_name,
+    with_version,
 )
 from monaserve.adapters import package as package_module
 from monaserve.adapters.package import METADATA_KEY
 
 from helpers import make_manifest, random_package
+from server_harness import image_bytes
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +173,9 @@ def _torch_save_bytes(obj, zipfile: bool) -> bytes:
         (lambda p: struct.pack("<Q", 4) + b"\xff\xfe{}", "header is not JSON"),
         (lambda p: struct.pack("<Q", 2) + b"[]", "header is not a JSON object"),
         (lambda p: struct.pack("<Q", 200_000) + b"[" * 200_000, "header is not JSON"),
-        (lambda p: p.to_bytes()[:-100], "not a valid safetensors file"),
+        (lambda p: p.to_bytes()[:-100], "the package is truncated: .* of the .* bytes its header describes"),
+        (lambda p: image_bytes(0), "not a safetensors file: it looks like a JPEG image"),
+        (lambda p: image_bytes(0, fmt="PNG"), "not a safetensors file: it looks like a PNG image"),
     ],
 )
 def test_files_that_are_not_packages(make, message, package):
@@ -187,7 +191,7 @@ def test_header_offsets_past_the_end(package):
     header[name]["data_offsets"][1] += 10**9
     encoded = json.dumps(header).encode()
     corrupt = struct.pack("<Q", len(encoded)) + encoded + bytes(data[8 + length :])
-    with pytest.raises(PackageFormatError, match="not a valid safetensors file"):
+    with pytest.raises(PackageFormatError, match="the package is truncated"):  # as far as its header can tell
         AdapterPackage.from_bytes(corrupt)
 
 
@@ -240,3 +244,12 @@ def test_labels_must_match_the_head(shared_backbone, package):
     manifest = make_manifest(shared_backbone, "flowers", num_labels=7)
     with pytest.raises(IncompatibleAdapterError, match=r"head.fc.bias is \(5,\), expected \(7,\)"):
         check_compatible(AdapterPackage(manifest, package.tensors), shared_backbone)
+
+
+def test_a_package_with_another_version_keeps_its_tensors_and_the_rest_of_its_manifest(package):
+    data = package.to_bytes()
+    renumbered = AdapterPackage.from_bytes(with_version(data, 42))
+    assert renumbered.manifest == package.manifest.model_copy(update={"version": 42})
+    assert renumbered.tensors.keys() == package.tensors.keys()
+    assert all(torch.equal(renumbered.tensors[name], tensor) for name, tensor in package.tensors.items())
+    assert struct.unpack("<Q", with_version(data, 42)[:8])[0] % 8 == 0  # the header stays 8-byte aligned, as safetensors writes it

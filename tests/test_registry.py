@@ -47,8 +47,8 @@ def test_an_upload_that_cannot_load_stores_nothing(tiny_backbone, shared_backbon
             await registry.upload("pets", AdapterPackage(narrow, tensors).to_bytes())
         assert list(registry.store.versions("pets")) == [1]
         assert registry.catalog["pets"].serving == 1
-        entry = await registry.upload("pets", random_package(shared_backbone, "pets", seed=2, version=2).to_bytes())
-        assert (entry.serving, sorted(entry.versions)) == (2, [1, 2])
+        entry, version = await registry.upload("pets", random_package(shared_backbone, "pets", seed=2, version=2).to_bytes())
+        assert (version, entry.serving, sorted(entry.versions)) == (2, 2, [1, 2])
 
     asyncio.run(scenario())
 

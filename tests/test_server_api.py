@@ -290,7 +290,8 @@ def test_adapter_listing(server):
         dogs = admin.get("/v1/adapters/dogs").json()
     names = [t["name"] for t in listing["tasks"]]
     assert {"birds", "cars", "dogs"} <= set(names)
-    assert dogs["versions"][0]["location"] == "gpu" and dogs["versions"][0]["slot"] is not None
+    assert dogs["versions"][0]["location"] == "slot" and dogs["versions"][0]["slot"] is not None
+    assert dogs["versions"][0]["device"] == listing["device"]["device"] == "cpu"  # named as it is, on a CPU server too
     assert (dogs["kind"], dogs["labels"], dogs["serving_version"], dogs["input_size"]) == ("classify", 3, 1, [224, 224])
     assert listing["device"]["slots"] == 16 and listing["device"]["slot_bytes"] > 0
     assert listing["device"]["resident_bytes"] >= listing["device"]["slot_bytes"]
@@ -311,11 +312,46 @@ def test_upload_validates_before_storing(server, shared_backbone, packages):
         assert not (server.store / "flowers").exists() or not list((server.store / "flowers").iterdir())
         created = admin.put("/v1/adapters/flowers", content=good.to_bytes())
         assert created.status_code == 201, created.text
-        assert created.json()["versions"][0]["location"] == "gpu"
+        assert created.json()["versions"][0]["location"] == "slot" and created.json()["version"] == 1
         assert (server.store / "flowers" / "1.safetensors").read_bytes() == good.to_bytes()
-        again = admin.put("/v1/adapters/flowers", content=good.to_bytes())
+        again = admin.put("/v1/adapters/flowers?version=1", content=good.to_bytes())
         assert again.status_code == 409 and again.json()["error"] == "version_exists"
+        assert "leave out ?version to store this upload as v2" in again.json()["message"]
         assert client.post("/v1/tasks/flowers/classify", files={"image": ("x", image_bytes(1))}).status_code == 200
+
+
+def test_uploads_get_the_next_version_unless_they_ask_for_one(server, shared_backbone):
+    """The version a package was trained as does not decide: the server stores the task's next, or the one asked for,
+    and writes it into the stored package's manifest (its tensors unchanged)."""
+    trained_as_1 = [random_package(shared_backbone, "herbs", seed=seed, num_labels=2) for seed in (31, 32, 33)]
+    with server.client() as admin, server.client(token=None) as client:
+        answers = [admin.put("/v1/adapters/herbs", content=trained_as_1[0].to_bytes())]
+        answers.append(admin.put("/v1/adapters/herbs", content=trained_as_1[1].to_bytes()))
+        answers.append(admin.put("/v1/adapters/herbs?version=7", content=trained_as_1[2].to_bytes()))
+        assert [(a.status_code, a.json()["version"]) for a in answers] == [(201, 1), (201, 2), (201, 7)]
+        assert answers[-1].json()["versions"][-1] == {**answers[-1].json()["versions"][-1], "version": 7, "serving": True}
+        for version, package in zip((1, 2, 7), trained_as_1):
+            stored = AdapterPackage.read(server.store / "herbs" / f"{version}.safetensors")
+            assert stored.manifest == package.manifest.model_copy(update={"version": version})
+            assert all(torch.equal(stored.tensors[name], tensor) for name, tensor in package.tensors.items())
+        assert admin.put("/v1/adapters/herbs", content=trained_as_1[0].to_bytes()).json()["version"] == 8
+        served = client.post("/v1/tasks/herbs/classify?version=2", files={"image": ("x", image_bytes(1))})
+        assert served.status_code == 200 and served.json()["version"] == 2
+        assert admin.put("/v1/adapters/herbs?version=0", content=trained_as_1[0].to_bytes()).status_code == 422
+
+
+def test_an_upload_that_is_not_the_package_file_says_how_to_send_it(server, shared_backbone):
+    package = random_package(shared_backbone, "roots", seed=41, num_labels=2).to_bytes()
+    with server.client() as admin:
+        form = admin.put("/v1/adapters/roots", files={"file": ("roots.safetensors", package)})  # curl -F, the usual slip
+        assert form.status_code == 415 and "--data-binary @roots.safetensors" in form.json()["message"], form.text
+        jpeg = admin.put("/v1/adapters/roots", content=image_bytes(3))
+        assert jpeg.status_code == 422 and jpeg.json()["message"].startswith("not a safetensors file: it looks like a JPEG image")
+        multipart_as_raw = admin.put("/v1/adapters/roots", content=b"--boundary\r\nContent-Disposition: form-data\r\n\r\n" + package)
+        assert "send the file itself (curl --data-binary @FILE)" in multipart_as_raw.json()["message"], multipart_as_raw.text
+        cut = admin.put("/v1/adapters/roots", content=package[: len(package) // 2])
+        assert cut.status_code == 422 and cut.json()["message"].startswith("the package is truncated:"), cut.text
+        assert admin.get("/v1/adapters/roots").status_code == 404  # nothing stored, and the connection still serves
 
 
 def test_unload_load_and_purge(server, shared_backbone):
@@ -330,7 +366,7 @@ def test_unload_load_and_purge(server, shared_backbone):
         assert pinned.status_code == 404 and pinned.json()["error"] == "task_unloaded"
         assert admin.get("/v1/adapters/temp").json()["enabled"] is False
         loaded = admin.post("/v1/adapters/temp/load", json={"version": 1})
-        assert loaded.status_code == 200 and loaded.json()["versions"][0]["location"] == "gpu"
+        assert loaded.status_code == 200 and loaded.json()["versions"][0]["location"] == "slot"
         assert client.post("/v1/tasks/temp/classify", files=image).status_code == 200
         assert admin.post("/v1/adapters/temp/load", json={"version": 9}).status_code == 404
         assert admin.delete("/v1/adapters/temp?purge=true").json()["purged"] is True
@@ -359,8 +395,8 @@ def test_metrics(server):
         "monaserve_batch_tasks_count",
         "monaserve_queue_depth",
         'monaserve_adapter_loads_total{task="birds"}',
-        "monaserve_gpu_slots 16.0",
-        "monaserve_gpu_slots_used",
+        "monaserve_adapter_slots 16.0",
+        "monaserve_adapter_slots_used",
         "monaserve_store_errors_total",
         "process_resident_memory_bytes",
     ]:

@@ -136,7 +136,7 @@ def test_eviction_with_two_slots_and_four_tasks(tmp_path, tiny_weights, shared_b
         assert response.status_code == 200, response.text
         assert_same_scores(scores(response), expected[task])
     assert sum(float(v) for v in re.findall(r'^monaserve_adapter_evictions_total\{task="t\d"\} (\S+)$', text, re.M)) >= 6
-    assert metric(text, "monaserve_gpu_slots_used") == 2
+    assert metric(text, "monaserve_adapter_slots_used") == 2
 
 
 @both_ways
@@ -173,7 +173,7 @@ def test_preload_all(tmp_path, tiny_weights, shared_backbone):
     args = ("--preload", "all", "--insecure-admin")
     with ServerProcess(tiny_weights, tmp_path / "store", *args, log=tmp_path / "log") as server, server.client() as client:
         listing = client.get("/v1/adapters").json()
-    assert [v["location"] for t in listing["tasks"] for v in t["versions"]] == ["gpu"] * 3
+    assert [v["location"] for t in listing["tasks"] for v in t["versions"]] == ["slot"] * 3
 
 
 def test_gpu_byte_budget_refuses_an_adapter_that_cannot_fit(tmp_path, tiny_weights, shared_backbone):
