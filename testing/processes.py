@@ -31,7 +31,7 @@ class ServerProcess:
     """Starts `monaserve serve` with `args`, waits for readiness, and stops it (SIGTERM) on exit.
 
     `launcher` is a command that runs the server as its last arguments and `exec`s it (so the process
-    is the server): a mount namespace, say.
+    is the server): a mount namespace, say. `cwd` is its working directory (relative paths start there).
     """
 
     def __init__(
@@ -43,6 +43,7 @@ class ServerProcess:
         log: Path,
         port: int | None = None,
         launcher: list[str] | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -54,7 +55,7 @@ class ServerProcess:
         command = [MONASERVE, "serve", "--weights", str(weights), "--store", str(store), "--port", str(self.port), *args]
         command = [*(launcher or []), *command]
         self._log = log.open("ab")
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **env})
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=cwd)
 
     def wait_ready(self, timeout: float = 120.0) -> ServerProcess:
         deadline = time.monotonic() + timeout

@@ -61,7 +61,7 @@ def test_inference_needs_the_api_token(server, http, method, path, body):
 
 
 def test_health_metrics_and_the_page_stay_public(server, http):
-    for path in ("/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready", "/metrics", "/"):
+    for path in ("/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready", "/metrics", "/", "/favicon.ico"):
         assert http.get(path).status_code == 200, path
 
 

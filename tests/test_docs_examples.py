@@ -1,0 +1,248 @@
+"""The README's and docs' examples, run as written against a real server, in the order a reader meets them.
+
+Every `console`, `bash` and `python` block of README.md and docs/ is either run here (`SESSION`) or
+named in `NOT_RUN` with the reason; a new example must be one or the other. A session starts
+`monaserve serve --random-init --demo` as the README does (with fewer demo steps), in a folder of its
+own, and runs each block there, changing only the ports (`PORT_REWRITES`) and what `EDITS` lists. A
+command must succeed (exit 0, or fail where its documented output is an error), and its output must
+have the documented form: the keys of a documented JSON answer, its error code, and each documented
+line of text with numbers and labels taken as placeholders (random weights choose other labels and
+scores than the docs show).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from server_harness import ServerProcess, image_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+LANGUAGES = ("console", "bash", "python")
+TOKEN = "change-me"
+LABELS = re.compile(r"\b(cat|dog|rabbit|circle|square|triangle|background)\b")
+"""Labels of the docs' tasks (pets' and the demo's): which of them an answer names depends on the weights."""
+
+Block = tuple[str, str, int]
+"""(page, language, index of the block among the page's blocks of that language)"""
+
+SESSION: list[Block] = [
+    ("README.md", "console", 0),  # the demo's classify
+    ("docs/serving.md", "console", 0),  # the demo's three kinds
+    ("docs/serving.md", "bash", 0),  # makes pets-1.safetensors
+    ("docs/package-format.md", "python", 0),  # the same, in Python
+    ("docs/clients.md", "console", 0),  # the CLI verbs: pets uploaded, used, then purged
+    ("docs/serving.md", "console", 1),  # the curl session: pets uploaded anew, classify, list, metrics, a wrong kind
+    ("docs/protocol.md", "console", 1),  # /v2 infer with curl
+    ("docs/protocol.md", "python", 0),  # Triton's gRPC client
+    ("README.md", "python", 0),
+    ("docs/clients.md", "python", 0),
+    ("docs/architecture.md", "python", 0),  # the engine on its own, on the demo's packages
+    ("docs/training.md", "bash", 0),
+    ("docs/training.md", "console", 0),  # a trained package uploaded to the demo server
+    ("docs/architecture.md", "console", 0),
+    ("docs/architecture.md", "console", 1),
+]
+NOT_RUN: dict[Block, str] = {
+    ("README.md", "bash", 0): "the install and run command: this session runs it (fewer demo steps), the fresh-clone check runs it whole",
+    ("README.md", "bash", 1): "the test command: it runs this test",
+    (
+        "docs/deployment.md",
+        "bash",
+        0,
+    ): "docker, compose and kubectl: no container engine or cluster here (tests/test_deploy.py reads the files)",
+    ("docs/deployment.md", "bash", 1): "docker, compose and kubectl: no container engine or cluster here",
+    ("docs/deployment.md", "bash", 2): "docker, compose and kubectl: no container engine or cluster here",
+    ("docs/protocol.md", "console", 0): "regenerates checked-in modules; tests/test_grpc.py fails while they are stale",
+    **{
+        ("docs/performance.md", "bash", i): "a benchmark of minutes; tests/test_bench.py runs each benchmark at a smoke size"
+        for i in range(9)
+    },
+    ("docs/reliability.md", "bash", 0): "the soak and attack runs take minutes; tests/test_bench.py and the hardening tests run them small",
+    ("docs/reliability.md", "bash", 1): "the soak and attack runs take minutes; tests/test_bench.py and the hardening tests run them small",
+}
+EDITS = {"--max-steps 150": "--max-steps 2"}
+"""Changes to what a block says, for time: the training recipe runs 2 steps per task, not 150."""
+
+
+def blocks(page: str) -> dict[Block, str]:
+    """The fenced blocks of `page` in `LANGUAGES`, numbered per language in the order they come."""
+    found: dict[Block, str] = {}
+    counts = dict.fromkeys(LANGUAGES, 0)
+    for language, body in re.findall(r"^```(\w+)\n(.*?)^```", (ROOT / page).read_text(), re.DOTALL | re.MULTILINE):
+        if language in LANGUAGES:
+            found[(page, language, counts[language])] = body
+            counts[language] += 1
+    return found
+
+
+def every_block() -> dict[Block, str]:
+    return {key: body for page in PAGES for key, body in blocks(page).items()}
+
+
+@dataclass
+class Command:
+    """One `$` line of a console block (with the lines that finish its quotes), and the output the docs show after it."""
+
+    text: str
+    output: list[str]
+
+
+def commands(console: str) -> list[Command]:
+    found: list[Command] = []
+    lines = console.splitlines()
+    while lines:
+        line = lines.pop(0)
+        if not line.startswith("$ "):
+            if found and line.strip() and not line.startswith("#"):
+                found[-1].output.append(line)
+            continue
+        text = line[2:]
+        while lines and not complete(text):
+            text += "\n" + lines.pop(0)
+        found.append(Command(text, []))
+    return found
+
+
+def complete(text: str) -> bool:
+    try:
+        shlex.split(text, comments=True)
+        return True
+    except ValueError:  # an open quote: the command goes on on the next line
+        return False
+
+
+def skeleton(text: str) -> list[str]:
+    """A line's words with numbers and labels as placeholders, in order of the words (answers list them by score)."""
+    return sorted(LABELS.sub("<label>", re.sub(r"\d+(\.\d+)?", "#", text)).split())
+
+
+def check_output(command: Command, result: subprocess.CompletedProcess, schema_keys: set[str]) -> None:
+    """`result` has the documented form; a documented key may be missing from an answer whose lists came back
+    empty (the demo's detector, trained a few steps, finds no box) if the answer's schema has it."""
+    documented = "\n".join(command.output)
+    where = f"$ {command.text}\nexit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    failing = '"error"' in documented or "error:" in documented
+    assert (result.returncode != 0) == failing or command.text.startswith("curl"), where
+    if not documented:
+        return
+    said = result.stdout + result.stderr
+    if documented.lstrip().startswith(("{", "[")):
+        for line in result.stdout.strip().splitlines():
+            json.loads(line)
+        for key in re.findall(r'"(\w+)":', documented):
+            answered = f'"{key}":' in said or ("[]" in said and key in schema_keys)
+            assert answered, f"key {key!r} is documented but not answered\n{where}"
+        for code in re.findall(r'"error":\s*"(\w+)"', documented):
+            assert re.search(rf'"error":\s*"{code}"', said), where
+        return
+    answered = [skeleton(line) for line in said.splitlines()]
+    for line in command.output:
+        if "..." not in line:
+            assert skeleton(line) in answered, f"documented line {line!r} has no match\n{where}"
+
+
+@dataclass
+class Session:
+    """A folder as a reader's working directory, the server the docs talk to, and the environment they set."""
+
+    folder: Path
+    server: ServerProcess
+    env: dict[str, str]
+    schema_keys: set[str]
+    """Every property name of the server's OpenAPI schemas."""
+
+    def rewrite(self, text: str) -> str:
+        """`text` with the docs' ports made this server's, and `EDITS` made."""
+        for doc, real in {
+            "localhost:8000": f"127.0.0.1:{self.server.port}",
+            "127.0.0.1:8000": f"127.0.0.1:{self.server.port}",
+            "localhost:8001": self.server.grpc_target,
+        }.items():
+            text = text.replace(doc, real)
+        for doc, real in EDITS.items():
+            text = text.replace(doc, real)
+        return text
+
+    def run(self, argv: list[str], stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(argv, cwd=self.folder, env=self.env, input=stdin, capture_output=True, text=True, timeout=timeout)
+
+    def console(self, body: str) -> None:
+        for command in commands(body):
+            text = self.rewrite(command.text)
+            if text.startswith("export "):
+                self.env.update(dict(assignment.split("=", 1) for assignment in shlex.split(text)[1:]))
+                continue
+            check_output(command, self.run(["bash", "-c", text]), self.schema_keys)
+
+    def bash(self, body: str) -> None:
+        result = self.run(["bash", "-e", "-c", self.rewrite(body)], timeout=600)
+        assert result.returncode == 0, f"{body}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+
+    def python(self, body: str) -> None:
+        result = self.run([sys.executable, "-"], stdin=self.rewrite(body))
+        assert result.returncode == 0, f"{body}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+        said = [skeleton(line) for line in result.stdout.splitlines()]
+        for comment in re.findall(r"^\s*print\(.*\)\s*#\s*(.+)$", body, re.MULTILINE):  # what the docs say it prints
+            assert skeleton(comment) in said, f"{body}\nprinted: {result.stdout}"
+
+
+def test_every_example_is_run_or_says_why_not():
+    found = set(every_block())
+    assert found == set(SESSION) | set(NOT_RUN), {
+        "neither run nor excused": found - set(SESSION) - set(NOT_RUN),
+        "gone": (set(SESSION) | set(NOT_RUN)) - found,
+    }
+    assert not set(SESSION) & set(NOT_RUN)
+
+
+@pytest.mark.process
+def test_the_docs_examples_run_as_written(tmp_path):
+    folder = tmp_path / "reader"
+    folder.mkdir()
+    (folder / ".venv").symlink_to(Path(sys.prefix))  # the docs call .venv/bin/python, as the README installs it
+    (folder / "cat.jpg").write_bytes(image_bytes(7, size=(320, 240)))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "MONASERVE_ADMIN_TOKEN": TOKEN}
+    env.pop("MONASERVE_TOKEN", None)
+    server = ServerProcess(
+        "random",
+        "var/adapters",
+        "--demo",
+        "--demo-steps",
+        "3",
+        env={"MONASERVE_ADMIN_TOKEN": TOKEN},
+        log=tmp_path / "server.log",
+        cwd=folder,
+    )
+    with server:
+        env["MONASERVE_URL"] = server.url  # the CLI's default, http://127.0.0.1:8000, on this server's port
+        schemas = server.client().get("/openapi.json").json()["components"]["schemas"]
+        session = Session(folder, server, env, {key for schema in schemas.values() for key in schema.get("properties", {})})
+        found = every_block()
+        for page, language, index in SESSION:
+            getattr(session, language)(found[(page, language, index)])
+
+
+def test_the_flags_table_lists_every_serve_flag():
+    """docs/serving.md's table of `monaserve serve` flags names each flag ServeConfig makes, and no other."""
+    import argparse
+
+    from monaserve.adapters.config_args import add_config_arguments
+    from monaserve.server.config import ServeConfig
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, ServeConfig)
+    flags = {option for action in parser._actions for option in action.option_strings if option.startswith("--") and option != "--help"}
+    table = re.search(r"^## Flags and environment variables\n(.*?)^## ", (ROOT / "docs/serving.md").read_text(), re.DOTALL | re.MULTILINE)
+    listed = set(re.findall(r"^\| `(--[a-z-]+)`(?:, `(--[a-z-]+)`)?", table.group(1), re.MULTILINE))
+    listed = {flag for row in listed for flag in row if flag}
+    assert listed == flags, {"missing from the table": flags - listed, "not a flag": listed - flags}
