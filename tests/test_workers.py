@@ -209,7 +209,7 @@ def test_metrics_cover_every_process_and_a_killed_front_end_comes_back(workers_s
     assert all(a.status_code == 200 for a in answers)
     text = httpx.get(f"{server.url}/metrics").text
     assert metric(text, "monaserve_requests_total", task="cls", status="200") == 20  # whichever front end served them
-    assert metric(text, "monaserve_batch_size_count") >= 1 and metric(text, "monaserve_gpu_slots") > 0  # the engine's
+    assert metric(text, "monaserve_batch_size_count") >= 1 and metric(text, "monaserve_adapter_slots") > 0  # the engine's
     assert metric(text, "monaserve_ready") == 1
 
     os.kill(roles["front-end 1"], signal.SIGKILL)
