@@ -83,7 +83,7 @@ def best_f1(
     """The best F1 of boxes against the truth over every lowest score an answer could show, and that score.
 
     Each box, best first within its image and label, matches the unmatched true box of its label it
-    overlaps most at IoU `iou` or more (VOC's rule); the score that keeps the boxes down to the k-th
+    overlaps most at IoU `iou` or more (COCO's rule); the score that keeps the boxes down to the k-th
     best overall scores k boxes with their matches. (0, 0) where no box matches."""
     scored: list[tuple[float, bool]] = []
     for found, true in zip(detections, truth):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -26,14 +27,16 @@ METADATA_KEY = "monaserve.manifest"
 MAX_PACKAGE_BYTES = 512 * 2**20
 MAX_HEADER_BYTES = 32 * 2**20
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_FOREIGN_MAGIC = {
-    b"\x80": "a Python pickle",
-    b"PK\x03\x04": "a zip archive (the torch.save format)",
-    b"\xff\xd8\xff": "a JPEG image",
-    b"\x89PNG": "a PNG image",
-    b"RIFF": "a WebP image",
-    b"--": "a multipart form (curl -F); send the file itself (curl --data-binary @FILE)",
+_FOREIGN_FORMATS = {
+    rb"\x80[\x02-\x05]": "a Python pickle",
+    rb"PK\x03\x04": "a zip archive (the torch.save format)",
+    rb"\xff\xd8\xff": "a JPEG image",
+    rb"\x89PNG\r\n": "a PNG image",
+    rb"RIFF....WEBP": "a WebP image",
+    rb"--[!-~]{1,70}\r\n": "a multipart form (curl -F): send the file itself, curl --data-binary @FILE",
 }
+"""What a file that is not safetensors looks like, by how it starts (its first `SNIFF_BYTES`)."""
+SNIFF_BYTES = 80
 
 
 class AdapterError(ValueError):
@@ -52,14 +55,14 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'manifest'}: {e['msg']}" for e in error.errors(include_url=False))
 
 
-def _not_safetensors(data: bytes, why: str) -> PackageFormatError:
-    """An error for a file that is not safetensors: what it looks like when that is recognisable, else `why`."""
-    looks = next((f"it looks like {what}" for magic, what in _FOREIGN_MAGIC.items() if data.startswith(magic)), why)
-    return PackageFormatError(f"not a safetensors file: {looks} (adapter packages are safetensors only)")
+def _not_safetensors(start: bytes, why: str) -> PackageFormatError:
+    """An error for a file that is not safetensors (`start`: its first bytes): what it looks like when that is recognisable, then `why`."""
+    looks = next((f"it looks like {what}; " for pattern, what in _FOREIGN_FORMATS.items() if re.match(pattern, start, re.DOTALL)), "")
+    return PackageFormatError(f"not a safetensors file: {looks}{why} (adapter packages are safetensors only)")
 
 
 def _header_length(first: bytes, size: int) -> int:
-    """The header length from a file's first 8 bytes, checked against the file size and the limit."""
+    """The header length from a file's first bytes (8 or more), checked against the file size and the limit."""
     if size < 8:
         raise _not_safetensors(first, f"{size} bytes is too short for a header")
     (length,) = struct.unpack("<Q", first[:8])
@@ -81,7 +84,7 @@ def _parse_header(first: bytes, raw: bytes) -> dict:
 
 def _check_whole(data: bytes, length: int, header: dict) -> None:
     """Refuse a file shorter than its header says (a cut-short upload or copy), saying so."""
-    offsets = [entry.get("data_offsets") for entry in header.values() if isinstance(entry, dict)]
+    offsets = [entry.get("data_offsets") for name, entry in header.items() if name != "__metadata__" and isinstance(entry, dict)]
     ends = [pair[1] for pair in offsets if isinstance(pair, list) and len(pair) == 2 and type(pair[1]) is int]
     wanted = 8 + length + max(ends, default=0)  # a malformed entry is safetensors' own error to report
     if len(data) < wanted:
@@ -140,13 +143,13 @@ def atomic_write(path: str | Path, data: bytes, overwrite: bool = True, make_par
 def with_version(data: bytes, version: int) -> bytes:
     """Package `data` (valid: read by `AdapterPackage.from_bytes`) with its manifest's version set to `version`:
     the header is written anew, padded to 8 bytes as safetensors writes it, and the tensors' bytes follow unchanged."""
-    length = _header_length(data[:8], len(data))
-    header = _parse_header(data[:8], data[8 : 8 + length])
+    length = _header_length(data[:SNIFF_BYTES], len(data))
+    header = _parse_header(data[:SNIFF_BYTES], data[8 : 8 + length])
     manifest = _manifest_from(header).model_copy(update={"version": version})
     header["__metadata__"][METADATA_KEY] = manifest.model_dump_json()
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw + data[8 + length :]
+    return b"".join([struct.pack("<Q", len(raw)), raw, memoryview(data)[8 + length :]])  # one copy of the tensors
 
 
 @dataclass(frozen=True)
@@ -177,8 +180,8 @@ class AdapterPackage:
         """Parse and validate a package; raises `PackageFormatError` naming the problem."""
         if len(data) > MAX_PACKAGE_BYTES:
             raise PackageFormatError(f"package is {len(data)} bytes; the limit is {MAX_PACKAGE_BYTES}")
-        length = _header_length(data[:8], len(data))
-        header = _parse_header(data[:8], data[8 : 8 + length])
+        length = _header_length(data[:SNIFF_BYTES], len(data))
+        header = _parse_header(data[:SNIFF_BYTES], data[8 : 8 + length])
         _check_whole(data, length, header)
         try:
             tensors = safetensors.torch.load(data)

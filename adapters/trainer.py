@@ -196,38 +196,37 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, on_step: Call
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     losses: list[float] = []
     model.train()
-    bar = tqdm(total=total_steps, initial=step, desc=config.name, unit="step", disable=not config.progress, leave=False)
-    for epoch in range(first_epoch, config.epochs):
-        if step >= total_steps:
-            break
-        epoch_start, seen, epoch_losses = time.monotonic(), 0, []
-        for images, targets in train_loader:
-            with autocast:
-                loss = model.loss(images.to(device), _to(targets, device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable_params, config.clip_grad_norm)
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * schedule(step)
-            optimizer.step()
-            step += 1
-            seen += len(images)
-            epoch_losses.append(loss.item())
-            bar.update()
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}", img_s=f"{seen / (time.monotonic() - epoch_start):.1f}")
-            if on_step is not None:
-                on_step(step, total_steps)
+    with tqdm(total=total_steps, initial=step, desc=config.name, unit="step", disable=not config.progress, leave=False) as bar:
+        for epoch in range(first_epoch, config.epochs):
             if step >= total_steps:
                 break
-        losses += epoch_losses
-        log(
-            f"epoch {epoch + 1} (step {step}/{total_steps}): loss {sum(epoch_losses) / max(1, len(epoch_losses)):.4f}, "
-            f"{seen / (time.monotonic() - epoch_start):.1f} img/s"
-        )
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, model, optimizer, epoch, step)
+            epoch_start, seen, epoch_losses = time.monotonic(), 0, []
+            for images, targets in train_loader:
+                with autocast:
+                    loss = model.loss(images.to(device), _to(targets, device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable_params, config.clip_grad_norm)
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr * schedule(step)
+                optimizer.step()
+                step += 1
+                seen += len(images)
+                epoch_losses.append(loss.item())
+                bar.update()
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}", img_s=f"{seen / (time.monotonic() - epoch_start):.1f}")
+                if on_step is not None:
+                    on_step(step, total_steps)
+                if step >= total_steps:
+                    break
+            losses += epoch_losses
+            log(
+                f"epoch {epoch + 1} (step {step}/{total_steps}): loss {sum(epoch_losses) / max(1, len(epoch_losses)):.4f}, "
+                f"{seen / (time.monotonic() - epoch_start):.1f} img/s"
+            )
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, model, optimizer, epoch, step)
 
-    bar.close()
     evaluation = evaluate(model, val_loader, device)
     log(f"trained: {json.dumps({k: round(v, 4) for k, v in evaluation.items()})}")
     summary = {

@@ -122,7 +122,7 @@ def cmd_adapters(args: argparse.Namespace) -> int:
 
 
 def where(version: dict) -> str:
-    """Where a version is loaded, as `adapters list` says it: 'cuda:0 slot 3', 'cache' or 'store'."""
+    """Where a version is loaded, as `adapters list` says it: 'cuda slot 3', 'cache' or 'store'."""
     return f"{version['device']} slot {version['slot']}" if version["location"] == "slot" else version["location"]
 
 

@@ -197,6 +197,7 @@ class MonaClient(_Calls):
         self,
         task: str,
         images,
+        *,
         min_score: float | None = None,
         max_detections: int | None = None,
         class_agnostic: bool = False,
@@ -277,11 +278,13 @@ class AsyncMonaClient(_Calls):
         self,
         task: str,
         images,
+        *,
         min_score: float | None = None,
         max_detections: int | None = None,
         class_agnostic: bool = False,
         version: int | None = None,
     ):
+        """Boxes scoring `min_score` or more, at most `max_detections` per image (None: the task's defaults)."""
         params = {"min_score": min_score, "max_detections": max_detections, "class_agnostic": class_agnostic}
         return await self.predict(task, images, "detect", version=version, **params)
 

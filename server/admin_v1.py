@@ -27,6 +27,7 @@ class AdapterEndpoints:
         self.plane = plane
 
     def version_view(self, entry: TaskEntry, version: int) -> VersionView:
+        """One stored version: its size, age, where it is loaded, and whether unpinned requests get it."""
         registry, key = self.plane.registry, (entry.name, version)
         info, slot = entry.versions[version], registry.slot_of(key)
         return VersionView(
@@ -81,10 +82,10 @@ class AdapterEndpoints:
     ) -> UploadResponse:
         """Store the package in the body as a new version of `task` and serve it; the body is the file itself."""
         registry = self.plane.registry  # 503 while the server loads, before the body is judged
-        if request.headers.get("content-type", "").startswith("multipart/"):
+        if request.headers.get("content-type", "").lower().startswith("multipart/"):
             raise UnsupportedMedia(
                 f"the package came as a multipart form (curl -F); send the file itself as the body: "
-                f"curl -X PUT --data-binary @{task}.safetensors -H 'Authorization: Bearer TOKEN' {request.url.path}"
+                f"curl -X PUT --data-binary @{task}.safetensors -H 'Authorization: Bearer TOKEN' http://SERVER{request.url.path}"
             )
         uploaded = await registry.upload(task, await request.body(), version)
         return UploadResponse(**self.task_view(uploaded.entry).model_dump(), version=uploaded.version)

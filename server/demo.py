@@ -22,6 +22,8 @@ from .store import AdapterStore
 log = logging.getLogger(__name__)
 LOG_EVERY_S = 15.0
 """How often the demo's overall progress is logged while it trains."""
+REPORT_EVERY_S = 0.5
+"""How often it is reported to readiness (under `--workers`, a file the front ends read): a probe's pace, not a step's."""
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,8 @@ def missing_demo_tasks(store: AdapterStore, fingerprint: str) -> list[str]:
 
 
 class DemoProgress:
-    """The demo's progress over all its tasks: reported after every training step (readiness reads it),
-    logged every `LOG_EVERY_S`, and where a stop request ends the training.
+    """The demo's progress over all its tasks: reported to readiness every `REPORT_EVERY_S`, logged every
+    `LOG_EVERY_S`, and where a stop request ends the training (at a task's start or its next step).
 
     The time left is the time so far scaled by the steps left over the steps done, so it counts each
     task's evaluation and set-up as the steps before it did."""
@@ -76,31 +78,41 @@ class DemoProgress:
         stop: threading.Event,
     ) -> None:
         self.tasks, self.steps, self.report, self.say, self.stop = tasks, steps, report, say, stop
-        self.started = self.logged = time.monotonic()
+        self.started = self.logged = self.reported = time.monotonic()
         self.index = 0
 
     @property
     def step(self) -> str:
+        """Which task of all trains, as readiness says it: "2/3"."""
         return f"{self.index + 1}/{len(self.tasks)}"
 
     def begin(self, index: int) -> None:
-        """Task `index` starts training."""
+        """Task `index` starts training (unless the server is stopping)."""
+        self._stop_if_asked()
         self.index = index
         done = index * self.steps
         self.report(Progress("training demo", self.step, self._eta(done)))
         self.say(f"demo: task {self.step}, {self.tasks[index]}" + (f"; {about(self._eta(done))} left in all" if done else ""))
 
     def on_step(self, done: int, total: int) -> None:
-        """The trainer's step hook: report, log now and then, and stop when asked to."""
-        if self.stop.is_set():
-            raise DemoStopped("the server is stopping")
+        """The trainer's step hook: report and log now and then, and stop when asked to."""
+        self._stop_if_asked()
+        now = time.monotonic()
+        if now - self.reported < REPORT_EVERY_S and now - self.logged < LOG_EVERY_S:
+            return
         eta = self._eta(self.index * self.steps + done * self.steps / total)
+        self.reported = now
         self.report(Progress("training demo", self.step, eta))
-        if time.monotonic() - self.logged >= LOG_EVERY_S:
-            self.logged = time.monotonic()
+        if now - self.logged >= LOG_EVERY_S:
+            self.logged = now
             self.say(f"demo: task {self.step}, {self.tasks[self.index]}: step {done}/{total}; {about(eta)} left in all")
 
+    def _stop_if_asked(self) -> None:
+        if self.stop.is_set():
+            raise DemoStopped("the server is stopping")
+
     def _eta(self, done_steps: float) -> float | None:
+        """Seconds left for every task, at the pace so far; None before a step has run."""
         if done_steps <= 0:
             return None
         elapsed = time.monotonic() - self.started

@@ -21,7 +21,7 @@ import functools
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from concurrent.futures import Executor
 from dataclasses import replace
 from typing import Literal, NamedTuple
@@ -34,11 +34,13 @@ from .errors import BadRequest, ServeError, UnknownTask, UnknownVersion, Version
 from .loader import PackageLoader
 from .metrics import Metrics
 from .slots import Lease, SlotPool
-from .store import AdapterStore
+from .store import AdapterStore, StoredFile
 
 log = logging.getLogger(__name__)
 Key = tuple[str, int]
 Location = Literal["slot", "cache", "store"]
+UPLOAD_ATTEMPTS = 3
+"""Versions an upload without one tries, when other replicas store the next ones between its listing and its write."""
 Announce = Callable[[str], Awaitable[None]]
 """Send the server's other processes a task's new entry, and wait until they have taken it."""
 
@@ -236,26 +238,16 @@ class Registry:
             raise BadRequest(str(exc)) from None
         async with self._admin_locks[task]:
             package = await self.loader.run(self.loader.validate_upload, task, data)
-            listing = await asyncio.to_thread(self.store.listing, task)
-            following = max(listing.versions, default=0) + 1
-            if version in listing.versions:
-                raise VersionExists(
-                    f"version {version} of {task!r} exists (stored: {sorted(listing.versions)}) and versions are immutable: "
-                    f"leave out ?version to store this upload as v{following}, or ask for an unused one"
-                )
-            version = version or following
-            if version != package.manifest.version:
-                data = with_version(data, version)
-                package = replace(package, manifest=package.manifest.model_copy(update={"version": version}))
-            key = (task, version)
-            self._forget(task, [version])  # anything held here under this key predates a purge elsewhere
-            await self.ensure_loaded(key, package)
-            try:
-                stored = await asyncio.to_thread(self.store.write, task, version, data)
-            except BaseException:
-                if key in self.slots.residents:  # the store is the truth: drop what we loaded
-                    self.slots.retire(self.slots.residents[key])
-                raise
+            for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+                listing = await asyncio.to_thread(self.store.listing, task)
+                number = self._new_version(task, listing.versions, version)
+                try:
+                    package, stored = await self._load_and_store(task, number, data, package)
+                    break
+                except VersionExists:  # another replica stored it since the listing: the next one, unless this one was asked for
+                    if version is not None or attempt == UPLOAD_ATTEMPTS:
+                        raise
+            version, key = number, (task, number)
             left_over = task not in self.catalog and listing.state is not None  # a purged task's state file: replace it
             entry = self.catalog.get(task)
             switch = entry is None or not entry.enabled or version > entry.serving
@@ -268,6 +260,34 @@ class Registry:
             entry = await self.catalog.entry(task)
         log.info("uploaded %s v%s (%d bytes); serving v%s", task, version, len(data), entry.serving)
         return Uploaded(entry, version)
+
+    @staticmethod
+    def _new_version(task: str, stored: Collection[int], asked: int | None) -> int:
+        """The version an upload is stored as: `asked`, else one more than the newest of `stored`; 409 if `asked` is taken."""
+        following = max(stored, default=0) + 1
+        if asked in stored:
+            raise VersionExists(
+                f"version {asked} of {task!r} exists (stored: {sorted(stored)}) and versions are immutable: "
+                f"leave the version out to store this upload as v{following}, or ask for an unused one"
+            )
+        return asked or following
+
+    async def _load_and_store(self, task: str, version: int, data: bytes, package: AdapterPackage) -> tuple[AdapterPackage, StoredFile]:
+        """`package` numbered `version` (its header rewritten in the loader thread), loaded into a slot, then
+        stored; the slot is let go if the store refuses it, so the store stays the truth."""
+        if version != package.manifest.version:
+            data = await self.loader.run(with_version, data, version)
+            package = replace(package, manifest=package.manifest.model_copy(update={"version": version}))
+        key = (task, version)
+        self._forget(task, [version])  # anything held here under this key predates a purge elsewhere
+        await self.ensure_loaded(key, package)
+        try:
+            stored = await asyncio.to_thread(self.store.write, task, version, data)
+        except BaseException:
+            if key in self.slots.residents:
+                self.slots.retire(self.slots.residents[key])
+            raise
+        return package, stored
 
     @announced
     async def load(self, task: str, version: int | None = None) -> TaskEntry:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 import typing
@@ -13,6 +14,7 @@ from pathlib import Path
 from .config import ServeConfig
 from .lifecycle import Progress
 
+log = logging.getLogger(__name__)
 TALLY_ROWS = 2
 """Body budgets the front ends share (inference bodies, uploads), each a row of int64s, one per front end."""
 SECRETS = {"admin_token": "MONASERVE_ADMIN_TOKEN", "api_token": "MONASERVE_API_TOKEN"}
@@ -65,10 +67,14 @@ class RunDir:
         return self.path / "progress.json"
 
     def write_progress(self, progress: Progress) -> None:
-        """Replace the progress file at once (a rename), so a front end never reads half of it."""
+        """Replace the progress file at once (a rename), so a front end never reads half of it; a write that
+        fails costs the front ends' readiness answer its detail, never the start-up (it is logged)."""
         part = self.progress.with_suffix(".part")
-        part.write_text(json.dumps(progress.to_json()))
-        part.replace(self.progress)
+        try:
+            part.write_text(json.dumps(progress.to_json()))
+            part.replace(self.progress)
+        except OSError as exc:
+            log.warning("could not write the start-up progress for the front ends: %s", exc)
 
     def read_progress(self) -> Progress | None:
         """The engine's last progress, or None before it wrote any."""

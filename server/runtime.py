@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from monaserve.adapters import Backbone
-from monaserve.adapters.swin import resolve_device
+from monaserve.adapters.swin import BackboneError, resolve_device
 
 from .budgets import Tally
 from .catalog import Catalog, TaskLookup
@@ -166,7 +166,7 @@ class Runtime(Lifecycle):
                 self.registry.announce = self.peers.changed
                 await self.peers.start(self.engine_client, self.registry.catalog)
         except Exception as exc:
-            if isinstance(exc, ValueError):  # a setting that cannot work, whose message says the fix: one line
+            if isinstance(exc, BackboneError):  # weights that cannot be had, and the message says the fix: one line
                 log.error("start-up failed: %s", exc)
             else:
                 log.exception("start-up failed")

@@ -86,7 +86,7 @@ class VersionView(BaseModel):
         description="where it is loaded: slot (in an adapter slot on the engine's device, `device`), cache (host memory), or store only"
     )
     slot: int | None = None
-    device: str | None = Field(default=None, description="the device of its slot (cpu, cuda:0, ...), while in one")
+    device: str | None = Field(default=None, description="the device of its slot (cpu, cuda, cuda:1, ...), while in one")
     serving: bool = Field(description="unpinned requests get this version")
 
 

@@ -206,7 +206,7 @@ def test_cli_adapters_verbs(server, shared_backbone, tmp_path):
     uploaded = run_cli("adapters", "upload", str(package), "--url", server.url, "--version", "3")
     assert uploaded.returncode == 0 and "pets: stored as v3; serving v3" in uploaded.stdout, uploaded.stderr
     taken = run_cli("adapters", "upload", str(package), "--url", server.url, "--version", "3")
-    assert taken.returncode == 1 and "leave out ?version to store this upload as v4" in taken.stderr
+    assert taken.returncode == 1 and "leave the version out to store this upload as v4" in taken.stderr
     listed = run_cli("adapters", "list", "--url", server.url)
     assert "v3* (cpu slot " in listed.stdout and "slots used" in listed.stdout
     as_json = json.loads(run_cli("adapters", "list", "--url", server.url, "--json").stdout)

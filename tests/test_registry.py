@@ -10,7 +10,7 @@ import torch
 
 from monaserve.adapters import AdapterPackage, Backbone, IncompatibleAdapterError, expected_shapes
 from monaserve.server.engine import Engine
-from monaserve.server.errors import AdapterTooLarge, ConcurrentChange, TaskUnloaded, UnknownTask, UnknownVersion
+from monaserve.server.errors import AdapterTooLarge, ConcurrentChange, TaskUnloaded, UnknownTask, UnknownVersion, VersionExists
 from monaserve.server.metrics import Metrics
 from monaserve.server.registry import Registry
 from monaserve.server.store import AdapterStore, ServingState
@@ -336,3 +336,50 @@ def test_a_serving_state_for_a_purged_folder_is_a_409_and_makes_no_folder(tmp_pa
     with pytest.raises(ConcurrentChange, match="purged while its serving state"):
         AdapterStore(tmp_path).write_state("gone", ServingState(1, True))
     assert not (tmp_path / "gone").exists()
+
+
+def test_uploads_through_two_replicas_at_once_take_the_next_versions_in_turn(tiny_weights, shared_backbone, tmp_path):
+    """B lists the store before A's upload is stored, so both pick v1: A stores it, and B, refused by the
+    store, takes v2 instead of answering 409; an upload that asked for v1 is refused."""
+
+    async def scenario():
+        a = make_registry(Backbone.load(TINY, tiny_weights), tmp_path)
+        b = make_registry(Backbone.load(TINY, tiny_weights), tmp_path)
+        listed, a_stored = asyncio.Event(), asyncio.Event()
+        listing = b.store.listing
+
+        def listing_before_a_stores(task):
+            seen = listing(task)
+            listed.set()
+            return seen
+
+        b.store.listing = listing_before_a_stores
+
+        async def upload_a_after_b_listed():
+            await listed.wait()
+            try:
+                return await a.upload("pets", random_package(shared_backbone, "pets", seed=1).to_bytes())
+            finally:
+                a_stored.set()
+
+        write = b.store.write
+
+        def write_after_a(task, version, data):
+            asyncio.run_coroutine_threadsafe(a_stored.wait(), loop).result()
+            return write(task, version, data)
+
+        loop = asyncio.get_running_loop()
+        b.store.write = write_after_a
+        (entry_a, version_a), (entry_b, version_b) = await asyncio.gather(
+            upload_a_after_b_listed(), b.upload("pets", random_package(shared_backbone, "pets", seed=2).to_bytes())
+        )
+        assert (version_a, version_b) == (1, 2) and entry_b.serving == 2
+        await b.refresh()
+        assert sorted(b.catalog["pets"].versions) == [1, 2]
+        assert [AdapterPackage.read(tmp_path / "pets" / f"{v}.safetensors").manifest.version for v in (1, 2)] == [1, 2]
+        assert ("pets", 1) not in b.slots.residents  # what B loaded as v1 was let go when the store refused it
+        b.store.write = write
+        with pytest.raises(VersionExists, match="leave the version out to store this upload as v3"):
+            await b.upload("pets", random_package(shared_backbone, "pets", seed=3).to_bytes(), version=1)
+
+    asyncio.run(scenario())

@@ -316,7 +316,7 @@ def test_upload_validates_before_storing(server, shared_backbone, packages):
         assert (server.store / "flowers" / "1.safetensors").read_bytes() == good.to_bytes()
         again = admin.put("/v1/adapters/flowers?version=1", content=good.to_bytes())
         assert again.status_code == 409 and again.json()["error"] == "version_exists"
-        assert "leave out ?version to store this upload as v2" in again.json()["message"]
+        assert "leave the version out to store this upload as v2" in again.json()["message"]
         assert client.post("/v1/tasks/flowers/classify", files={"image": ("x", image_bytes(1))}).status_code == 200
 
 
@@ -348,10 +348,10 @@ def test_an_upload_that_is_not_the_package_file_says_how_to_send_it(server, shar
         jpeg = admin.put("/v1/adapters/roots", content=image_bytes(3))
         assert jpeg.status_code == 422 and jpeg.json()["message"].startswith("not a safetensors file: it looks like a JPEG image")
         multipart_as_raw = admin.put("/v1/adapters/roots", content=b"--boundary\r\nContent-Disposition: form-data\r\n\r\n" + package)
-        assert "send the file itself (curl --data-binary @FILE)" in multipart_as_raw.json()["message"], multipart_as_raw.text
+        assert "send the file itself, curl --data-binary @FILE" in multipart_as_raw.json()["message"], multipart_as_raw.text
         cut = admin.put("/v1/adapters/roots", content=package[: len(package) // 2])
         assert cut.status_code == 422 and cut.json()["message"].startswith("the package is truncated:"), cut.text
-        assert admin.get("/v1/adapters/roots").status_code == 404  # nothing stored, and the connection still serves
+        assert admin.get("/v1/adapters/roots").status_code == 404  # nothing stored
 
 
 def test_unload_load_and_purge(server, shared_backbone):

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from monaserve.adapters import AdapterPackage, Backbone, InputSpec, expected_shapes
-from monaserve.adapters.kinds import Options, get_kind
+from monaserve.adapters.kinds import DetectHeadConfig, Options, get_kind
 from monaserve.server.budgets import ResponseBudget
 from monaserve.server.engine import Engine
 
@@ -19,15 +19,18 @@ from helpers import TINY, make_manifest, prepare_as_served, random_adapter_tenso
 from server_harness import image_bytes, store_of
 
 
-def dense_package(backbone, name: str, kind: str, labels: int, seed: int, **input_spec) -> AdapterPackage:
-    manifest = make_manifest(backbone, name, num_labels=labels, kind=kind, input=InputSpec(**input_spec))
+def dense_package(backbone, name: str, kind: str, labels: int, seed: int, head=None, **input_spec) -> AdapterPackage:
+    fields = {"head": head} if head is not None else {}
+    manifest = make_manifest(backbone, name, num_labels=labels, kind=kind, input=InputSpec(**input_spec), **fields)
     return AdapterPackage(manifest, random_adapter_tensors(expected_shapes(manifest, backbone), seed))
 
 
 @pytest.fixture(scope="module")
 def packages(shared_backbone):
     return {
-        "boxes": dense_package(shared_backbone, "boxes", "detect", 3, seed=1, size=(256, 256), resize="letterbox"),
+        "boxes": dense_package(
+            shared_backbone, "boxes", "detect", 3, seed=1, head=DetectHeadConfig(min_score=0.42), size=(256, 256), resize="letterbox"
+        ),
         "masks": dense_package(shared_backbone, "masks", "segment", 4, seed=2, size=(224, 224)),
     }
 
@@ -110,8 +113,9 @@ def test_detect_options_default_to_the_tasks_own_on_both_protocols(server, packa
         for query in ("?max_detections=0", "?min_score=2", "?class_agnostic=maybe"):
             refused = client.post(f"/v1/tasks/boxes/detect{query}", content=data, headers={"content-type": "image/jpeg"})
             assert refused.status_code == 422, refused.text
-        bad = client.post("/v2/models/boxes/infer", json={"inputs": [], "parameters": {"max_detections": 0}})
-        assert bad.status_code == 400
+        image = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(data).decode()]}
+        bad = client.post("/v2/models/boxes/infer", json={"inputs": [image], "parameters": {"max_detections": 0}})
+        assert bad.status_code == 400 and "'max_detections' must be an integer in 1..1000" in bad.json()["error"], bad.text
 
 
 def test_segment_returns_a_mask_at_the_original_size(server, packages, local):
