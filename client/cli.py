@@ -27,7 +27,11 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--top-k", type=int, default=5, help="classify: labels per image")
     predict.add_argument("--min-score", type=float, help="detect: drop boxes scoring less (default: the task's)")
     predict.add_argument("--max-detections", type=int, help="detect: the most boxes per image (default: the task's)")
-    predict.add_argument("--class-agnostic", action="store_true", help="detect: one box per object, whatever its label")
+    predict.add_argument(
+        "--class-agnostic",
+        action=argparse.BooleanOptionalAction,
+        help="detect: one box per object, whatever its label (default: the task's)",
+    )
     predict.add_argument("--version", type=int, help="pin an adapter version")
     predict.add_argument("--draw", type=Path, metavar="OUT.png", help="write the image with the result drawn on it")
     predict.set_defaults(handler=cmd_predict)

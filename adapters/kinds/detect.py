@@ -36,6 +36,11 @@ class DetectHeadConfig(Strict):
         le=1.0,
         description="the lowest score an answer shows unless the request says otherwise; the trainer picks it on validation data (best F1)",
     )
+    class_agnostic: bool = Field(
+        default=False,
+        description="answers keep one box per object, whatever its label, unless the request says otherwise; "
+        "the trainer turns it on where that gives the better F1 on validation data",
+    )
 
 
 class Detection(BaseModel):
@@ -91,13 +96,18 @@ class Detect(TaskKind[DetectResult]):
         return CocoMap(num_classes)
 
     def tune_head(self, head: DetectHeadConfig, evaluation: dict[str, float]) -> DetectHeadConfig:
-        """The answers' default lowest score: the one of the best F1 on validation data, where any box was right."""
-        if evaluation.get("f1", 0.0) <= 0.0:
+        """The answers' defaults of the best F1 on validation data, where any box was right: the lowest score,
+        and one box per object where that scores better than the head's boxes as they come (ties: as they come)."""
+        f1, agnostic = max((evaluation.get("f1", 0.0), False), (evaluation.get("f1_agnostic", 0.0), True), key=lambda pick: pick[0])
+        if f1 <= 0.0:
             return head
-        return head.model_copy(update={"min_score": max(head.score_threshold, evaluation["f1_min_score"])})
+        min_score = evaluation["f1_agnostic_min_score" if agnostic else "f1_min_score"]
+        return head.model_copy(update={"min_score": max(head.score_threshold, min_score), "class_agnostic": agnostic})
 
     def defaults(self, head: DetectHeadConfig) -> Options:
-        return Options(min_score=head.min_score, max_detections=head.max_detections, overlap=head.nms_threshold)
+        return Options(
+            min_score=head.min_score, max_detections=head.max_detections, class_agnostic=head.class_agnostic, overlap=head.nms_threshold
+        )
 
     def result_entries(self, predictions: list[dict[str, torch.Tensor]], options: Options) -> int:
         return sum(min(len(p["scores"]), options.max_detections) for p in predictions)
