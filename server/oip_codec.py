@@ -102,14 +102,16 @@ def version_number(version: str | None) -> int | None:
 
 def element_count(name: str, shape: Any) -> int:
     """The elements of a tensor of `shape`, once `shape` is checked: a list of at most `MAX_RANK`
-    non-negative integers whose product is at most `MAX_ELEMENTS` (checked as it is multiplied)."""
+    non-negative integers whose product, zeros taken as ones, is at most `MAX_ELEMENTS` (checked as it is
+    multiplied; an empty tensor with huge other dimensions is no tensor numpy can shape)."""
     if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(is_integer(d) and d >= 0 for d in shape):
         raise BadRequest(f"input {name!r}: 'shape' must be a list of at most {MAX_RANK} non-negative integers")
-    count = 1
+    count, extent = 1, 1
     for dimension in shape:
         count *= min(dimension, MAX_ELEMENTS + 1)
-        if count > MAX_ELEMENTS:
-            raise BadRequest(f"input {name!r}: shape {short_repr(shape)} has more than {MAX_ELEMENTS} elements")
+        extent *= min(max(dimension, 1), MAX_ELEMENTS + 1)
+        if extent > MAX_ELEMENTS:
+            raise BadRequest(f"input {name!r}: shape {short_repr(shape)} has more than {MAX_ELEMENTS} elements (zeros taken as ones)")
     return count
 
 

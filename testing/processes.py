@@ -70,6 +70,26 @@ class ServerProcess:
             time.sleep(0.1)
         raise TimeoutError(f"server not ready after {timeout} s:\n{self.log()}")
 
+    def watch_start(self, timeout: float = 300.0, every_s: float = 0.5) -> list[dict]:
+        """Wait for readiness as an orchestrator's probes would (every `every_s`): from the first connection on,
+        liveness must answer 200 and readiness 503 until it answers 200; returns the 503 bodies, in order."""
+        seen, deadline = [], time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                live, ready = httpx.get(self.url + "/health/live", timeout=2), httpx.get(self.url + "/health/ready", timeout=2)
+            except httpx.TransportError:
+                time.sleep(0.05)
+                continue
+            if live.status_code != 200 or ready.status_code not in (200, 503):
+                raise AssertionError(f"live {live.status_code}, ready {ready.status_code} {ready.text} while starting")
+            if ready.status_code == 200:
+                return seen
+            seen.append(ready.json())
+            time.sleep(every_s)
+        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log()}")
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 

@@ -1,9 +1,10 @@
 """The README's and docs' examples, run as written against a real server, in the order a reader meets them.
 
 Every `console`, `bash` and `python` block of README.md and docs/ is either run here (`SESSION`) or
-named in `NOT_RUN` with the reason; a new example must be one or the other. A session starts
-`monaserve serve --random-init --demo` as the README does (with fewer demo steps), in a folder of its
-own, and runs each block there, changing only the ports (`PORT_REWRITES`) and what `EDITS` lists. A
+named in `NOT_RUN` with the reason; a new example must be one or the other. The session starts the
+README's run command, `monaserve serve --random-init --demo`, in a folder of its own (and checks, as it
+starts, that it answers probes meanwhile and that the demo learns), then runs each block there,
+changing only the ports (`Session.rewrite`) and what `EDITS` lists. A
 command must succeed (exit 0, or fail where its documented output is an error), and its output must
 have the documented form: the keys of a documented JSON answer, its error code, and each documented
 line of text with numbers and labels taken as placeholders (random weights choose other labels and
@@ -18,11 +19,16 @@ import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from monaserve.server.demo import DEMO_TASKS
+from monaserve.server.store import AdapterStore
+
+from helpers import assert_demo_progress
 from server_harness import ServerProcess, image_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +59,7 @@ SESSION: list[Block] = [
     ("docs/architecture.md", "console", 1),
 ]
 NOT_RUN: dict[Block, str] = {
-    ("README.md", "bash", 0): "the install and run command: this session runs it (fewer demo steps), the fresh-clone check runs it whole",
+    ("README.md", "bash", 0): "the install and run command: this session runs the run command; the fresh-clone check runs both",
     ("README.md", "bash", 1): "the test command: it runs this test",
     (
         "docs/deployment.md",
@@ -70,8 +76,8 @@ NOT_RUN: dict[Block, str] = {
     ("docs/reliability.md", "bash", 0): "the soak and attack runs take minutes; tests/test_bench.py and the hardening tests run them small",
     ("docs/reliability.md", "bash", 1): "the soak and attack runs take minutes; tests/test_bench.py and the hardening tests run them small",
 }
-EDITS = {"--max-steps 150": "--max-steps 2"}
-"""Changes to what a block says, for time: the training recipe runs 2 steps per task, not 150."""
+EDITS = {"--max-steps 150": "--max-steps 2", "--images 240": "--images 40"}
+"""Changes to what a block says, for time: the training recipe runs 2 steps per task, not 150, on 40 images, not 240."""
 
 
 def blocks(page: str) -> dict[Block, str]:
@@ -216,30 +222,53 @@ def test_every_example_is_run_or_says_why_not():
     assert not set(SESSION) & set(NOT_RUN)
 
 
-@pytest.mark.process
-def test_the_docs_examples_run_as_written(tmp_path):
-    folder = tmp_path / "reader"
-    folder.mkdir()
+@pytest.fixture(scope="module")
+def readme(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Session, list[dict]]]:
+    """The README's run command, as written but for the port, in a reader's folder: `monaserve serve
+    --random-init --demo` with the admin token `change-me`, watched as a probe would while it starts.
+    Yields the session the docs' examples run in, and the readiness answers seen while the demo trained."""
+    folder = tmp_path_factory.mktemp("reader")
     (folder / ".venv").symlink_to(Path(sys.prefix))  # the docs call .venv/bin/python, as the README installs it
     (folder / "cat.jpg").write_bytes(image_bytes(7, size=(320, 240)))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "MONASERVE_ADMIN_TOKEN": TOKEN}
     env.pop("MONASERVE_TOKEN", None)
-    server = ServerProcess(
-        "random",
-        "var/adapters",
-        "--demo",
-        "--demo-steps",
-        "3",
-        env={"MONASERVE_ADMIN_TOKEN": TOKEN},
-        log=tmp_path / "server.log",
-        cwd=folder,
-    )
-    with server:
+    server = ServerProcess("random", "var/adapters", "--demo", env={"MONASERVE_ADMIN_TOKEN": TOKEN}, log=folder / "server.log", cwd=folder)
+    try:
+        seen = server.watch_start(timeout=900)
         env["MONASERVE_URL"] = server.url  # the CLI's default, http://127.0.0.1:8000, on this server's port
-        session = Session(folder, server, env, list_item_keys(server.client().get("/openapi.json").json()["components"]["schemas"]))
-        found = every_block()
-        for page, language, index in SESSION:
-            getattr(session, language)(found[(page, language, index)])
+        item_keys = list_item_keys(server.client().get("/openapi.json").json()["components"]["schemas"])
+        yield Session(folder, server, env, item_keys), seen
+    finally:
+        server.stop()
+
+
+@pytest.mark.process
+def test_the_readme_server_answers_probes_while_its_demo_trains(readme):
+    session, seen = readme
+    assert_demo_progress(seen, session.server.log())
+
+
+@pytest.mark.process
+def test_the_demo_adapters_beat_untrained_ones_on_held_out_data(readme):
+    """The demo's own training (random backbone, 100 steps each) clearly learns every kind."""
+    session, _ = readme
+    store = AdapterStore(str(session.folder / "var" / "adapters"))
+    gains = {}
+    for task in DEMO_TASKS:
+        training = store.manifest(task, 1).training
+        before, after = training["untrained_evaluation"], training["evaluation"]
+        gains[task] = {metric: after[metric] - before[metric] for metric in after}
+    assert gains["shapes-classify"]["top1"] >= 0.08, gains
+    assert gains["shapes-detect"]["mAP50"] > 0.005, gains
+    assert gains["shapes-segment"]["mIoU"] >= 0.15 and gains["shapes-segment"]["pixel_accuracy"] >= 0.3, gains
+
+
+@pytest.mark.process
+def test_the_docs_examples_run_as_written(readme):
+    session, _ = readme
+    found = every_block()
+    for page, language, index in SESSION:
+        getattr(session, language)(found[(page, language, index)])
 
 
 def test_the_flags_table_lists_every_serve_flag():

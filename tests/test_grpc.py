@@ -430,3 +430,15 @@ def test_any_message_is_read_or_refused_with_a_bad_request(inputs, parameters):
     except BadRequest:
         return
     assert images and asked.options.top_k >= 1
+
+
+@pytest.mark.parametrize("datatype", ["UINT8", "BYTES"])
+def test_an_empty_tensor_with_huge_dimensions_is_a_bad_request(datatype):
+    """Found by the test above: zero elements passed the element limit, then numpy could not shape them."""
+    from monaserve.server.errors import BadRequest
+    from monaserve.server.oip_grpc import read_request
+
+    request = pb.ModelInferRequest(model_name="pets")
+    request.inputs.add(name="image", datatype=datatype, shape=[0, 2821, 67139, 83249])
+    with pytest.raises(BadRequest, match="elements"):
+        read_request(request)

@@ -231,6 +231,10 @@ HOSTILE_OIP = {
     "id is an object": {"inputs": [OIP_IMAGE], "id": {"a": 1}},
     "shape has a million dimensions": {"inputs": [{**OIP_IMAGE, "shape": [2] * 1_000_000}]},
     "shape has a 300-digit dimension": {"inputs": [{**OIP_IMAGE, "shape": [10**300]}]},
+    "an empty shape with huge dimensions": {"inputs": [{**OIP_IMAGE, "shape": [0, 2821, 67139, 83249], "data": []}]},
+    "binary and empty with huge dimensions": {
+        "inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [0, 90000, 90000, 3], "data": []}],
+    },
 }
 
 
