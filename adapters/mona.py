@@ -19,6 +19,9 @@ from torch import nn
 INNER_DIM = 64
 """Width of Mona's bottleneck (the paper's n)."""
 
+PROJECTION_INIT_STD = 0.02
+"""Standard deviation of the projections' initial weights (timm's `trunc_normal_(std=.02)` in the official `init_weights`)."""
+
 FOLDED_KERNEL = 7
 """Side of the single depthwise kernel the three filters fold into."""
 
@@ -41,7 +44,8 @@ class MonaOp(nn.Module):
 class Mona(nn.Module):
     """One Mona adapter on NHWC features `(B, H, W, dim)`, returning the same shape.
 
-    Parameter names follow the reference implementation so its checkpoints map one to one.
+    Parameter names follow the reference implementation so its checkpoints map one to one, and so does
+    the initialisation (`reset_parameters`).
     """
 
     def __init__(self, dim: int, inner_dim: int = INNER_DIM, dropout: float = 0.1) -> None:
@@ -53,6 +57,16 @@ class Mona(nn.Module):
         self.adapter_conv = MonaOp(inner_dim)
         self.dropout = nn.Dropout(p=dropout)
         self.project2 = nn.Linear(inner_dim, dim)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The official `init_weights`: projections truncated-normal with std 0.02 and zero biases, so an untrained
+        Mona moves its input by about 2% of its size (PyTorch's default would move it by 26% at width 96); the
+        LayerNorm at weight 1 and bias 0, and the convolutions at PyTorch's defaults, as the official code leaves them."""
+        for projection in (self.project1, self.project2):
+            nn.init.trunc_normal_(projection.weight, std=PROJECTION_INIT_STD, a=-2.0, b=2.0)
+            nn.init.zeros_(projection.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x) * self.gamma + x * self.gammax

@@ -96,6 +96,36 @@ def test_initial_values_follow_the_paper():
     ]
 
 
+@pytest.mark.parametrize("dim", [96, 768])
+def test_initialisation_follows_the_official_init_weights(dim):
+    """Projections truncated-normal with std 0.02 and zero biases; LayerNorm at 1 and 0; convolutions at PyTorch's
+    defaults (the official `init_weights` touches only Linear and LayerNorm)."""
+    torch.manual_seed(0)
+    mona = Mona(dim)
+    for projection in (mona.project1, mona.project2):
+        assert projection.weight.std().item() == pytest.approx(0.02, rel=0.05)
+        assert projection.weight.mean().abs().item() < 0.002
+        assert torch.all(projection.bias == 0)
+    assert torch.all(mona.norm.weight == 1) and torch.all(mona.norm.bias == 0)
+    for conv in (mona.adapter_conv.conv1, mona.adapter_conv.conv2, mona.adapter_conv.conv3, mona.adapter_conv.projector):
+        bound = 1 / conv.weight[0].numel() ** 0.5  # kaiming_uniform(a=sqrt(5)) and the bias share this bound
+        assert conv.weight.abs().max() <= bound and conv.weight.abs().max() > 0.9 * bound
+
+
+def test_an_untrained_mona_moves_its_input_by_about_two_percent():
+    """The official init keeps an untrained Mona close to the identity (PyTorch's default Linear init moved its input by
+    about a quarter of its size at width 96), so the frozen features a head first sees are the backbone's."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 14, 14, 96)
+    official = Mona(96).eval()
+    change = ((official(x) - x).norm() / x.norm()).item()
+    assert 0.01 < change < 0.04
+    default = Mona(96).eval()
+    for projection in (default.project1, default.project2):
+        nn.Linear.reset_parameters(projection)
+    assert ((default(x) - x).norm() / x.norm()).item() > 5 * change
+
+
 def test_state_dict_names_match_the_reference():
     assert Mona(96).state_dict().keys() == ReferenceMona(96).state_dict().keys()
 
