@@ -7,19 +7,20 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import safetensors.torch
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .config_args import REQUIRED, option
 from .data.datasets import TaskDataset, collate
 from .evaluate import evaluate
-from .kinds import get_kind
+from .kinds import Recipe, get_kind
 from .manifest import BackboneRef, InputSpec, KindName, Manifest
 from .package import AdapterPackage, atomic_write
 from .swin import Backbone, BackboneOptions, resolve_device
@@ -46,7 +47,9 @@ class TrainConfig(BackboneOptions):
     epochs: int = option(10, "passes over the training split")
     batch_size: int = option(16, "images per step")
     lr: float = option(1e-3, "peak AdamW learning rate")
-    weight_decay: float = option(0.05, "AdamW weight decay")
+    weight_decay: float | None = option(None, "AdamW weight decay, never on norm layers (default: the kind's official recipe)")
+    decay_biases: bool | None = option(None, "weight decay on biases too (default: the kind's official recipe; classify: off)")
+    drop_path: float | None = option(None, "stochastic depth of the frozen backbone's blocks while training (default: the kind's recipe)")
     clip_grad_norm: float = option(10.0, "gradient norm clip")
     warmup_steps: int = option(20, "linear warm-up before the cosine decay")
     val_fraction: float = option(0.2, "held out for the final evaluation")
@@ -59,6 +62,11 @@ class TrainConfig(BackboneOptions):
 
     def package_path(self) -> Path:
         return self.out or Path(f"{self.name}-{self.version}.safetensors")
+
+    def with_recipe(self, recipe: Recipe) -> TrainConfig:
+        """This config with every setting it leaves out (None) taken from `recipe`, the kind's official one."""
+        chosen = {"weight_decay": recipe.weight_decay, "decay_biases": recipe.decay_biases, "drop_path": recipe.drop_path}
+        return replace(self, **{name: value for name, value in chosen.items() if getattr(self, name) is None})
 
 
 @dataclass
@@ -85,6 +93,23 @@ def configure_method(model: MonaTaskModel, method: Method) -> None:
     if method == "full":
         for name, parameter in model.backbone.named_parameters():
             parameter.requires_grad_(".mona" not in name)
+
+
+NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+"""Layers whose weights and biases AdamW never decays (the official configs' `norm` key and mmcls's `norm_decay_mult=0`)."""
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, decay_biases: bool) -> list[dict]:
+    """AdamW's parameter groups: the trainable parameters that decay, and those that do not (norm layers' weights
+    and biases, which Mona's own LayerNorm is, and every bias unless `decay_biases`); empty groups left out."""
+    decay, exempt = [], []
+    for module in model.modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            if parameter.requires_grad:
+                kept = isinstance(module, NORM_LAYERS) or (name == "bias" and not decay_biases)
+                (exempt if kept else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
@@ -140,9 +165,10 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, on_step: Call
     torch.manual_seed(config.seed)
     random.seed(config.seed)  # flips in the data pipeline
     kind = get_kind(config.kind)
+    config = config.with_recipe(kind.recipe)
     data = kind.read_data(config.data, masks=config.masks, images=config.images)
     train_samples, val_samples = data.split(config.val_fraction, config.seed)
-    backbone = Backbone.load(config.backbone, config.weights, config.seed)
+    backbone = Backbone.load(config.backbone, config.weights, config.seed, drop_path_rate=config.drop_path)
     spec = InputSpec(size=(config.input_size, config.input_size), resize=config.resize)
     manifest = Manifest(
         name=config.name,
@@ -167,6 +193,8 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, on_step: Call
     )
     parts = " + ".join(f"{part} {n:,}" for part, n in counts.items() if n)
     log(f"parameters: trainable {trainable:,} ({parts}), frozen {frozen:,}")
+    exempt = "norms and biases" if not config.decay_biases else "norms"
+    log(f"AdamW weight decay {config.weight_decay} (none on {exempt}), backbone drop_path {config.drop_path}")
 
     loader_args = {
         "batch_size": config.batch_size,
@@ -182,7 +210,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, on_step: Call
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     trainable_params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable_params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay, config.decay_biases), lr=config.lr)
     schedule = warmup_cosine(config.warmup_steps, total_steps)
     untrained = evaluate(model, val_loader, device)
     log(f"untrained: {json.dumps({k: round(v, 4) for k, v in untrained.items()})}")

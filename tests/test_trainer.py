@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from monaserve.adapters import AdapterPackage, InputSpec, check_compatible
+from monaserve.adapters import AdapterPackage, Backbone, InputSpec, check_compatible
 from monaserve.adapters.data.datasets import TaskDataset, coco_detection, image_masks
 from monaserve.adapters.data.shapes import write_shapes
 from monaserve.adapters.kinds import get_kind
-from monaserve.adapters.trainer import TrainConfig, train, warmup_cosine
+from monaserve.adapters.synthetic import make_manifest
+from monaserve.adapters.task_model import MonaTaskModel
+from monaserve.adapters.trainer import TrainConfig, parameter_groups, train, warmup_cosine
 
 from server_harness import TOKEN, ServerProcess, image_bytes
 
@@ -192,3 +194,38 @@ def test_augmentation_keeps_boxes_and_masks_on_their_pixels(shapes):
         _, mask = TaskDataset(get_kind("segment"), masks.samples, spec, augment=True)[0]
         assert torch.equal(mask, plain_mask) or torch.equal(mask, plain_mask.flip(-1))
     assert seen_flip
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_trains_by_its_official_recipe_unless_told(kind, shapes, tiny_weights, tmp_path):
+    """Weight decay, bias decay and drop_path left out come from the kind's recipe; given, they win."""
+    recipe = get_kind(kind).recipe
+    chosen = make_config(kind, shapes, tiny_weights, tmp_path).with_recipe(recipe)
+    assert (chosen.weight_decay, chosen.decay_biases, chosen.drop_path) == (recipe.weight_decay, recipe.decay_biases, recipe.drop_path)
+    told = make_config(kind, shapes, tiny_weights, tmp_path, weight_decay=0.1, decay_biases=True, drop_path=0.0).with_recipe(recipe)
+    assert (told.weight_decay, told.decay_biases, told.drop_path) == (0.1, True, 0.0)
+    assert get_kind("classify").recipe.decay_biases is False and get_kind("segment").recipe.weight_decay == 0.01
+
+
+@pytest.mark.parametrize("decay_biases", [False, True])
+def test_norm_layers_never_decay_and_biases_only_when_asked(tiny_backbone, decay_biases):
+    model = MonaTaskModel(tiny_backbone, make_manifest(tiny_backbone, "recipe"))
+    groups = parameter_groups(model, 0.05, decay_biases)
+    names = {id(p): name for name, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] for p in g["params"]}
+    exempt = {names[id(p)] for g in groups if not g["weight_decay"] for p in g["params"]}
+    assert decayed | exempt == {name for name, p in model.named_parameters() if p.requires_grad} and not decayed & exempt
+    mona = "backbone.layers.0.blocks.0.mona1."
+    assert {mona + "norm.weight", mona + "norm.bias", "head.norm.weight", "head.norm.bias"} <= exempt
+    assert {mona + "project1.weight", mona + "gamma", mona + "gammax", "head.fc.weight"} <= decayed
+    assert ((mona + "project1.bias") in decayed) == decay_biases and ("head.fc.bias" in decayed) == decay_biases
+
+
+def test_drop_path_reaches_the_backbone_blocks_while_training(shapes, tiny_weights, tmp_path, monkeypatch):
+    """The recipe's stochastic depth rises linearly to its rate over the blocks, as timm and the official code set it."""
+    loaded = []
+    original = Backbone.load
+    monkeypatch.setattr(Backbone, "load", classmethod(lambda cls, *a, **k: loaded.append(original(*a, **k)) or loaded[-1]))
+    train(make_config("classify", shapes, tiny_weights, tmp_path, max_steps=1, drop_path=0.3), log=lambda _: None)
+    blocks = [block for stage in loaded[0].model.layers for block in stage.blocks]
+    assert blocks[0].drop_path1.__class__.__name__ == "Identity" and blocks[-1].drop_path1.drop_prob == pytest.approx(0.3)

@@ -45,6 +45,16 @@ class Options:
         return replace(self, **{f.name: getattr(defaults, f.name) for f in fields(self) if getattr(self, f.name) is None})
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How the official Mona configs train a kind, where they differ by kind (github Leiyi-Hu/mona `mona_configs`):
+    the backbone's stochastic depth, AdamW's weight decay, and whether biases decay too (norm layers never do)."""
+
+    drop_path: float
+    weight_decay: float
+    decay_biases: bool
+
+
 TOP_K_RANGE = (1, 1000)
 MIN_SCORE_RANGE = (0.0, 1.0)
 MAX_DETECTIONS_RANGE = (1, 1000)
@@ -106,6 +116,8 @@ class TaskKind(ABC, Generic[Result]):
     options: ClassVar[tuple[str, ...]]
     """The `Options` fields a request of this kind may set (the rest do not concern it)."""
     max_labels: ClassVar[int] = MAX_LABELS
+    recipe: ClassVar[Recipe]
+    """The official configs' training settings for this kind, which `monaserve train` uses unless told otherwise."""
 
     # ---- the model --------------------------------------------------------------------------
 

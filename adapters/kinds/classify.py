@@ -9,12 +9,12 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from ..data.datasets import Sample, TaskData, image_folder
+from ..data.datasets import Sample
 from ..heads.classify import ClassifyHead
 from ..metrics import TopK
 from ..strict import Strict
 from ..transforms import InputSpec, Prepared
-from .base import Options, OutputSpec, TaskKind, Tensors, register_kind
+from .base import Options, OutputSpec, Recipe, TaskKind, Tensors, register_kind
 
 
 class ClassifyHeadConfig(Strict):

@@ -11,12 +11,12 @@ from pydantic import BaseModel, Field
 from torch import nn
 from torchvision.ops import nms
 
-from ..data.datasets import Sample, TaskData, coco_detection
+from ..data.datasets import Sample
 from ..heads.detect import DetectHead
 from ..metrics import CocoMap
 from ..strict import Strict
 from ..transforms import InputSpec, Prepared, prepare_boxes
-from .base import Options, OutputSpec, TaskKind, Tensors, register_kind
+from .base import Options, OutputSpec, Recipe, TaskKind, Tensors, register_kind
 
 DEFAULT_MIN_SCORE = 0.3
 """The answers' lowest box score where a package names none (trained before the trainer picked one)."""

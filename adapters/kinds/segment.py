@@ -15,12 +15,12 @@ from PIL import Image
 from pydantic import BaseModel, Field
 from torch import nn
 
-from ..data.datasets import Sample, TaskData, image_masks
+from ..data.datasets import Sample
 from ..heads.segment import SegmentHead
 from ..metrics import ConfusionIoU
 from ..strict import Strict
 from ..transforms import InputSpec, Prepared, prepare_mask
-from .base import Budget, Options, OutputSpec, ResultShapeError, TaskKind, Tensors, register_kind
+from .base import Budget, Options, OutputSpec, Recipe, ResultShapeError, TaskKind, Tensors, register_kind
 
 
 class SegmentHeadConfig(Strict):
