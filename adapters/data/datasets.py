@@ -1,4 +1,5 @@
-"""Training data in the formats users already have: ImageFolder, COCO detection json, images + PNG masks."""
+"""Training data: samples and their targets, and readers for the formats users already have (ImageFolder, COCO
+detection json, images + PNG masks); `formats.py` picks a reader, and reads the public benchmarks' layouts."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..transforms import InputSpec, preprocess, stack_images
+from ..transforms import IGNORE_INDEX, InputSpec, preprocess, stack_images
 
 if TYPE_CHECKING:
     from ..kinds import TaskKind
@@ -21,23 +23,49 @@ if TYPE_CHECKING:
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
+REDUCE_ZERO_LABEL = bytes([IGNORE_INDEX, *range(254), IGNORE_INDEX])
+"""The mask lookup of mmseg's `reduce_zero_label`: 0 (unlabelled) is ignored, k is class k-1, 255 stays ignored."""
+
+
 @dataclass(frozen=True)
-class Sample:
-    """One image and its label: a class index, `{boxes (xyxy), labels}`, or a mask path."""
+class MaskFile:
+    """A PNG of class ids, with the table its values go through where they are not the labels' indices as stored."""
 
     path: Path
-    target: int | dict[str, torch.Tensor] | Path
+    lookup: bytes | None = None
+    """256 entries: class id (or `IGNORE_INDEX`) of each stored value; None keeps the values as they are."""
+
+    def open(self) -> Image.Image:
+        """The mask as class ids: the PNG, each value mapped through `lookup`."""
+        mask = Image.open(self.path)
+        if self.lookup is None:
+            return mask
+        return Image.fromarray(np.frombuffer(self.lookup, dtype=np.uint8)[np.asarray(mask)], mode="L")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and its label: a class index, `{boxes (xyxy), labels}`, or a mask file."""
+
+    path: Path
+    target: int | dict[str, torch.Tensor] | MaskFile
 
 
 @dataclass
 class TaskData:
-    """The samples of one dataset and its class names (in label order)."""
+    """The samples of one dataset and its class names (in label order); `held_out`, where the dataset ships an
+    evaluation split, is validated on instead of a random share of `samples`; `notes` say what its reader left out."""
 
     labels: list[str]
     samples: list[Sample] = field(default_factory=list)
+    held_out: list[Sample] | None = None
+    notes: list[str] = field(default_factory=list)
 
     def split(self, val_fraction: float, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
-        """A deterministic shuffle, then the last `val_fraction` (at least one sample) for validation."""
+        """(train, validation): every sample and the held-out ones where the dataset has them, else a
+        deterministic shuffle with the last `val_fraction` (at least one sample) for validation."""
+        if self.held_out is not None:
+            return list(self.samples), list(self.held_out)
         order = list(range(len(self.samples)))
         random.Random(seed).shuffle(order)
         n_val = max(1, round(len(order) * val_fraction)) if val_fraction > 0 else 0
@@ -80,13 +108,18 @@ def coco_detection(annotations: str | Path, images: str | Path | None = None) ->
     data = TaskData([c["name"] for c in categories])
     for image in coco["images"]:
         entries = boxes[image["id"]]
-        target = {
-            "boxes": torch.tensor([b for b, _ in entries], dtype=torch.float32).reshape(-1, 4),
-            "labels": torch.tensor([label for _, label in entries], dtype=torch.int64),
-            "image_id": torch.tensor(image["id"]),
-        }
+        target = detection_target([b for b, _ in entries], [label for _, label in entries], image["id"])
         data.samples.append(Sample(images / image["file_name"], target))
     return data
+
+
+def detection_target(boxes: list[list[float]], labels: list[int], image_id: int) -> dict[str, torch.Tensor]:
+    """One image's detection target: xyxy pixel boxes `(N, 4)` float32, their labels int64, and the image's id."""
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+        "image_id": torch.tensor(image_id),
+    }
 
 
 def image_masks(images: str | Path, masks: str | Path, labels: Sequence[str] | None = None) -> TaskData:
@@ -98,13 +131,18 @@ def image_masks(images: str | Path, masks: str | Path, labels: Sequence[str] | N
         if not names_file.exists():
             raise ValueError(f"class names needed: pass labels or write {names_file} (a JSON list, id order)")
         labels = json.loads(names_file.read_text())
-    data = TaskData(list(labels))
+    return TaskData(list(labels), mask_samples(images, masks))
+
+
+def mask_samples(images: Path, masks: Path, lookup: bytes | None = None) -> list[Sample]:
+    """Each image in `images` with its mask `masks/<stem>.png`, read through `lookup` (see `MaskFile`)."""
+    samples = []
     for path in _images_in(images):
         mask = masks / f"{path.stem}.png"
         if not mask.exists():
             raise ValueError(f"no mask for {path.name}: expected {mask}")
-        data.samples.append(Sample(path, mask))
-    return data
+        samples.append(Sample(path, MaskFile(mask, lookup)))
+    return samples
 
 
 class TaskDataset(Dataset):

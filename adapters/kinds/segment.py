@@ -102,7 +102,7 @@ class Segment(TaskKind[Segmentation]):
         return image_masks(data, masks)
 
     def target(self, sample: Sample, prepared: Prepared, flip: bool, spec: InputSpec) -> torch.Tensor:
-        mask = Image.open(sample.target)
+        mask = sample.target.open()
         if flip:
             mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return prepare_mask(mask, prepared, spec)
