@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from ..data.datasets import Sample, TaskData
+from ..data.formats import read_training_data
 from ..strict import Strict
 from ..transforms import InputSpec, Prepared
 
@@ -131,9 +132,10 @@ class TaskKind(ABC, Generic[Result]):
 
     # ---- training data and evaluation -------------------------------------------------------
 
-    @abstractmethod
-    def read_data(self, data: Path, masks: Path | None = None, images: Path | None = None) -> TaskData:
-        """A dataset in the format this kind's data ships in (`masks` and `images` where the kind needs them)."""
+    def read_data(self, data: Path, masks: Path | None = None, images: Path | None = None, data_format: str = "auto") -> TaskData:
+        """A dataset of this kind in `data_format`, one of the kind's in `data/formats.py` (`auto`: the one that
+        recognises `data`); `masks` and `images` where the format needs them."""
+        return read_training_data(self.name, data, data_format, masks, images)
 
     @abstractmethod
     def target(self, sample: Sample, prepared: Prepared, flip: bool, spec: InputSpec) -> Any:

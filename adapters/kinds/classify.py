@@ -1,8 +1,7 @@
-"""Classification: one label per image, from the pooled last stage; read from ImageFolder; top-1/top-5."""
+"""Classification: one label per image, from the pooled last stage; data: an ImageFolder, VOC2007, Flowers102 or Pets; top-1/top-5."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -44,9 +43,6 @@ class Classify(TaskKind[ClassifyResult]):
 
     def build_head(self, config: ClassifyHeadConfig, stage_dims: list[int], num_classes: int) -> nn.Module:
         return ClassifyHead(stage_dims[-1], num_classes, dropout=config.dropout)
-
-    def read_data(self, data: Path, masks: Path | None = None, images: Path | None = None) -> TaskData:
-        return image_folder(data)
 
     def target(self, sample: Sample, prepared: Prepared, flip: bool, spec: InputSpec) -> int:
         return sample.target

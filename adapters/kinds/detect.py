@@ -1,8 +1,7 @@
-"""Detection: boxes with labels, from an FPN + RetinaNet head; read from COCO json; COCO mAP."""
+"""Detection: boxes with labels, from an FPN + RetinaNet head; data: COCO json or Pascal VOC; COCO mAP."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -82,9 +81,6 @@ class Detect(TaskKind[DetectResult]):
             nms_threshold=config.nms_threshold,
             max_detections=config.max_detections,
         )
-
-    def read_data(self, data: Path, masks: Path | None = None, images: Path | None = None) -> TaskData:
-        return coco_detection(data, images)
 
     def target(self, sample: Sample, prepared: Prepared, flip: bool, spec: InputSpec) -> dict[str, torch.Tensor]:
         boxes = sample.target["boxes"].clone()

@@ -1,4 +1,4 @@
-"""Semantic segmentation: a class per pixel, from a UperNet head; read from images + PNG masks; mean IoU."""
+"""Semantic segmentation: a class per pixel, from a UperNet head; data: images + PNG masks, or ADE20K; mean IoU."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import base64
 import io
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
@@ -95,11 +94,6 @@ class Segment(TaskKind[Segmentation]):
 
     def build_head(self, config: SegmentHeadConfig, stage_dims: list[int], num_classes: int) -> nn.Module:
         return SegmentHead(stage_dims, num_classes, channels=config.channels, pool_scales=config.pool_scales)
-
-    def read_data(self, data: Path, masks: Path | None = None, images: Path | None = None) -> TaskData:
-        if masks is None:
-            raise ValueError("segment training needs --masks (a folder of PNG class-id masks)")
-        return image_masks(data, masks)
 
     def target(self, sample: Sample, prepared: Prepared, flip: bool, spec: InputSpec) -> torch.Tensor:
         mask = sample.target.open()
