@@ -70,7 +70,7 @@ FLOWERS102_CLASSES = (
     "cyclamen", "watercress", "canna lily", "hippeastrum", "bee balm", "ball moss", "foxglove", "bougainvillea",
     "camellia", "mallow", "mexican petunia", "bromelia", "blanket flower", "trumpet creeper", "blackberry lily",
 )  # fmt: skip
-"""Oxford 102 Flowers' names for labels 1..102: torchvision's `Flowers102.classes` (added in 0.21, so written out
+"""Oxford 102 Flowers' names for labels 1..102: torchvision's `Flowers102.classes` (added in 2025, so written out
 here for the older torchvision this package allows), which agrees with tensorflow-datasets' list and with the
 per-class image counts on the dataset's page."""
 
