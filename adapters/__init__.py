@@ -8,6 +8,7 @@ from .bank import MonaBank, MonaKernel, SlotMapping
 from .compat import check_compatible, expected_shapes
 from .fingerprint import fingerprint_module
 from .heads import ClassifyHead, DetectHead, SegmentHead, head_tensors, load_head
+from .import_mona import MonaImportError, import_mona, load_mona_init
 from .kinds import KINDS, ClassifyHeadConfig, DetectHeadConfig, SegmentHeadConfig, TaskKind, build_head, get_kind
 from .manifest import FORMAT, TASK_NAME_PATTERN, BackboneRef, InputSpec, Manifest, validate_task_name
 from .mona import INNER_DIM, FoldedMona, Mona, fold_mona, fold_mona_state
@@ -45,6 +46,7 @@ __all__ = [
     "Manifest",
     "Mona",
     "MonaBank",
+    "MonaImportError",
     "MonaTaskModel",
     "PackageFormatError",
     "SegmentHead",
@@ -64,8 +66,10 @@ __all__ = [
     "forward_pyramid",
     "get_kind",
     "head_tensors",
+    "import_mona",
     "inject_mona",
     "load_head",
+    "load_mona_init",
     "mona_parameters",
     "paper_eq6_parameters",
     "read_manifest",

@@ -41,7 +41,19 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, ServeConfig)
 
 
-ARGUMENTS = {"info": _add_info_arguments, "train": _add_train_arguments, "serve": _add_serve_arguments}
+def _add_import_mona_arguments(parser: argparse.ArgumentParser) -> None:
+    from monaserve.adapters.config_args import add_config_arguments
+    from monaserve.adapters.import_mona import ImportConfig
+
+    add_config_arguments(parser, ImportConfig)
+
+
+ARGUMENTS = {
+    "info": _add_info_arguments,
+    "train": _add_train_arguments,
+    "serve": _add_serve_arguments,
+    "import-mona": _add_import_mona_arguments,
+}
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -115,6 +127,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_mona(args: argparse.Namespace) -> int:
+    """Import Mona adapters trained with the official Mona code (or ours) into a package or a file training starts from."""
+    from monaserve.adapters.config_args import config_from_args
+    from monaserve.adapters.import_mona import ImportConfig, run_import
+
+    print(run_import(config_from_args(ImportConfig, args)))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start the HTTP server; exits 1 if the backbone cannot be loaded."""
     from monaserve.adapters.config_args import config_from_args
@@ -145,6 +166,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "info": (commands.add_parser("info", help="backbone and per-task adapter sizes"), cmd_info),
         "train": (commands.add_parser("train", help="train a task's Mona adapters and head into a package"), cmd_train),
         "serve": (commands.add_parser("serve", help="start the HTTP server"), cmd_serve),
+        "import-mona": (
+            commands.add_parser("import-mona", help="import Mona adapters trained with the official Mona code"),
+            cmd_import_mona,
+        ),
     }
     for name, (command, handler) in heavy.items():
         if chosen is None or chosen == name:
