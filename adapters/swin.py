@@ -270,16 +270,20 @@ def adapter_modules(model: SwinTransformer) -> dict[str, nn.Module]:
     }
 
 
-def forward_pyramid(model: SwinTransformer, images: torch.Tensor) -> list[torch.Tensor]:
-    """Run the backbone and return each stage's NHWC output; the last is passed through the final norm.
+NORMED_LAST = 4
+"""Index, among `forward_pyramid`'s levels, of the last stage through the backbone's final norm."""
 
-    This is timm's `forward_intermediates(norm=True)` through timm's own stages, less its permute to
-    NCHW (a copy of every level that the heads, which read NHWC, would undo).
+
+def forward_pyramid(model: SwinTransformer, images: torch.Tensor) -> list[torch.Tensor]:
+    """Run the backbone and return five NHWC levels: each stage's output as it leaves the stage (0-3), then
+    the last one through the final norm (`NORMED_LAST`). Each head picks what it reads (`heads.stage_inputs`).
+
+    This is timm's `forward_intermediates` through timm's own stages, less its permute to NCHW (a copy of
+    every level that the heads, which read NHWC, would undo).
     """
     x = model.patch_embed(images)
-    features = []
+    levels = []
     for stage in model.layers:
         x = stage(x)
-        features.append(x)
-    features[-1] = model.norm(features[-1])
-    return features
+        levels.append(x)
+    return [*levels, model.norm(x)]

@@ -7,6 +7,8 @@ import torch
 from torchvision.ops import box_iou
 
 from monaserve.adapters import Backbone, DetectHead, Manifest, MonaTaskModel, SegmentHead, forward_pyramid
+from monaserve.adapters.heads.base import stage_inputs
+from monaserve.adapters.kinds import get_kind
 from monaserve.server.engine import Engine
 
 from helpers import TINY, make_manifest, random_package
@@ -15,8 +17,14 @@ STAGES = [96, 192, 384, 768]
 
 
 def pyramid(batch: int = 2, size: int = 128, seed: int = 0) -> list[torch.Tensor]:
+    """Levels as `forward_pyramid` gives them: four stages, then the last through a (here random) final norm."""
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, size // s, size // s, d, generator=generator) for s, d in zip((4, 8, 16, 32), STAGES)]
+    stages = [torch.randn(batch, size // s, size // s, d, generator=generator) * (1 + s) for s, d in zip((4, 8, 16, 32), STAGES)]
+    final_norm = torch.nn.LayerNorm(STAGES[-1])
+    torch.nn.init.normal_(final_norm.weight, 1.0, 0.3, generator=generator)
+    torch.nn.init.normal_(final_norm.bias, 0.0, 0.3, generator=generator)
+    with torch.no_grad():
+        return [*stages, final_norm(stages[-1])]
 
 
 def fit(head: torch.nn.Module, features, target, steps: int, lr: float = 1e-3) -> list[float]:
@@ -69,6 +77,31 @@ def test_segment_head_learns_and_predicts_at_input_size():
     assert agreement > 0.9
 
 
+def test_without_stage_norm_heads_read_the_stages_as_packages_before_them_did():
+    """Raw stages, the last through the backbone's final norm: what dense heads read before per-stage norms."""
+    levels = pyramid()
+    assert all(a is b for a, b in zip(stage_inputs(levels, (1, 2, 3), stage_norm=False), [levels[1], levels[2], levels[4]]))
+    assert stage_inputs(levels, range(4), stage_norm=False)[:3] == levels[:3]
+
+
+def test_stage_norm_is_the_official_frozen_per_stage_layer_norm():
+    """Each stage through a LayerNorm of its own at weight 1 and bias 0: the official backbones' `norm{i}`, which
+    no ImageNet checkpoint holds and Mona tuning never trains."""
+    levels = pyramid()
+    for level, normed in zip(levels, stage_inputs(levels, range(4), stage_norm=True)):
+        torch.testing.assert_close(normed, torch.nn.LayerNorm(level.shape[-1])(level))
+    assert not any(name.startswith("norm") for name, _ in DetectHead(STAGES, 3, stage_norm=True).named_parameters())
+
+
+@pytest.mark.parametrize("kind", ["detect", "segment"])
+def test_packages_from_before_stage_norms_load_without_them_and_new_ones_get_them(shared_backbone, kind):
+    manifest = make_manifest(shared_backbone, "x", kind=kind)
+    dumped = manifest.model_dump(mode="json")
+    del dumped["head"]["stage_norm"]  # a manifest written before the field existed
+    assert Manifest.model_validate(dumped).head.stage_norm is False
+    assert get_kind(kind).default_head(64).stage_norm is True
+
+
 @pytest.mark.parametrize("kind", ["detect", "segment"])
 def test_manifest_picks_the_kinds_head(shared_backbone, kind):
     manifest = make_manifest(shared_backbone, "x", kind=kind)
@@ -88,10 +121,15 @@ def test_packages_of_every_kind_round_trip_into_the_reference_model(tiny_backbon
     assert all(torch.equal(exported[k], package.tensors[k]) for k in exported)
 
 
-def test_mixed_batch_of_three_kinds_equals_each_task_alone(tiny_weights, shared_backbone):
+@pytest.mark.parametrize("stage_norm", [False, True])
+def test_mixed_batch_of_three_kinds_equals_each_task_alone(tiny_weights, shared_backbone, stage_norm):
+    """With or without per-stage norms (packages trained before them, and after)."""
+    heads = {
+        kind: get_kind(kind).default_head(256) if stage_norm else get_kind(kind).head_config() for kind in ("classify", "detect", "segment")
+    }
     packages = {
-        kind: random_package(shared_backbone, kind, seed=i, num_labels=3, kind=kind)
-        for i, kind in enumerate(["classify", "detect", "segment"])
+        kind: random_package(shared_backbone, kind, seed=i, num_labels=3, kind=kind, head=head)
+        for i, (kind, head) in enumerate(heads.items())
     }
     engine = Engine(Backbone.load(TINY, tiny_weights), num_slots=3)
     for slot, package in enumerate(packages.values()):

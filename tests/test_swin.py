@@ -16,7 +16,7 @@ from monaserve.adapters import (
     forward_pyramid,
     inject_mona,
 )
-from monaserve.adapters.swin import MonaSwinBlock, architecture, block_dims
+from monaserve.adapters.swin import NORMED_LAST, MonaSwinBlock, architecture, block_dims
 
 from helpers import TINY, make_manifest, randomize_
 
@@ -110,7 +110,8 @@ def test_pyramid_shapes():
     model = create_swin(TINY, seed=0)
     with torch.no_grad():
         features = forward_pyramid(model, torch.randn(1, 3, 224, 224))
-    assert [tuple(f.shape) for f in features] == [(1, 56, 56, 96), (1, 28, 28, 192), (1, 14, 14, 384), (1, 7, 7, 768)]
+        assert [tuple(f.shape) for f in features] == [(1, 56, 56, 96), (1, 28, 28, 192), (1, 14, 14, 384), (1, 7, 7, 768), (1, 7, 7, 768)]
+        torch.testing.assert_close(features[NORMED_LAST], model.norm(features[3]))
 
 
 def test_only_adapters_and_head_train(tiny_backbone):

@@ -1,6 +1,7 @@
 """Task heads (each kind builds its own: `kinds.build_head`).
 
-Every head reads the backbone's NHWC pyramid (four stages, the last passed through the final norm) and has
+Every head reads the levels of the backbone's NHWC pyramid it needs (`swin.forward_pyramid`: the four
+stages as they leave them, then the last through the final norm; `base.stage_inputs` picks them) and has
 `forward` (raw outputs), `loss(features, targets)` and `predict(features)`: one result per image, all at
 the same stage, the answer in the model input's pixels (class probabilities, boxes after NMS, class ids).
 """

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..swin import NORMED_LAST
+
 
 class ClassifyHead(nn.Module):
     """One task's classifier over the backbone's last (normed) stage, average-pooled."""
@@ -17,8 +19,8 @@ class ClassifyHead(nn.Module):
         self.fc = nn.Linear(in_dim, num_classes)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """Logits `(B, num_classes)` from the NHWC pyramid; only the last level is used."""
-        pooled = features[-1].mean(dim=(1, 2))
+        """Logits `(B, num_classes)` from the pyramid's levels; only the last stage, through the final norm, is used."""
+        pooled = features[NORMED_LAST].mean(dim=(1, 2))
         return self.fc(self.dropout(self.norm(pooled)))
 
     def loss(self, features: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:

@@ -13,16 +13,20 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FeaturePyramidNetwork, batched_nms, box_iou, clip_boxes_to_image
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from .base import to_nchw
+from .base import stage_inputs, to_nchw
 
 ANCHOR_SIZES = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in (32, 64, 128, 256, 512))
 ASPECT_RATIOS = ((0.5, 1.0, 2.0),) * len(ANCHOR_SIZES)
+
+FPN_STAGES = (1, 2, 3)
+"""The backbone stages the FPN reads (strides 8, 16, 32), as the official RetinaNet's `out_indices`."""
 
 Detections = dict[str, torch.Tensor]
 
 
 class DetectHead(nn.Module):
-    """RetinaNet on P3-P7: the FPN takes stages 2-4 (strides 8/16/32) and adds P6/P7 from P5.
+    """RetinaNet on P3-P7: the FPN takes stages 2-4 (strides 8/16/32; with `stage_norm`, each through its own
+    frozen affine-free LayerNorm, as the official setup) and adds P6/P7 from P5.
 
     `forward` gives the raw head outputs and anchors; `loss` the focal + box loss against targets in
     input pixels (xyxy, labels from 0); `predict` the boxes after score threshold, top-k and class-wise NMS.
@@ -37,9 +41,13 @@ class DetectHead(nn.Module):
         nms_threshold: float = 0.5,
         max_detections: int = 100,
         topk_candidates: int = 1000,
+        stage_norm: bool = False,
     ) -> None:
         super().__init__()
-        self.fpn = FeaturePyramidNetwork(list(stage_dims[1:]), fpn_channels, extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels))
+        self.stage_norm = stage_norm
+        self.fpn = FeaturePyramidNetwork(
+            [stage_dims[i] for i in FPN_STAGES], fpn_channels, extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels)
+        )
         self.anchor_generator = AnchorGenerator(ANCHOR_SIZES, ASPECT_RATIOS)
         self.head = RetinaNetHead(fpn_channels, self.anchor_generator.num_anchors_per_location()[0], num_classes)
         self.box_coder = det_utils.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
@@ -51,9 +59,9 @@ class DetectHead(nn.Module):
 
     def forward(self, features: list[torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], list[int]]:
         """Head outputs over all anchors, the anchors of each image, and the anchor count per level."""
-        maps = to_nchw(features)
-        batch, height, width = maps[0].shape[0], maps[0].shape[2] * 4, maps[0].shape[3] * 4
-        pyramid = list(self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps[1:]))).values())
+        maps = to_nchw(stage_inputs(features, FPN_STAGES, self.stage_norm))
+        batch, height, width = maps[0].shape[0], maps[0].shape[2] * 8, maps[0].shape[3] * 8
+        pyramid = list(self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps))).values())
         outputs = self.head(pyramid)
         images = ImageList(maps[0].new_zeros(1).expand(batch, 3, height, width), [(height, width)] * batch)
         anchors = self.anchor_generator(images, pyramid)

@@ -8,7 +8,7 @@ from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
 from ..transforms import IGNORE_INDEX
-from .base import to_nchw
+from .base import stage_inputs, to_nchw
 
 
 def _conv(in_channels: int, out_channels: int, kernel_size: int) -> Conv2dNormActivation:
@@ -19,7 +19,8 @@ class SegmentHead(nn.Module):
     """Per-pixel class logits at stride 4 from the four Swin stages.
 
     Pyramid pooling (scales `pool_scales`) on stage 4, lateral 1x1 + top-down FPN on stages 1-3, all
-    levels upsampled to stride 4, concatenated, fused by a 3x3 conv, then a 1x1 classifier.
+    levels upsampled to stride 4, concatenated, fused by a 3x3 conv, then a 1x1 classifier. With
+    `stage_norm`, every stage first goes through its own frozen affine-free LayerNorm, as the official setup.
     """
 
     def __init__(
@@ -29,8 +30,10 @@ class SegmentHead(nn.Module):
         channels: int = 256,
         pool_scales: tuple[int, ...] = (1, 2, 3, 6),
         dropout: float = 0.1,
+        stage_norm: bool = False,
     ) -> None:
         super().__init__()
+        self.stage_norm = stage_norm
         self.pools = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(scale), _conv(stage_dims[-1], channels, 1)) for scale in pool_scales)
         self.bottleneck = _conv(stage_dims[-1] + len(pool_scales) * channels, channels, 3)
         self.laterals = nn.ModuleList(_conv(dim, channels, 1) for dim in stage_dims[:-1])
@@ -40,7 +43,7 @@ class SegmentHead(nn.Module):
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        maps = to_nchw(features)
+        maps = to_nchw(stage_inputs(features, range(len(self.laterals) + 1), self.stage_norm))
         top = maps[-1]
         pooled = [F.interpolate(pool(top), size=top.shape[-2:], mode="bilinear", align_corners=False) for pool in self.pools]
         levels = [lateral(m) for lateral, m in zip(self.laterals, maps[:-1])] + [self.bottleneck(torch.cat([top, *pooled], 1))]

@@ -40,6 +40,7 @@ class Classify(TaskKind[ClassifyResult]):
     result_schema = ClassifyResult
     outputs = (OutputSpec("scores", "FP32", (-1, -1)), OutputSpec("labels", "BYTES", (-1, -1)), OutputSpec("indices", "INT64", (-1, -1)))
     options = ("top_k",)
+    recipe = Recipe(drop_path=0.2, weight_decay=0.05, decay_biases=False)  # mmcls's Swin AdamW schedule: no decay on norms and biases
 
     def build_head(self, config: ClassifyHeadConfig, stage_dims: list[int], num_classes: int) -> nn.Module:
         return ClassifyHead(stage_dims[-1], num_classes, dropout=config.dropout)

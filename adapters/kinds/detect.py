@@ -26,6 +26,11 @@ class DetectHeadConfig(Strict):
 
     type: Literal["retinanet"] = "retinanet"
     fpn_channels: int = Field(default=256, ge=8, le=1024)
+    stage_norm: bool = Field(
+        default=False,
+        description="each backbone stage the head reads goes through its own LayerNorm at weight 1 and bias 0, as in the official "
+        "setup; `monaserve train` turns it on, packages trained before it have it off and read the stages raw",
+    )
     score_threshold: float = Field(default=0.05, ge=0.0, le=1.0, description="the head's candidates: boxes scoring less never leave it")
     nms_threshold: float = Field(default=0.5, gt=0.0, le=1.0)
     max_detections: int = Field(default=100, ge=1, le=1000)
@@ -68,9 +73,10 @@ class Detect(TaskKind[DetectResult]):
         OutputSpec("num_detections", "INT32", (-1,)),
     )
     options = ("min_score", "max_detections", "class_agnostic")
+    recipe = Recipe(drop_path=0.2, weight_decay=0.05, decay_biases=True)  # voc_retinanet_swin_large_1x_mona.py
 
     def default_head(self, channels: int) -> DetectHeadConfig:
-        return DetectHeadConfig(fpn_channels=channels)
+        return DetectHeadConfig(fpn_channels=channels, stage_norm=True)
 
     def build_head(self, config: DetectHeadConfig, stage_dims: list[int], num_classes: int) -> nn.Module:
         return DetectHead(
@@ -80,6 +86,7 @@ class Detect(TaskKind[DetectResult]):
             score_threshold=config.score_threshold,
             nms_threshold=config.nms_threshold,
             max_detections=config.max_detections,
+            stage_norm=config.stage_norm,
         )
 
     def target(self, sample: Sample, prepared: Prepared, flip: bool, spec: InputSpec) -> dict[str, torch.Tensor]:

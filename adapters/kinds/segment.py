@@ -28,6 +28,11 @@ class SegmentHeadConfig(Strict):
     type: Literal["upernet"] = "upernet"
     channels: int = Field(default=256, ge=8, le=1024)
     pool_scales: tuple[Annotated[int, Field(ge=1, le=16)], ...] = Field(default=(1, 2, 3, 6), min_length=1, max_length=8)
+    stage_norm: bool = Field(
+        default=False,
+        description="each backbone stage the head reads goes through its own LayerNorm at weight 1 and bias 0, as in the official "
+        "setup; `monaserve train` turns it on, packages trained before it have it off and read the stages raw",
+    )
 
 
 class ClassArea(BaseModel):
@@ -87,13 +92,14 @@ class Segment(TaskKind[Segmentation]):
     result_schema = SegmentResult
     outputs = (OutputSpec("mask", "UINT8", (-1, -1, -1)),)
     options = ("rle",)
+    recipe = Recipe(drop_path=0.2, weight_decay=0.01, decay_biases=True)  # ade20k_upernet_swin_large_160k_mona.py
     max_labels = 255  # class ids travel as 8-bit PNG
 
     def default_head(self, channels: int) -> SegmentHeadConfig:
-        return SegmentHeadConfig(channels=channels)
+        return SegmentHeadConfig(channels=channels, stage_norm=True)
 
     def build_head(self, config: SegmentHeadConfig, stage_dims: list[int], num_classes: int) -> nn.Module:
-        return SegmentHead(stage_dims, num_classes, channels=config.channels, pool_scales=config.pool_scales)
+        return SegmentHead(stage_dims, num_classes, channels=config.channels, pool_scales=config.pool_scales, stage_norm=config.stage_norm)
 
     def target(self, sample: Sample, prepared: Prepared, flip: bool, spec: InputSpec) -> torch.Tensor:
         mask = sample.target.open()
