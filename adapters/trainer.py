@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .baselines import METHODS, get_method
 from .config_args import REQUIRED, option
 from .data.datasets import TaskDataset, collate
 from .evaluate import evaluate
@@ -26,7 +27,8 @@ from .package import AdapterPackage, atomic_write
 from .swin import Backbone, BackboneOptions, resolve_device
 from .task_model import MonaTaskModel
 
-Method = Literal["mona", "head-only", "full"]
+Method = Literal[tuple(METHODS)]
+"""The training methods' names (`baselines.METHODS`), which `--baseline` offers."""
 
 
 @dataclass
@@ -36,7 +38,9 @@ class TrainConfig(BackboneOptions):
     kind: KindName = option(REQUIRED, "the kind of task", positional=True)
     data: Path = option(REQUIRED, "ImageFolder root (classify), COCO json (detect), images folder (segment)", positional=True)
     name: str = option(REQUIRED, "task name")
-    baseline: Method = option("mona", "mona, or the paper's FIXED (head-only) or FULL (full: whole backbone) baseline")
+    baseline: Method = option(
+        "mona", f"what trains: mona, or a baseline of the Mona paper ({', '.join(list(METHODS)[1:])}); see docs/training.md#baselines"
+    )
     masks: Path | None = option(None, "segment: folder of PNG class-id masks named like the images")
     images: Path | None = option(None, "detect: images folder (default: images/ beside the json)")
     version: int = option(1, "the package's version")
@@ -71,28 +75,11 @@ class TrainConfig(BackboneOptions):
 
 @dataclass
 class TrainResult:
-    package: AdapterPackage | None  # None for the full baseline, which changes the backbone
-    path: Path  # the package, or the full baseline's JSON report
+    package: AdapterPackage | None  # None for a baseline that changes the backbone
+    path: Path  # the package, or that baseline's JSON report
     evaluation: dict[str, float]
     untrained: dict[str, float]
     losses: list[float] = field(default_factory=list)
-
-
-def configure_method(model: MonaTaskModel, method: Method) -> None:
-    """Choose what trains. `mona`: adapters and head. `head-only` (the paper's FIXED): every Mona is made
-    the exact identity (`project2` zeroed) and frozen, so only the head trains and the package still serves.
-    `full` (the paper's FULL): the same identity adapters, and every backbone weight trains."""
-    if method == "mona":
-        return
-    for name, module in model.backbone.named_modules():
-        if name.endswith((".mona1", ".mona2")):
-            with torch.no_grad():
-                module.project2.weight.zero_()
-                module.project2.bias.zero_()
-            module.requires_grad_(False)
-    if method == "full":
-        for name, parameter in model.backbone.named_parameters():
-            parameter.requires_grad_(".mona" not in name)
 
 
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
@@ -161,6 +148,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, on_step: Call
     """Train Mona + head on `config.data`, evaluate on the held-out split, and write the package; `on_step`
     hears (steps done, steps in all) after every step (and may raise to stop the training)."""
     started = time.monotonic()
+    method = get_method(config.baseline)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)  # flips in the data pipeline
@@ -180,11 +168,8 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, on_step: Call
         head=kind.default_head(config.head_channels),
     )
     model = MonaTaskModel(backbone, manifest).to(device)
-    configure_method(model, config.baseline)
-    counts = {"Mona": 0, "backbone": 0, "head": 0}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            counts["head" if name.startswith("head.") else "Mona" if ".mona" in name else "backbone"] += p.numel()
+    method.prepare(model)
+    counts = method.trainable_counts(model)
     trainable = sum(counts.values())
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     log(
@@ -270,10 +255,10 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, on_step: Call
         "untrained_evaluation": untrained,
         "seconds": round(time.monotonic() - started, 1),
     }
-    if config.baseline == "full":  # the backbone changed: no package can ride on the shared one
+    if not method.servable:  # the backbone changed: no package can ride on the shared one
         path = config.package_path().with_suffix(".json")
         atomic_write(path, json.dumps(summary, indent=2).encode())
-        log(f"wrote {path} (the full baseline retrains the backbone, so it is a report, not a servable package)")
+        log(f"wrote {path} ({method.name} changes the backbone, so it is a report, not a servable package)")
         return TrainResult(None, path, evaluation, untrained, losses)
     head = kind.tune_head(manifest.head, evaluation)
     if head != manifest.head:
