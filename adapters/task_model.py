@@ -58,6 +58,22 @@ class MonaTaskModel(nn.Module):
         tensors.update({f"head.{name}": t for name, t in head_tensors(self.head).items()})
         return tensors
 
+    @torch.no_grad()
+    def load_mona(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set every Mona from `tensors` (package names, `layers.0.blocks.0.mona1.gamma`, ...); all of them, no others."""
+        params = {name: p for name, p in self.backbone.named_parameters() if ".mona" in name}
+        if tensors.keys() != params.keys():
+            missing, extra = sorted(params.keys() - tensors.keys()), sorted(tensors.keys() - params.keys())
+            raise ValueError(f"Mona tensors do not match this backbone: missing {missing[:3]}, unexpected {extra[:3]}")
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+
+    def freeze_mona(self) -> None:
+        """Stop every Mona from training, so that only what else trains (the head) learns on the adapters as they are."""
+        for name, parameter in self.backbone.named_parameters():
+            if ".mona" in name:
+                parameter.requires_grad_(False)
+
     def to_package(self, manifest: Manifest | None = None) -> AdapterPackage:
         """Package the current adapter and head weights (float32) under `manifest` (default: the model's)."""
         tensors = {name: t.detach().float().cpu().clone() for name, t in self.adapter_tensors().items()}

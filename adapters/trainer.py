@@ -21,6 +21,7 @@ from .baselines import METHODS, get_method
 from .config_args import REQUIRED, option
 from .data.datasets import TaskDataset, collate
 from .evaluate import evaluate
+from .import_mona import load_mona_init
 from .kinds import Recipe, get_kind
 from .manifest import BackboneRef, InputSpec, KindName, Manifest
 from .package import AdapterPackage, atomic_write
@@ -43,6 +44,9 @@ class TrainConfig(BackboneOptions):
     )
     masks: Path | None = option(None, "segment: folder of PNG class-id masks named like the images")
     images: Path | None = option(None, "detect: images folder (default: images/ beside the json)")
+    data_format: str = option("auto", "the dataset's format (docs/training.md#what-it-does): auto picks the one its layout matches")
+    mona_init: Path | None = option(None, "start Mona from this file: an official Mona checkpoint, an import-mona output or a package")
+    freeze_mona: bool = option(False, "keep Mona as it starts (with --mona-init: train only the head on imported adapters)")
     version: int = option(1, "the package's version")
     out: Path | None = option(None, "package path (default: NAME-VERSION.safetensors)")
     input_size: int = option(224, "square input side (multiple of 32)")
@@ -154,9 +158,12 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, on_step: Call
     random.seed(config.seed)  # flips in the data pipeline
     kind = get_kind(config.kind)
     config = config.with_recipe(kind.recipe)
-    data = kind.read_data(config.data, masks=config.masks, images=config.images)
+    data = kind.read_data(config.data, masks=config.masks, images=config.images, data_format=config.data_format)
+    for note in data.notes:
+        log(note)
     train_samples, val_samples = data.split(config.val_fraction, config.seed)
     backbone = Backbone.load(config.backbone, config.weights, config.seed, drop_path_rate=config.drop_path)
+    initial_mona = load_mona_init(config.mona_init, backbone) if config.mona_init else None
     spec = InputSpec(size=(config.input_size, config.input_size), resize=config.resize)
     manifest = Manifest(
         name=config.name,
@@ -168,7 +175,12 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, on_step: Call
         head=kind.default_head(config.head_channels),
     )
     model = MonaTaskModel(backbone, manifest).to(device)
+    if initial_mona is not None:
+        model.load_mona(initial_mona)
+        log(f"Mona starts from {config.mona_init} ({len(initial_mona)} tensors)")
     method.prepare(model)
+    if config.freeze_mona:
+        model.freeze_mona()
     counts = method.trainable_counts(model)
     trainable = sum(counts.values())
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)

@@ -15,7 +15,7 @@ from monaserve.adapters import AdapterPackage, Backbone, InputSpec, check_compat
 from monaserve.adapters.data.datasets import TaskDataset, coco_detection, image_masks
 from monaserve.adapters.data.shapes import write_shapes
 from monaserve.adapters.kinds import get_kind
-from monaserve.adapters.synthetic import make_manifest
+from monaserve.adapters.synthetic import make_manifest, random_package
 from monaserve.adapters.task_model import MonaTaskModel
 from monaserve.adapters.trainer import TrainConfig, parameter_groups, train, warmup_cosine
 
@@ -229,3 +229,24 @@ def test_drop_path_reaches_the_backbone_blocks_while_training(shapes, tiny_weigh
     train(make_config("classify", shapes, tiny_weights, tmp_path, max_steps=1, drop_path=0.3), log=lambda _: None)
     blocks = [block for stage in loaded[0].model.layers for block in stage.blocks]
     assert blocks[0].drop_path1.__class__.__name__ == "Identity" and blocks[-1].drop_path1.drop_prob == pytest.approx(0.3)
+
+
+def test_mona_init_starts_from_given_adapters_and_freeze_mona_trains_only_the_head(shapes, tiny_weights, tmp_path, shared_backbone):
+    """`--mona-init PACKAGE --freeze-mona`: the head learns on adapters as they come (e.g. imported from the official code)."""
+    given = random_package(shared_backbone, "given", seed=5, num_labels=3)
+    path = given.save(tmp_path / "given.safetensors")
+    messages: list[str] = []
+    config = make_config("classify", shapes, tiny_weights, tmp_path, max_steps=1, mona_init=path, freeze_mona=True)
+    result = train(config, log=messages.append)
+    assert any(m.startswith(f"Mona starts from {path}") for m in messages)
+    assert "parameters: trainable 3,843 (head 3,843)" in next(m for m in messages if m.startswith("parameters:"))
+    trained = AdapterPackage.read(result.path).tensors
+    mona = [name for name in given.tensors if not name.startswith("head.")]
+    assert mona and all(torch.equal(trained[name], given.tensors[name]) for name in mona)
+
+
+def test_the_data_format_is_the_one_named_or_recognised(shapes, tiny_weights, tmp_path):
+    with pytest.raises(ValueError, match="imagefolder"):
+        train(make_config("classify", shapes, tiny_weights, tmp_path, data_format="coco"), log=lambda _: None)
+    result = train(make_config("classify", shapes, tiny_weights, tmp_path, max_steps=1, data_format="imagefolder"), log=lambda _: None)
+    assert AdapterPackage.read(result.path).manifest.training["config"]["data_format"] == "imagefolder"
