@@ -58,7 +58,7 @@ class TrainConfig(BackboneOptions):
     weight_decay: float | None = option(None, "AdamW weight decay, never on norm layers (default: the kind's official recipe)")
     decay_biases: bool | None = option(None, "weight decay on biases too (default: the kind's official recipe; classify: off)")
     drop_path: float | None = option(None, "stochastic depth of the frozen backbone's blocks while training (default: the kind's recipe)")
-    clip_grad_norm: float = option(10.0, "gradient norm clip")
+    clip_grad_norm: float = option(10.0, "gradient norm clip; 0 clips nothing (as the official VOC and ADE20K runs)")
     warmup_steps: int = option(20, "linear warm-up before the cosine decay")
     val_fraction: float = option(0.2, "held out for the final evaluation")
     workers: int = option(2, "data loader processes")
@@ -231,7 +231,8 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, on_step: Call
                     loss = model.loss(images.to(device), _to(targets, device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable_params, config.clip_grad_norm)
+                if config.clip_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable_params, config.clip_grad_norm)
                 for group in optimizer.param_groups:
                     group["lr"] = config.lr * schedule(step)
                 optimizer.step()

@@ -75,6 +75,10 @@ NOT_RUN: dict[Block, str] = {
     },
     ("docs/reliability.md", "bash", 0): "the soak and attack runs take minutes; tests/test_bench.py and the hardening tests run them small",
     ("docs/reliability.md", "bash", 1): "the soak and attack runs take minutes; tests/test_bench.py and the hardening tests run them small",
+    **{
+        ("docs/reproduce.md", "bash", i): "hours of GPU training on the real datasets; tests/test_reproduce.py runs each at toy size"
+        for i in range(5)
+    },
 }
 EDITS = {"--max-steps 150": "--max-steps 2", "--images 240": "--images 40"}
 """Changes to what a block says, for time: the training recipe runs 2 steps per task, not 150, on 40 images, not 240."""

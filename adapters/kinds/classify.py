@@ -40,7 +40,7 @@ class Classify(TaskKind[ClassifyResult]):
     result_schema = ClassifyResult
     outputs = (OutputSpec("scores", "FP32", (-1, -1)), OutputSpec("labels", "BYTES", (-1, -1)), OutputSpec("indices", "INT64", (-1, -1)))
     options = ("top_k",)
-    recipe = Recipe(drop_path=0.2, weight_decay=0.05, decay_biases=False)  # mmcls's Swin AdamW schedule: no decay on norms and biases
+    recipe = Recipe(drop_path=0.3, weight_decay=0.05, decay_biases=False)  # large_224_det.py; mmcls's Swin AdamW: no decay on norms, biases
 
     def build_head(self, config: ClassifyHeadConfig, stage_dims: list[int], num_classes: int) -> nn.Module:
         return ClassifyHead(stage_dims[-1], num_classes, dropout=config.dropout)
