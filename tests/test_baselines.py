@@ -154,7 +154,7 @@ def test_lora_is_the_official_merged_update_of_q_and_v():
     assert (qkv.lora_A.shape, qkv.lora_B.shape) == ((128, 96), (192, 64))
 
 
-@pytest.mark.parametrize("name", [name if name == "adapter" else pytest.param(name, marks=pytest.mark.slow) for name in REPORTS])
+@pytest.mark.parametrize("name", REPORTS)
 def test_a_baseline_that_changes_the_backbone_writes_a_report(name, shapes, tiny_weights, tmp_path):
     messages: list[str] = []
     result = train(make_config("classify", shapes, tiny_weights, tmp_path, max_steps=1, baseline=name), log=messages.append)
