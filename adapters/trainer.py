@@ -89,15 +89,19 @@ class TrainResult:
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 """Layers whose weights and biases AdamW never decays (the official configs' `norm` key and mmcls's `norm_decay_mult=0`)."""
 
+NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
+"""Parameters AdamW never decays wherever they train (the official configs' keys of the same names)."""
+
 
 def parameter_groups(model: nn.Module, weight_decay: float, decay_biases: bool) -> list[dict]:
     """AdamW's parameter groups: the trainable parameters that decay, and those that do not (norm layers' weights
-    and biases, which Mona's own LayerNorm is, and every bias unless `decay_biases`); empty groups left out."""
+    and biases, which Mona's own LayerNorm is, Swin's position tables, and every bias unless `decay_biases`);
+    empty groups left out."""
     decay, exempt = [], []
     for module in model.modules():
         for name, parameter in module.named_parameters(recurse=False):
             if parameter.requires_grad:
-                kept = isinstance(module, NORM_LAYERS) or (name == "bias" and not decay_biases)
+                kept = isinstance(module, NORM_LAYERS) or name in NO_DECAY_NAMES or (name == "bias" and not decay_biases)
                 (exempt if kept else decay).append(parameter)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
     return [group for group in groups if group["params"]]
@@ -120,9 +124,18 @@ def _to(targets, device: torch.device):
     return targets.to(device)
 
 
+def checkpoint_tensors(model: MonaTaskModel) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of the model: the package's tensors, and whatever else trains (a baseline's
+    backbone weights or modules of its own), so that a resumed run of any method goes on from where it stopped."""
+    tensors = model.adapter_tensors()
+    others = {name: p for name, p in model.named_parameters() if p.requires_grad and not name.startswith("head.") and ".mona" not in name}
+    tensors.update(others)  # named `backbone.…`, apart from the package's names
+    return tensors
+
+
 def save_checkpoint(path: Path, model: MonaTaskModel, optimizer: torch.optim.Optimizer, epoch: int, step: int) -> None:
-    """Adapter weights and AdamW state in one safetensors file (no pickle); counters in its metadata."""
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.adapter_tensors().items()}
+    """Trained weights and AdamW state in one safetensors file (no pickle); counters in its metadata."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in checkpoint_tensors(model).items()}
     state = optimizer.state_dict()
     for index, entries in state["state"].items():
         for key, value in entries.items():
@@ -137,7 +150,7 @@ def load_checkpoint(path: Path, model: MonaTaskModel, optimizer: torch.optim.Opt
         metadata = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     with torch.no_grad():
-        for name, target in model.adapter_tensors().items():
+        for name, target in checkpoint_tensors(model).items():
             target.copy_(tensors[f"model.{name}"])
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -153,6 +166,8 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, on_step: Call
     hears (steps done, steps in all) after every step (and may raise to stop the training)."""
     started = time.monotonic()
     method = get_method(config.baseline)
+    if config.mona_init and not method.trains_mona:
+        raise ValueError(f"--mona-init starts Mona, which --baseline {method.name} does not use: train it with --baseline mona")
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)  # flips in the data pipeline

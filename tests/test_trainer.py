@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors
 import torch
 
 from monaserve.adapters import AdapterPackage, Backbone, InputSpec, check_compatible
@@ -250,3 +251,32 @@ def test_the_data_format_is_the_one_named_or_recognised(shapes, tiny_weights, tm
         train(make_config("classify", shapes, tiny_weights, tmp_path, data_format="coco"), log=lambda _: None)
     result = train(make_config("classify", shapes, tiny_weights, tmp_path, max_steps=1, data_format="imagefolder"), log=lambda _: None)
     assert AdapterPackage.read(result.path).manifest.training["config"]["data_format"] == "imagefolder"
+
+
+def test_mona_init_is_refused_with_a_method_that_does_not_use_mona(shapes, tiny_weights, tmp_path):
+    with pytest.raises(ValueError, match="--baseline lora does not use"):
+        train(make_config("classify", shapes, tiny_weights, tmp_path, mona_init=tmp_path / "x", baseline="lora"), log=lambda _: None)
+
+
+def test_resuming_a_baseline_restores_what_it_trains_beyond_the_package(shapes, tiny_weights, tmp_path):
+    """A checkpoint holds LoRA's own weights too, not only the package's tensors."""
+    first = make_config("classify", shapes, tiny_weights, tmp_path, epochs=1, baseline="lora", checkpoint_dir=tmp_path / "ck")
+    train(first, log=lambda _: None)
+    with safetensors.safe_open(tmp_path / "ck" / "last.safetensors", framework="pt") as f:
+        saved = [key for key in f.keys() if key.startswith("model.backbone.") and "qkv" in key]
+    assert saved
+    messages: list[str] = []
+    resumed = make_config(
+        "classify", shapes, tiny_weights, tmp_path, epochs=2, baseline="lora", checkpoint_dir=tmp_path / "ck", resume=True
+    )
+    train(resumed, log=messages.append)
+    assert any(m.startswith("resumed from") for m in messages)
+
+
+def test_position_tables_never_decay_where_they_train(tiny_backbone):
+    """BitFit, Partial-1 and FULL train Swin's relative position tables; the official configs exempt them."""
+    model = MonaTaskModel(tiny_backbone, make_manifest(tiny_backbone, "tables"))
+    table = model.backbone.layers[0].blocks[0].attn.relative_position_bias_table
+    table.requires_grad_(True)
+    exempt = [p for g in parameter_groups(model, 0.05, decay_biases=True) if not g["weight_decay"] for p in g["params"]]
+    assert any(p is table for p in exempt)
