@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
-from .mona import PROJECTION_INIT_STD
+from .mona import init_projection
 from .swin import MonaSwinBlock, adapter_modules, block_dims
 from .task_model import MonaTaskModel
 
@@ -57,8 +57,7 @@ class Bottleneck(nn.Module):
         self.project2 = nn.Linear(BOTTLENECK_WIDTH, dim)
         self.scale = scale
         for projection in (self.project1, self.project2):
-            nn.init.trunc_normal_(projection.weight, std=PROJECTION_INIT_STD, a=-2.0, b=2.0)
-            nn.init.zeros_(projection.bias)
+            init_projection(projection)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale * self.project2(self.dropout(F.gelu(self.project1(x))))

@@ -26,6 +26,14 @@ FOLDED_KERNEL = 7
 """Side of the single depthwise kernel the three filters fold into."""
 
 
+@torch.no_grad()
+def init_projection(linear: nn.Linear) -> None:
+    """A Linear as the official Mona code's `init_weights` leaves every one: truncated-normal weights with std 0.02
+    (timm's `trunc_normal_`, cut at +-2), zero biases."""
+    nn.init.trunc_normal_(linear.weight, std=PROJECTION_INIT_STD, a=-2.0, b=2.0)
+    nn.init.zeros_(linear.bias)
+
+
 class MonaOp(nn.Module):
     """Multi-cognitive filters on NCHW maps: depthwise 3/5/7 averaged plus identity, then 1x1 plus identity."""
 
@@ -65,8 +73,7 @@ class Mona(nn.Module):
         Mona moves its input by about 2% of its size (PyTorch's default would move it by 26% at width 96); the
         LayerNorm at weight 1 and bias 0, and the convolutions at PyTorch's defaults, as the official code leaves them."""
         for projection in (self.project1, self.project2):
-            nn.init.trunc_normal_(projection.weight, std=PROJECTION_INIT_STD, a=-2.0, b=2.0)
-            nn.init.zeros_(projection.bias)
+            init_projection(projection)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x) * self.gamma + x * self.gammax
