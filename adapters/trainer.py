@@ -20,6 +20,7 @@ from tqdm import tqdm
 from .baselines import METHODS, get_method
 from .config_args import REQUIRED, option
 from .data.datasets import TaskDataset, collate
+from .data.formats import FORMATS
 from .evaluate import evaluate
 from .import_mona import load_mona_init
 from .kinds import Recipe, get_kind
@@ -27,6 +28,9 @@ from .manifest import BackboneRef, InputSpec, KindName, Manifest
 from .package import AdapterPackage, atomic_write
 from .swin import Backbone, BackboneOptions, resolve_device
 from .task_model import MonaTaskModel
+
+DataFormatName = Literal[("auto", *FORMATS)]
+"""`auto` or a format's name (`data.formats.FORMATS`), which `--data-format` offers."""
 
 Method = Literal[tuple(METHODS)]
 """The training methods' names (`baselines.METHODS`), which `--baseline` offers."""
@@ -44,7 +48,7 @@ class TrainConfig(BackboneOptions):
     )
     masks: Path | None = option(None, "segment: folder of PNG class-id masks named like the images")
     images: Path | None = option(None, "detect: images folder (default: images/ beside the json)")
-    data_format: str = option("auto", "the dataset's format (docs/training.md#what-it-does): auto picks the one its layout matches")
+    data_format: DataFormatName = option("auto", "the dataset's format (docs/training.md#what-it-does): auto, the one its layout matches")
     mona_init: Path | None = option(None, "start Mona from this file: an official Mona checkpoint, an import-mona output or a package")
     freeze_mona: bool = option(False, "keep Mona as it starts (with --mona-init: train only the head on imported adapters)")
     version: int = option(1, "the package's version")
