@@ -3,21 +3,31 @@
 #   docker build -t monaserve:cuda .                         # CUDA runtime (default)
 #   docker build --build-arg TARGET=cpu -t monaserve:cpu .   # CPU only
 #
+# The bases and torch's package index are build arguments, so the same file builds where Docker Hub and the
+# PyTorch index are out of reach (docs/deployment.md#building-without-a-registry): CPU_BASE (any Debian-like
+# image with python3 and python3-venv), CUDA_BASE, CPU_TORCH_INDEX and CUDA_TORCH_INDEX.
+#
 # Weights and adapters live on volumes, never in the image: /models (backbone file or Hugging Face
 # cache, and compiled graphs) and /var/lib/monaserve/adapters (the adapter store; or set MONASERVE_STORE=s3://bucket/prefix).
 # Every `monaserve serve` flag has a MONASERVE_* environment twin.
 
 ARG TARGET=cuda
+ARG CPU_BASE=python:3.11-slim-bookworm
+ARG CUDA_BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+ARG CPU_TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG CUDA_TORCH_INDEX=https://download.pytorch.org/whl/cu128
 
 # ---- bases: the same image for building and running, so the venv's interpreter path matches ----
-FROM python:3.11-slim-bookworm AS base-cpu
-ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+FROM ${CPU_BASE} AS base-cpu
+ARG CPU_TORCH_INDEX
+ENV TORCH_INDEX_URL=${CPU_TORCH_INDEX}
 
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS base-cuda
+FROM ${CUDA_BASE} AS base-cuda
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
-ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+ARG CUDA_TORCH_INDEX
+ENV TORCH_INDEX_URL=${CUDA_TORCH_INDEX}
 
 # ---- build: a virtual environment with torch for the target and the package from this repository ----
 FROM base-${TARGET} AS build

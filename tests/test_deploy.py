@@ -44,7 +44,10 @@ def test_dockerfile_is_multi_stage_with_cpu_and_cuda_targets(dockerfile):
     assert ("ARG", "TARGET=cuda") in preamble
     names = {stage.name: stage for stage in stages}
     assert {"base-cpu", "base-cuda", "build", "runtime"} <= names.keys()
-    assert names["base-cuda"].base.startswith("nvidia/cuda:") and "runtime" in names["base-cuda"].base
+    defaults = dict(arg.split("=", 1) for kind, arg in preamble if kind == "ARG" and "=" in arg)
+    assert names["base-cpu"].base == "${CPU_BASE}" and names["base-cuda"].base == "${CUDA_BASE}"  # build arguments, so
+    assert defaults["CPU_BASE"].startswith("python:3.11") and defaults["CPU_TORCH_INDEX"].endswith("/whl/cpu")  # local
+    assert defaults["CUDA_BASE"].startswith("nvidia/cuda:") and "runtime" in defaults["CUDA_BASE"]  # bases can stand in
     assert names["build"].base == names["runtime"].base == "base-${TARGET}"
     assert stages[-1].name == "runtime"
     assert any(args.startswith("--from=build /opt/venv") for args in names["runtime"].all("COPY"))
