@@ -11,7 +11,7 @@ it in `TaskData.held_out`, which the trainer validates on instead of a random sp
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,11 +172,20 @@ def _voc_samples(images: list[tuple[Path, str]]) -> tuple[list[Sample], int]:
     return samples, difficult
 
 
+def _list_lines(path: Path, expected: str) -> Iterator[tuple[int, str, list[str]]]:
+    """(line number, line, its fields) of each line of a dataset's list file that holds something (not blank,
+    not a `#` comment); a missing file is a ValueError saying what its lines should be (`expected`)."""
+    if not path.is_file():
+        raise ValueError(f"{path}: missing (expected {expected} lines)")
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        fields = line.split()
+        if fields and not fields[0].startswith("#"):
+            yield number, line, fields
+
+
 def _image_set(path: Path) -> list[str]:
     """The image ids a VOC `ImageSets` list names, one a line."""
-    if not path.is_file():
-        raise ValueError(f"{path}: missing (expected a VOC image set: one image id a line)")
-    return path.read_text().split()
+    return [fields[0] for _, _, fields in _list_lines(path, "a VOC image set: '<image id>'")]
 
 
 def _voc_objects(xml: Path) -> list[tuple[list[float], int, bool]]:
@@ -230,13 +239,8 @@ def _single_class_images(year: Path, split: str) -> tuple[list[Sample], str]:
 
 def _class_flags(path: Path) -> list[tuple[str, int]]:
     """(image id, flag) of each line of a VOC per-class list: 1 present, 0 present but difficult, -1 absent."""
-    if not path.is_file():
-        raise ValueError(f"{path}: missing (expected a VOC per-class list: '<image id> <1|0|-1>' lines)")
     flags = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        fields = line.split()
-        if not fields:
-            continue
+    for number, line, fields in _list_lines(path, "a VOC per-class list: '<image id> <1|0|-1>'"):
         if len(fields) != 2 or fields[1] not in ("1", "0", "-1"):
             raise ValueError(f"{path}:{number}: {line!r} (expected '<image id> <1|0|-1>')")
         flags.append((fields[0], int(fields[1])))
@@ -308,13 +312,8 @@ def oxford_pet(root: Path) -> TaskData:
 
 def _pet_list(path: Path) -> list[tuple[str, int]]:
     """(image name, label) of each line of an Oxford-IIIT Pet list (`<image> <class id> <species> <breed id>`)."""
-    if not path.is_file():
-        raise ValueError(f"{path}: missing (expected '<image> <class id> <species> <breed id>' lines)")
     entries = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        fields = line.split()
-        if not fields or fields[0].startswith("#"):
-            continue
+    for number, line, fields in _list_lines(path, "'<image> <class id> <species> <breed id>'"):
         if len(fields) < 2 or not fields[1].isdigit() or int(fields[1]) < 1:
             raise ValueError(f"{path}:{number}: {line!r} (expected '<image> <class id from 1> <species> <breed id>')")
         entries.append((fields[0], int(fields[1]) - 1))
