@@ -26,13 +26,13 @@ import safetensors.torch
 import torch
 from timm.models.swin_transformer import checkpoint_filter_fn
 
-from .compat import _listing, check_compatible
+from .compat import check_compatible, listing, mona_shapes
 from .config_args import REQUIRED, option
 from .fingerprint import short
 from .manifest import Manifest
-from .mona import INNER_DIM, Mona
+from .mona import INNER_DIM
 from .package import METADATA_KEY, AdapterPackage, atomic_write
-from .swin import Backbone, BackboneOptions, block_dims
+from .swin import Backbone, BackboneOptions
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def split_adapters(tensors: Mapping[str, torch.Tensor]) -> tuple[Naming, dict[st
     if not found:
         raise MonaImportError(
             "no Mona tensors: expected names like layers.0.blocks.0.my_module_1.project1.weight (the official code) or "
-            f"layers.0.blocks.0.mona1.project1.weight (monaserve); the checkpoint has {_listing(sorted(tensors)) or 'no tensors'}"
+            f"layers.0.blocks.0.mona1.project1.weight (monaserve); the checkpoint has {listing(sorted(tensors)) or 'no tensors'}"
         )
     unknown = found - NAMINGS.keys()
     if unknown or len(found) > 1:
@@ -191,18 +191,6 @@ def split_adapters(tensors: Mapping[str, torch.Tensor]) -> tuple[Naming, dict[st
     return naming, adapters, backbone
 
 
-def mona_shapes(backbone: Backbone, inner_dim: int) -> dict[str, tuple[int, ...]]:
-    """Our name -> shape of every Mona tensor a task on `backbone` holds, for adapters of inner width `inner_dim`."""
-    with torch.device("meta"):
-        by_width = {dim: Mona(dim, inner_dim).state_dict() for dim in {dim for _, dim in block_dims(backbone.model)}}
-    return {
-        f"{path}.{position}.{name}": tuple(tensor.shape)
-        for path, dim in block_dims(backbone.model)
-        for position in ("mona1", "mona2")
-        for name, tensor in by_width[dim].items()
-    }
-
-
 def inner_dim_of(adapters: Mapping[str, torch.Tensor]) -> int:
     """Mona's inner width from the first down projection (the official code's is 64); the default if there is none."""
     first = next((t for name, t in sorted(adapters.items()) if name.endswith(".project1.weight")), None)
@@ -214,20 +202,20 @@ def check_adapters(adapters: Mapping[str, torch.Tensor], expected: Mapping[str, 
     problems = []
     missing = sorted(expected.keys() - adapters.keys())
     if missing:
-        problems.append(f"missing {_listing(missing)}")
+        problems.append(f"missing {listing(missing)}")
     extra = sorted(adapters.keys() - expected.keys())
     if extra:
-        problems.append(f"not in this backbone {_listing(extra)}")
+        problems.append(f"not in this backbone {listing(extra)}")
     wrong = [
         f"{name} is {tuple(adapters[name].shape)}, expected {shape}"
         for name, shape in sorted(expected.items())
         if name in adapters and tuple(adapters[name].shape) != shape
     ]
     if wrong:
-        problems.append(f"wrong shapes: {_listing(wrong)}")
+        problems.append(f"wrong shapes: {listing(wrong)}")
     non_finite = sorted(name for name, t in adapters.items() if t.is_floating_point() and not torch.isfinite(t).all())
     if non_finite:
-        problems.append(f"NaN or Inf in {_listing(non_finite)}")
+        problems.append(f"NaN or Inf in {listing(non_finite)}")
     if problems:
         raise MonaImportError("the Mona adapters do not fit this backbone (named as monaserve names them): " + "; ".join(problems))
 
@@ -252,12 +240,12 @@ def compare_backbone(naming: Naming, tensors: Mapping[str, torch.Tensor], backbo
     who = f"the checkpoint's backbone weights are not this backbone's ({backbone.name}, {backbone.weights})"
     extra = sorted(theirs.keys() - ours.keys())
     if extra:
-        raise MonaImportError(f"{who}: it has tensors {backbone.name} lacks (timm names): {_listing(extra)}")
+        raise MonaImportError(f"{who}: it has tensors {backbone.name} lacks (timm names): {listing(extra)}")
     for name, tensor in ours.items():
         if name in theirs and (difference := _differs(name, theirs[name], tensor)):
             raise MonaImportError(f"{who}: {difference} (timm names); import for the backbone it was trained on")
     absent = [name for name in ours if name not in theirs]
-    return f"backbone weights verified ({len(theirs)} tensors match" + (f"; not in the checkpoint: {_listing(absent)})" if absent else ")")
+    return f"backbone weights verified ({len(theirs)} tensors match" + (f"; not in the checkpoint: {listing(absent)})" if absent else ")")
 
 
 def check_backbone(checkpoint: Checkpoint, naming: Naming, tensors: Mapping[str, torch.Tensor], backbone: Backbone) -> tuple[bool, str]:

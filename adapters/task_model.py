@@ -83,8 +83,5 @@ class MonaTaskModel(nn.Module):
     def load_package(self, package: AdapterPackage) -> None:
         """Load a package's weights after checking that it fits this model's backbone."""
         check_compatible(package, self.backbone_info)
-        params = dict(self.backbone.named_parameters())
-        for name, tensor in package.tensors.items():
-            if not name.startswith("head."):
-                params[name].copy_(tensor)
+        self.load_mona({name: t for name, t in package.tensors.items() if not name.startswith("head.")})
         load_head(self.head, package.subset("head."))
