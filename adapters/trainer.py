@@ -77,8 +77,7 @@ class TrainConfig(BackboneOptions):
 
     def with_recipe(self, recipe: Recipe) -> TrainConfig:
         """This config with every setting it leaves out (None) taken from `recipe`, the kind's official one."""
-        chosen = {"weight_decay": recipe.weight_decay, "decay_biases": recipe.decay_biases, "drop_path": recipe.drop_path}
-        return replace(self, **{name: value for name, value in chosen.items() if getattr(self, name) is None})
+        return replace(self, **{name: value for name, value in asdict(recipe).items() if getattr(self, name) is None})
 
 
 @dataclass
