@@ -29,22 +29,20 @@ RUN apt-get update \
 ARG CUDA_TORCH_INDEX
 ENV TORCH_INDEX_URL=${CUDA_TORCH_INDEX}
 
-# ---- build: a virtual environment with torch for the target and the package from this repository ----
-FROM base-${TARGET} AS build
+# ---- runtime: a virtual environment with torch for the target and the package, run as an unprivileged user ----
+# One stage: torch's layer (several GB with CUDA) is written once, not copied from a build stage, and is
+# reused while only the package changes. The sources are a few hundred KB; pip's build files go in the same
+# step that makes them.
+FROM base-${TARGET} AS runtime
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN pip install --index-url "$TORCH_INDEX_URL" "torch>=2.4,<2.15" "torchvision>=0.19,<0.30"
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY adapters ./adapters
-COPY server ./server
-COPY client ./client
-COPY testing ./testing
-RUN pip install ".[s3]"
-
-# ---- runtime: the venv only, as an unprivileged user ----
-FROM base-${TARGET} AS runtime
-COPY --from=build /opt/venv /opt/venv
+COPY pyproject.toml README.md /src/
+COPY adapters /src/adapters
+COPY server /src/server
+COPY client /src/client
+COPY testing /src/testing
+RUN pip install "/src[s3]" && rm -rf /src
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/monaserve --create-home monaserve \
     && mkdir -p /var/lib/monaserve/adapters /models \
     && chown -R monaserve:monaserve /var/lib/monaserve /models

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 if not Path("/dev/nvidiactl").exists():  # before torch imports Triton: its kernels run on the CPU interpreter
@@ -34,6 +35,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if left_out:
         config.hook.pytest_deselected(items=left_out)
         items[:] = kept
+
+
+FIGURES = pytest.StashKey[list[str]]()
+
+
+@pytest.fixture(scope="session")
+def report_figures(request: pytest.FixtureRequest) -> Callable[[str, dict], None]:
+    """Record what a test measured (an image's size, its build time) for the run's summary, where CI's log keeps it."""
+    figures = request.config.stash.setdefault(FIGURES, [])
+    return lambda what, values: figures.append(f"{what}: {json.dumps(values)}")
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    """The figures tests recorded with `report_figures`."""
+    if figures := config.stash.get(FIGURES, []):
+        terminalreporter.section("figures")
+        for line in figures:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["1-process", "2-front-ends"])

@@ -18,24 +18,13 @@ from monaserve.server.oip_proto import grpc_service_pb2 as pb
 from monaserve.server.oip_proto.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from monaserve.testing import FAULTS
 
-from deploy_harness import Nginx
+from deploy_harness import REPLICA_HEADER, Nginx, RequestLoops, wait_for
 from helpers import random_package
 from server_harness import TOKEN, ServerProcess, free_port, image_bytes
 
 REFRESH_S = 1.0
 JPEG = {"content-type": "image/jpeg"}
 pytestmark = [pytest.mark.process, pytest.mark.nginx, pytest.mark.usefixtures("front_ends")]
-REPLICA = "x-monaserve-replica"
-
-
-def wait_for(predicate, timeout: float, what: str) -> float:
-    """Poll `predicate` until true; returns the seconds it took."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(0.05)
-    raise AssertionError(f"{what} within {timeout} s")
 
 
 def test_three_replicas_behind_nginx(tmp_path, tiny_weights, shared_backbone):
@@ -76,7 +65,7 @@ def test_three_replicas_behind_nginx(tmp_path, tiny_weights, shared_backbone):
                 with server.client() as direct:
                     response = direct.post("/v1/tasks/task-0/classify", content=image, headers=JPEG)
                     assert response.status_code == 200 and response.json()["version"] == 1
-                    assert response.headers[REPLICA] == f"replica-{i}"
+                    assert response.headers[REPLICA_HEADER] == f"replica-{i}"
 
             # gRPC through nginx's HTTP/2 listener reaches a replica and answers as REST does
             with grpc.insecure_channel(nginx.grpc_target) as channel:
@@ -104,51 +93,32 @@ def test_three_replicas_behind_nginx(tmp_path, tiny_weights, shared_backbone):
             figures["propagation_s"] = round(max(propagation), 2)
 
             # which replica takes the most traffic (affinity hashes each task to one replica)
-            by_replica = Counter(gateway.post(f"/v1/tasks/{task}/classify", content=image, headers=JPEG).headers[REPLICA] for task in tasks)
+            by_replica = Counter(
+                gateway.post(f"/v1/tasks/{task}/classify", content=image, headers=JPEG).headers[REPLICA_HEADER] for task in tasks
+            )
             victim = int(by_replica.most_common(1)[0][0].rsplit("-", 1)[1])
 
             # a request loop through nginx while that replica is killed: nothing is lost
-            statuses: Counter[int] = Counter()
-            served_by: Counter[str] = Counter()
-            lock = threading.Lock()
-            stop = threading.Event()
-
-            def client_loop(offset: int) -> None:
-                with httpx.Client(base_url=nginx.url, timeout=60) as client:
-                    i = offset
-                    while not stop.is_set():
-                        response = client.post(f"/v1/tasks/{tasks[i % len(tasks)]}/classify", content=image, headers=JPEG)
-                        i += 1
-                        with lock:
-                            statuses[response.status_code] += 1
-                            if response.status_code == 200:
-                                served_by[response.headers[REPLICA]] += 1
-
-            loops = [threading.Thread(target=client_loop, args=(k,)) for k in range(4)]
-            for thread in loops:
-                thread.start()
-            time.sleep(3)
-            replicas[victim].process.send_signal(signal.SIGKILL)
-            replicas[victim].process.wait()
-            killed_at = sum(statuses.values())
-            time.sleep(6)
-            stop.set()
-            for thread in loops:
-                thread.join(120)
+            with RequestLoops(nginx.url, tasks, image) as load:
+                time.sleep(3)
+                replicas[victim].process.send_signal(signal.SIGKILL)
+                replicas[victim].process.wait()
+                killed_at = load.sent
+                time.sleep(6)
             figures |= {
-                "requests": sum(statuses.values()),
-                "sent_after_kill": sum(statuses.values()) - killed_at,
-                "failed": sum(n for code, n in statuses.items() if code != 200),
-                "served_by": dict(served_by),
+                "requests": load.sent,
+                "sent_after_kill": load.sent - killed_at,
+                "failed": load.failed,
+                "served_by": dict(load.served_by),
             }
-            assert statuses.keys() == {200}, f"lost requests: {dict(statuses)}"
+            assert load.statuses.keys() == {200}, f"lost requests: {dict(load.statuses)}"
 
             # the killed replica comes back and rejoins: nginx sends its tasks to it again
             replicas[victim].stop()
             replicas[victim] = replica(victim).wait_ready(180)
             rejoin = wait_for(
                 lambda: any(
-                    gateway.post(f"/v1/tasks/{task}/classify", content=image, headers=JPEG).headers[REPLICA] == f"replica-{victim}"
+                    gateway.post(f"/v1/tasks/{task}/classify", content=image, headers=JPEG).headers[REPLICA_HEADER] == f"replica-{victim}"
                     for task in tasks
                 ),
                 60,
