@@ -1,5 +1,6 @@
 """Real servers for integration tests and benchmarks, here and in your own: `monaserve serve` as a
-process, nginx in front of several, test images, and a launcher that makes functions fail inside a
+process, nginx in front of several, test images, the server's container image built and run with podman
+(`monaserve.testing.images`), and a launcher that makes functions fail inside a
 server (`python -m monaserve.testing.faults`)."""
 
 import sys

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest  # noqa: E402
 import safetensors.torch  # noqa: E402
 
 from monaserve.adapters import Backbone, create_swin  # noqa: E402
+from monaserve.testing.images import BackgroundBuild, LocalImages, cannot_build  # noqa: E402
 
 from helpers import TINY  # noqa: E402
 
@@ -38,6 +40,40 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 FIGURES = pytest.StashKey[list[str]]()
+IMAGE_BUILD = pytest.StashKey[BackgroundBuild]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A run with container tests starts building their images now, niced, so that the minutes of building
+    overlap the tests before them; tests/test_image.py waits for the build."""
+    if session.config.option.collectonly or cannot_build() is not None:
+        return
+    if any(item.get_closest_marker("container") is not None for item in session.items):
+        workdir = Path(tempfile.mkdtemp(prefix="monaserve-images-"))
+        session.config.stash[IMAGE_BUILD] = BackgroundBuild(LocalImages(workdir, niceness=10))
+
+
+@pytest.fixture(scope="module")
+def container_images(request: pytest.FixtureRequest, report_figures) -> Iterator[LocalImages]:
+    """The images built for this run (in the background since collection); removed after the module."""
+    if (reason := cannot_build()) is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}: .ci/run runs as root and installs them")
+        pytest.skip(reason)
+    build = request.config.stash[IMAGE_BUILD]
+    try:
+        built = build.result()
+        size = built.size_bytes()
+        report_figures("image", {"build_s": built.seconds, "monaserve_cpu_bytes": size, "monaserve_cpu_gb": round(size / 1e9, 2)})
+        yield built
+    finally:
+        build.remove()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Images built for a run that stopped before its container tests ran are removed too."""
+    if (build := session.config.stash.get(IMAGE_BUILD, None)) is not None:
+        build.remove()
 
 
 @pytest.fixture(scope="session")

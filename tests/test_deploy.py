@@ -157,6 +157,22 @@ def test_compose_files_are_valid():
     assert with_s3.returncode == 0, with_s3.stderr
 
 
+def test_the_cpu_override_drops_the_gpu_reservation_and_builds_the_cpu_target():
+    """compose.cpu.yaml's `!reset` is Compose 2.18's, which docker-compose 1.29 cannot read: podman-compose
+    (what tests/test_image.py runs it with) merges the two files here."""
+    env = {**os.environ, "MONASERVE_ADMIN_TOKEN": "x"}
+    command = [sys.executable, "-m", "podman_compose", "-f", "compose.yaml", "-f", "compose.cpu.yaml", "config"]
+    done = subprocess.run(command, cwd=ROOT / "deploy", env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout.replace("!reset ", ""))["services"]  # the `x-cpu` fragment keeps its tag
+    gpu = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["x-monaserve"]["deploy"]
+    assert gpu["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"  # what the override removes
+    for name in ("monaserve-1", "monaserve-2", "monaserve-3"):
+        assert "deploy" not in services[name] and services[name]["image"] == "monaserve:cpu"
+        assert services[name]["build"]["args"][-1] == "TARGET=cpu"  # the last of a repeated build argument wins
+    assert "deploy" not in services["gateway"]
+
+
 def test_compose_validation_catches_a_broken_file(tmp_path):
     broken = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
     broken["services"]["gateway"]["ports"] = {"not": "a list"}

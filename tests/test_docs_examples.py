@@ -68,7 +68,7 @@ NOT_RUN: dict[Block, str] = {
     ): "docker, compose and kubectl: no container engine or cluster here (tests/test_deploy.py reads the files)",
     ("docs/deployment.md", "bash", 1): "docker, compose and kubectl: no container engine or cluster here",
     ("docs/deployment.md", "bash", 2): "docker, compose and kubectl: no container engine or cluster here",
-    ("docs/deployment.md", "console", 0): "podman, buildah and debootstrap as root, minutes of building: run by hand so far",
+    ("docs/deployment.md", "console", 0): "podman, buildah and debootstrap as root, minutes of building: tests/test_image.py runs them",
     ("docs/protocol.md", "console", 0): "regenerates checked-in modules; tests/test_grpc.py fails while they are stale",
     **{
         ("docs/performance.md", "bash", i): "a benchmark of minutes; tests/test_bench.py runs each benchmark at a smoke size"

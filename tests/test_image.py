@@ -1,6 +1,7 @@
 """The image, built from the repository's Dockerfile with podman and run as users run it: one container as
 uid 10001 on a read-only root with a store volume, then three replicas and nginx in containers from
-deploy/compose.yaml. The images are built once per run and removed after (tests/image_harness.py)."""
+deploy/compose.yaml. The images are built once per run, from the start of the run on (conftest.py's
+`container_images`, with monaserve.testing.images), and removed after."""
 
 from __future__ import annotations
 
@@ -23,38 +24,22 @@ import pytest
 from monaserve.adapters import Backbone
 from monaserve.server.oip_proto import grpc_service_pb2 as pb
 from monaserve.server.oip_proto.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+from monaserve.testing.images import MONASERVE_IMAGE, NGINX_IMAGE, ROOT, Container, podman
 
-from deploy_harness import REPLICA_HEADER, ROOT, RequestLoops, require_tool, wait_for
+from deploy_harness import REPLICA_HEADER, RequestLoops, wait_for
 from helpers import TINY, random_package
-from image_harness import MONASERVE_IMAGE, NGINX_IMAGE, Container, LocalImages, podman, require_root
 from server_harness import TOKEN, free_port, image_bytes
 
-pytestmark = [pytest.mark.container, pytest.mark.process]
+pytestmark = [pytest.mark.container, pytest.mark.process, pytest.mark.usefixtures("container_images")]
 JPEG = {"content-type": "image/jpeg"}
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 STORE, MODELS = "/var/lib/monaserve/adapters", "/models"
-"""The image's declared volumes: the only places its read-only root lets it write, with /tmp."""
+"""The image's declared volumes: with /tmp, the only places it may write on a read-only root."""
 DRAIN_DELAY_S = 5.0
 """The image's MONASERVE_DRAIN_DELAY_S."""
 GRACE_S = 30
 REFRESH_S = 5.0
 PROJECT = "monaserve-test"
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory, report_figures):
-    """Every image the tests run, built once for the module; removed after it."""
-    require_root()
-    for tool in ("podman", "debootstrap"):
-        require_tool(tool)
-    built = LocalImages(tmp_path_factory.mktemp("images"))
-    try:
-        built.build()
-        size = built.size_bytes()
-        report_figures("image", {"build_s": built.seconds, "monaserve_cpu_bytes": size, "monaserve_cpu_gb": round(size / 1e9, 2)})
-        yield built
-    finally:
-        built.remove()
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +66,13 @@ def finish_request(sock: socket.socket, body: bytes) -> tuple[int, bytes]:
     return int(answer.split(b" ", 2)[1]), answer
 
 
-def test_one_container_as_uid_10001_on_a_read_only_root(images, backbone, report_figures):
+def test_one_container_as_uid_10001_on_a_read_only_root(backbone, report_figures):
     port, suffix = free_port(), str(time.monotonic_ns())
     store, models = f"monaserve-test-store-{suffix}", f"monaserve-test-models-{suffix}"
     podman("volume", "create", store)
     podman("volume", "create", models)
     run = [
-        "--read-only", "--publish", f"127.0.0.1:{port}:8000",
+        "--read-only", "--read-only-tmpfs=false", "--tmpfs=/tmp", "--publish", f"127.0.0.1:{port}:8000",
         f"--volume={store}:{STORE}", f"--volume={models}:{MODELS}", f"--env=MONASERVE_ADMIN_TOKEN={TOKEN}",
         MONASERVE_IMAGE, "--random-init", "--backbone", TINY,
     ]  # fmt: skip
@@ -113,9 +98,11 @@ def test_one_container_as_uid_10001_on_a_read_only_root(images, backbone, report
             assert http.post("/v1/tasks/cls/classify", content=image, headers=JPEG).json()["version"] == 2
             assert container.inspect()["State"]["StartedAt"] == started_at
 
-            # the root is read-only; the declared volumes and /tmp are writable, and the store is on its volume
-            denied = container.exec("touch", "/opt/venv/probe")
-            assert denied.returncode != 0 and "Read-only file system" in denied.stderr
+            # the root is read-only; the declared volumes and /tmp (a tmpfs, as the Kubernetes manifest's
+            # emptyDir) are writable, and the store is on its volume
+            for read_only in ("/opt/venv", "/var/lib/monaserve", "/var/tmp", "/run"):
+                denied = container.exec("touch", f"{read_only}/probe")
+                assert denied.returncode != 0 and "Read-only file system" in denied.stderr, read_only
             for writable in (STORE, MODELS, "/tmp"):
                 assert container.exec("touch", f"{writable}/probe").returncode == 0, writable
                 container.exec("rm", f"{writable}/probe", check=True)
@@ -161,7 +148,7 @@ class ComposeProject:
         return {entry["Labels"]["com.docker.compose.service"]: Container(entry["Names"][0]) for entry in listed}
 
 
-def test_three_replicas_and_nginx_from_the_compose_files(images, backbone, report_figures):
+def test_three_replicas_and_nginx_from_the_compose_files(backbone, report_figures):
     http_port, grpc_port = free_port(), free_port()
     env = {
         **os.environ,
