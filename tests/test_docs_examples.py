@@ -72,7 +72,7 @@ NOT_RUN: dict[Block, str] = {
     ("docs/protocol.md", "console", 0): "regenerates checked-in modules; tests/test_grpc.py fails while they are stale",
     **{
         ("docs/performance.md", "bash", i): "a benchmark of minutes; tests/test_bench.py runs each benchmark at a smoke size"
-        for i in range(9)
+        for i in range(10)
     },
     ("docs/reliability.md", "bash", 0): "the soak and attack runs take minutes; tests/test_bench.py and the hardening tests run them small",
     ("docs/reliability.md", "bash", 1): "the soak and attack runs take minutes; tests/test_bench.py and the hardening tests run them small",
