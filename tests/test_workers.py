@@ -190,12 +190,14 @@ def classify(url: str) -> httpx.Response:
 
 @pytest.fixture
 def workers_server(tmp_path_factory, tiny_weights, shared_backbone):
-    """Two front ends and an engine whose batches wait while `server.engine_gate` exists."""
+    """Two front ends and an engine whose batches wait while `server.engine_gate` exists. Its temporary
+    folders (the run folder, the launcher's) go under pytest's: a test SIGKILLs the supervisor, which can
+    then remove neither."""
     gate = tmp_path_factory.mktemp("gate") / "engine"
     launcher = [*FAULTS, f"monaserve.server.scheduler:Scheduler._forward@{gate}"]
-    with serve_tasks(
-        tmp_path_factory, tiny_weights, shared_backbone, {"cls": "classify"}, "--workers", "2", "--drain-delay-s", "0.5", launcher=launcher
-    ) as server:
+    flags = ("--workers", "2", "--drain-delay-s", "0.5")
+    env = {"TMPDIR": str(tmp_path_factory.mktemp("tmp"))}
+    with serve_tasks(tmp_path_factory, tiny_weights, shared_backbone, {"cls": "classify"}, *flags, launcher=launcher, env=env) as server:
         server.engine_gate = gate
         yield server
 
